@@ -1,0 +1,40 @@
+# One source for every command: CI runs .ci/run, which runs `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# torch goes in first from this spec, so that resolving the rest never pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: install demo test lint typecheck bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lighter-sink demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check lighter_sink tests benchmarks
+	$(BIN)/ruff format --check lighter_sink tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.overlap
+
+clean:
+	rm -rf $(VENV) predictions .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,214 @@
+"""PredictionSink: the Lightning callback. It knows Lightning and hands batches to a :class:`Sink`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lighter_sink._errors import ConfigurationError, DestinationError, PredictionError
+from lighter_sink._ids import RankCounter
+from lighter_sink._sink import DEFAULT_CONCURRENCY, DEFAULT_MAX_QUEUE_BYTES, Mode, Sink
+from lighter_sink._store import is_local_url, local_path
+from lighter_sink.formats import Format, get_format
+
+__all__ = ["PredictionSink"]
+
+logger = logging.getLogger(__name__)
+
+
+class PredictionSink(Callback):
+    """Write every prediction of ``Trainer.predict`` to ``url`` without making the predict loop wait.
+
+    Each batch's predictions are detached, copied to host memory and queued; workers encode and write them
+    while the model computes the next batches. At the end of predict every rank flushes, and rank 0 writes
+    ``_manifest.jsonl`` and ``_SUCCESS`` once every rank succeeded. Use ``return_predictions=False`` in
+    ``trainer.predict`` so Lightning does not also keep every prediction in memory.
+
+    Args:
+        url: a local directory or an fsspec url (``s3://bucket/prefix``, ``gs://...``, ``memory://...``).
+        format: a registered format name or a :class:`~lighter_sink.formats.Format`.
+        storage_options: passed to fsspec (credentials, ``endpoint_url``); never logged.
+        value_key: for dict outputs, the entry holding the batched predictions (default ``"pred"`` if present).
+        id_key: for dict outputs, the entry holding per-sample ids; default: a rank-aware counter.
+        max_queue_bytes: host bytes queued before the predict loop is made to wait.
+        concurrency: writes in flight.
+        retries: attempts per object for transient storage errors.
+        timeout: seconds one write attempt may take.
+        mode: ``"overwrite"``, ``"resume"`` or ``"error"`` (see :class:`~lighter_sink.Sink`).
+
+    Raises:
+        ConfigurationError: invalid arguments, at construction (an unknown format lists the known names).
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        format: str | Format = "npy",
+        storage_options: Mapping[str, Any] | None = None,
+        value_key: str | None = None,
+        id_key: str | None = None,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        retries: int = 5,
+        timeout: float | None = 60.0,
+        mode: Mode = "overwrite",
+    ) -> None:
+        super().__init__()
+        self.url = os.fspath(url)
+        self.format = get_format(format)
+        self.value_key = value_key
+        self.id_key = id_key
+        self._sink_kwargs: dict[str, Any] = {
+            "format": self.format,
+            "storage_options": storage_options,
+            "max_queue_bytes": max_queue_bytes,
+            "concurrency": concurrency,
+            "retries": retries,
+            "timeout": timeout,
+            "mode": mode,
+        }
+        # Validate everything now, before any compute: building a Sink checks arguments and starts nothing.
+        Sink(self.url, **self._sink_kwargs)
+        self._sink: Sink | None = None
+        self._counters: dict[int, RankCounter] = {}
+
+    def __repr__(self) -> str:
+        return f"PredictionSink({self.url!r}, format={self.format.name!r})"
+
+    @property
+    def sink(self) -> Sink | None:
+        """The running sink (its ``stats`` in particular) during predict, or the last one afterwards."""
+        return self._sink
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        strategy = trainer.strategy
+        # Rank 0's url wins: a url computed per process (a timestamp, say) must not split the output.
+        url = strategy.broadcast(self.url, src=0)
+        if is_local_url(url):
+            path = local_path(url)
+            if trainer.is_global_zero:
+                if os.path.exists(path) and not os.path.isdir(path):
+                    raise DestinationError(f"{url} is a regular file; expected a directory (or a new path)")
+                os.makedirs(path, exist_ok=True)
+            strategy.barrier("lighter_sink.setup")
+            if not os.path.isdir(path):
+                raise DestinationError(
+                    f"rank {trainer.global_rank} cannot see {path}, which rank 0 created: every rank must write "
+                    "to storage shared by all nodes (a shared filesystem or an object store url)"
+                )
+        self._counters = {}
+        self._sink = Sink(
+            url,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            all_ok=lambda ok: bool(strategy.reduce_boolean_decision(ok, all=True)),
+            **self._sink_kwargs,
+        )
+        self._sink.open()
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        sink = self._sink
+        if sink is None:
+            raise ConfigurationError("PredictionSink received a batch before setup(stage='predict')")
+        values, ids = self._split(outputs)
+        count = _count(values)
+        if ids is None:
+            counter = self._counters.get(dataloader_idx)
+            if counter is None:
+                counter = self._counters[dataloader_idx] = RankCounter(trainer.global_rank, trainer.world_size)
+            ids = list(counter.take(count))
+        elif len(ids) != count:
+            raise PredictionError(
+                f"id_key {self.id_key!r} gives {len(ids)} ids but value_key holds {count} predictions"
+            )
+        sink.put_batch(ids, values)
+        # Lightning appends this batch after the hook returns; drop what it kept so host memory stays flat.
+        for kept in trainer.predict_loop._predictions:
+            kept.clear()
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sink is not None:
+            self._sink.commit()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._sink is not None:
+            self._sink.abort()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict" and self._sink is not None:
+            self._sink.abort()  # a no-op after a commit; stops workers after anything else
+
+    # ------------------------------------------------------------------ outputs
+
+    def _split(self, outputs: Any) -> tuple[Any, list[Any] | None]:
+        if isinstance(outputs, Mapping):
+            value_key = self.value_key or ("pred" if "pred" in outputs else None)
+            if value_key is None:
+                raise PredictionError(
+                    f"predict_step returned a dict with keys {sorted(map(str, outputs))}; "
+                    "pass value_key=... to name the entry that holds the predictions"
+                )
+            if value_key not in outputs:
+                raise PredictionError(
+                    f"value_key {value_key!r} is not in the predict_step output; keys: {sorted(map(str, outputs))}"
+                )
+            ids = None
+            if self.id_key is not None:
+                if self.id_key not in outputs:
+                    raise PredictionError(
+                        f"id_key {self.id_key!r} is not in the predict_step output; keys: {sorted(map(str, outputs))}"
+                    )
+                ids = _as_id_list(outputs[self.id_key], self.id_key)
+            return outputs[value_key], ids
+        if self.value_key is not None or self.id_key is not None:
+            raise PredictionError(f"value_key/id_key need predict_step to return a dict, got {type(outputs).__name__}")
+        return outputs, None
+
+
+def _count(values: Any) -> int:
+    if isinstance(values, torch.Tensor):
+        if values.ndim == 0:
+            raise PredictionError("the prediction is a 0-dim tensor; expected a batch with samples along dim 0")
+        return int(values.shape[0])
+    if isinstance(values, list | tuple):
+        return len(values)
+    if hasattr(values, "shape") and len(values.shape) > 0:
+        return int(values.shape[0])
+    raise PredictionError(f"predictions must be a batched tensor or a list of tensors, got {type(values).__name__}")
+
+
+def _as_id_list(ids: Any, key: str) -> list[Any]:
+    if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.ndim != 1:
+            raise PredictionError(
+                f"id_key {key!r} must hold a 1-d integer tensor or a list, got {ids.dtype} {tuple(ids.shape)}"
+            )
+        return [int(i) for i in ids.tolist()]
+    if isinstance(ids, Sequence) and not isinstance(ids, str | bytes):
+        return list(ids)
+    raise PredictionError(f"id_key {key!r} must hold a list of ids or an integer tensor, got {type(ids).__name__}")

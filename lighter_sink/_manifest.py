@@ -1,0 +1,130 @@
+"""The run's record: per-rank manifest parts written as the run goes, the merged manifest and ``_SUCCESS``.
+
+Layout under the url (readers need no lighter-sink)::
+
+    _parts/rank-00000/<start>-000001.jsonl   one JSON record per line, written every few thousand predictions
+    _manifest.jsonl                          every record, sorted by id, merged by rank 0 at commit
+    _SUCCESS                                 JSON summary, written last, only when every rank succeeded
+
+Object stores have no rename and no append, so progress is recorded as new part objects, and the marker is the
+single object whose presence says "complete".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lighter_sink._store import Store
+
+__all__ = [
+    "MANIFEST",
+    "PARTS",
+    "SUCCESS",
+    "Record",
+    "clear_commit",
+    "merge_parts",
+    "part_key",
+    "write_success",
+]
+
+MANIFEST = "_manifest.jsonl"
+SUCCESS = "_SUCCESS"
+PARTS = "_parts"
+CHECKSUM = "crc32"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the manifest says of one stored prediction."""
+
+    id: str
+    path: str
+    nbytes: int
+    crc32: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "id": self.id,
+                "path": self.path,
+                "nbytes": self.nbytes,
+                CHECKSUM: self.crc32,
+                "shape": list(self.shape),
+                "dtype": self.dtype,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> Record:
+        data = json.loads(line)
+        return cls(
+            id=str(data["id"]),
+            path=data["path"],
+            nbytes=int(data["nbytes"]),
+            crc32=data[CHECKSUM],
+            shape=tuple(data["shape"]),
+            dtype=data["dtype"],
+        )
+
+
+def part_key(rank: int, run_token: str, sequence: int) -> str:
+    return f"{PARTS}/rank-{rank:05d}/{run_token}-{sequence:06d}.jsonl"
+
+
+def encode_records(records: Iterable[Record]) -> bytes:
+    return "".join(r.to_json() + "\n" for r in records).encode()
+
+
+def decode_records(data: bytes) -> list[Record]:
+    return [Record.from_json(line) for line in data.decode().splitlines() if line.strip()]
+
+
+def id_order(identifier: str) -> tuple[int, int, str]:
+    """Sort key: counter ids numerically, then string ids lexicographically."""
+    return (0, int(identifier), "") if identifier.isdigit() else (1, 0, identifier)
+
+
+async def read_records(store: Store) -> dict[str, Record]:
+    """Every record of the merged manifest and of every part, by id; a later part wins over an earlier one."""
+    records: dict[str, Record] = {}
+    try:
+        for record in decode_records(await store.get(MANIFEST)):
+            records[record.id] = record
+    except FileNotFoundError:
+        pass
+    for key in await store.list(PARTS):
+        if key.endswith(".jsonl"):
+            for record in decode_records(await store.get(key)):
+                records[record.id] = record
+    return records
+
+
+async def merge_parts(store: Store) -> tuple[int, int]:
+    """Write ``_manifest.jsonl`` from every part, sorted by id, then remove the parts it absorbed.
+
+    Returns the number of predictions and their bytes.
+    """
+    parts = [k for k in await store.list(PARTS) if k.endswith(".jsonl")]
+    records = await read_records(store)
+    ordered = [records[i] for i in sorted(records, key=id_order)]
+    await store.put(MANIFEST, [encode_records(ordered)])
+    await store.delete(parts)
+    return len(ordered), sum(r.nbytes for r in ordered)
+
+
+async def write_success(store: Store, summary: Mapping[str, Any]) -> None:
+    await store.put(SUCCESS, [json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"])
+
+
+async def clear_commit(store: Store, *, parts: bool = True) -> None:
+    """Remove the marker first (a stale marker must never vouch for a new run), then the manifest and parts."""
+    await store.delete([SUCCESS])
+    await store.delete([MANIFEST])
+    if parts:
+        await store.delete_prefix(PARTS)

@@ -1,0 +1,703 @@
+"""The framework-agnostic sink: lifecycle, a byte-bounded queue, the worker pool, errors and statistics.
+
+Threads: the caller's thread runs ``put``; one background thread runs an asyncio event loop through an anyio
+blocking portal, where worker tasks encode (in worker threads, off the loop) and write. The byte bound is kept
+on the caller's side with a condition variable, so ``put`` costs microseconds and blocks only while the queue
+is full, whatever the event loop is busy with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+import warnings
+import zlib
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskStatus
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from lighter_sink._errors import (
+    CommitError,
+    ConfigurationError,
+    DestinationError,
+    SinkStateError,
+    WriteError,
+)
+from lighter_sink._ids import validate_identifiers
+from lighter_sink._manifest import (
+    MANIFEST,
+    SUCCESS,
+    Record,
+    clear_commit,
+    encode_records,
+    merge_parts,
+    part_key,
+    write_success,
+)
+from lighter_sink._staging import HostBatch, stage
+from lighter_sink._store import RetryPolicy, Store, is_local_url, local_path, open_store
+from lighter_sink._version import __version__
+from lighter_sink.formats import Format, get_format
+
+__all__ = ["Mode", "Sink", "SinkState", "SinkStats"]
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["overwrite", "resume", "error"]
+_MODES = ("overwrite", "resume", "error")
+DEFAULT_MAX_QUEUE_BYTES = 512 * 2**20
+DEFAULT_CONCURRENCY = 16
+# Consecutive queued batches one worker takes at once: tiny predictions then cost one thread hop per group.
+_GROUP_ITEMS = 1024
+_GROUP_BYTES = 8 * 2**20
+# Records per manifest part: a killed run loses at most this many records (the objects stay, resume re-lists).
+_PART_RECORDS = 4096
+_LATENCY_SAMPLES = 4096
+_FAILED_IDS_KEPT = 100
+
+
+class SinkState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    """A snapshot of what the sink did so far.
+
+    Attributes:
+        items: predictions stored.
+        bytes: encoded bytes stored.
+        batches: batches handed to ``put``/``put_batch``.
+        stall_seconds: time ``put`` spent blocked because the queue was full.
+        queue_bytes: host bytes queued or being written right now.
+        queue_high_water_bytes: the most host bytes ever held at once.
+        write_seconds_p50: median time to write one group of objects.
+        write_seconds_p99: 99th percentile of the same.
+        retries: transient storage errors that were retried.
+        failed: predictions that could not be stored.
+        elapsed_seconds: time since the sink was opened.
+    """
+
+    items: int
+    bytes: int
+    batches: int
+    stall_seconds: float
+    queue_bytes: int
+    queue_high_water_bytes: int
+    write_seconds_p50: float | None
+    write_seconds_p99: float | None
+    retries: int
+    failed: int
+    elapsed_seconds: float
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / 1e6 / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mb_per_second": self.mb_per_second}
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def _default_all_ok(world_size: int) -> Callable[[bool], bool]:
+    if world_size == 1:
+        return lambda ok: ok
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigurationError(
+            f"world_size={world_size} needs torch.distributed to be initialised, or an all_ok callable "
+            "that returns True only when every rank passed True"
+        )
+
+    def all_ok(ok: bool) -> bool:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if ok else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    return all_ok
+
+
+@dataclass(slots=True)
+class _Batch:
+    keys: list[str]
+    host: HostBatch
+
+
+class Sink:
+    """Writes predictions asynchronously to a local directory or any fsspec url.
+
+    Use it as a context manager: leaving the block flushes, writes the manifest and commits ``_SUCCESS``;
+    leaving it with an exception aborts (nothing is committed)::
+
+        with Sink("s3://bucket/run-7/preds", format="npy") as sink:
+            for ids, batch in loader:
+                sink.put_batch(ids, model(batch))
+
+    Args:
+        url: a local path or an fsspec url (``s3://``, ``gs://``, ``memory://``, ...).
+        format: a registered format name (``"npy"``, ``"pt"``, ...) or a :class:`~lighter_sink.formats.Format`.
+        storage_options: passed to fsspec; never logged nor shown in reprs.
+        max_queue_bytes: host bytes queued before ``put`` blocks (a single larger batch is still accepted).
+        concurrency: writes in flight at once.
+        retries: attempts per object for transient errors (throttling, 5xx, resets, timeouts), the first included.
+        timeout: seconds one write attempt may take; with ``retries`` it bounds how long a dead store stalls.
+        mode: ``"overwrite"`` replaces a previous run's manifest and marker; ``"error"`` refuses a url that holds
+            anything; ``"resume"`` keeps what is stored and skips ids already recorded.
+        rank: this process's rank; rank 0 prepares the url and commits.
+        world_size: number of ranks writing to the url.
+        all_ok: a collective that returns True only when every rank passed True (also used as a barrier).
+            Defaults to an all-reduce over ``torch.distributed`` when ``world_size > 1``.
+
+    Raises:
+        ConfigurationError: an invalid argument (an unknown format lists the known ones).
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        format: str | Format = "npy",
+        storage_options: Mapping[str, Any] | None = None,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        retries: int = 5,
+        timeout: float | None = 60.0,
+        mode: Mode = "overwrite",
+        rank: int = 0,
+        world_size: int = 1,
+        all_ok: Callable[[bool], bool] | None = None,
+    ) -> None:
+        url = os.fspath(url)
+        if not isinstance(url, str) or not url:
+            raise ConfigurationError(f"url must be a non-empty path or fsspec url, got {url!r}")
+        self.url = url.rstrip("/") or url
+        self.format = get_format(format)
+        if not self.format.per_item_objects:
+            raise ConfigurationError(f"format {self.format.name!r} is not supported by Sink yet")
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise ConfigurationError(f"storage_options must be a mapping, got {type(storage_options).__name__}")
+        self._storage_options = dict(storage_options or {})
+        if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
+            raise ConfigurationError(f"max_queue_bytes must be a positive int, got {max_queue_bytes!r}")
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be a positive int, got {concurrency!r}")
+        if not isinstance(retries, int) or retries < 1:
+            raise ConfigurationError(f"retries must be an int >= 1 (attempts per object), got {retries!r}")
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        if mode not in _MODES:
+            raise ConfigurationError(f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ConfigurationError(f"world_size must be an int >= 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ConfigurationError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        self.max_queue_bytes = max_queue_bytes
+        self.concurrency = concurrency
+        self.retry = RetryPolicy(attempts=retries, timeout=timeout)
+        self.mode: Mode = mode
+        self.rank = rank
+        self.world_size = world_size
+        self._all_ok = all_ok
+
+        self._state = SinkState.NEW
+        self._cond = threading.Condition()
+        self._held_bytes = 0
+        self._pending = 0
+        self._high_water = 0
+        self._stall = 0.0
+        self._batches = 0
+        self._items = 0
+        self._bytes = 0
+        self._failed = 0
+        self._error: BaseException | None = None
+        self._error_count = 0
+        self._failed_ids: list[str] = []
+        self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self._records: list[Record] = []
+        # Batches put but not yet on the event loop. While a hand-over is scheduled and the loop is busy, puts
+        # only append here, so one loop wake-up carries many batches and put never waits for the loop.
+        self._outbox: list[_Batch] = []
+        self._hand_over_scheduled = False
+        self._part_seq = 0
+        self._run_token = f"{time.time_ns():x}-{uuid.uuid4().hex[:6]}"
+        self._opened_at = 0.0
+        self._closed_at: float | None = None
+        self._portal_cm: contextlib.AbstractContextManager[BlockingPortal] | None = None
+        self._portal: BlockingPortal | None = None
+        self._store: Store | None = None
+        self._send: MemoryObjectSendStream[list[_Batch]] | None = None
+        self._service: Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker_scope: anyio.CancelScope | None = None
+        self._part_lock: anyio.Lock | None = None
+        self._summary: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __repr__(self) -> str:
+        return (
+            f"<Sink {self.url!r} format={self.format.name!r} state={self._state.value} "
+            f"rank={self.rank}/{self.world_size}>"
+        )
+
+    @property
+    def state(self) -> SinkState:
+        return self._state
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The ``_SUCCESS`` summary once committed (on rank 0), else ``None``."""
+        return self._summary
+
+    def __enter__(self) -> Self:
+        return self.open()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) in (SinkState.RUNNING, SinkState.COMMITTING):
+            warnings.warn(
+                f"{self!r} was garbage-collected while open; nothing was committed. "
+                "Use it as a context manager or call close().",
+                ResourceWarning,
+                stacklevel=2,
+            )
+            with contextlib.suppress(Exception):
+                self.abort()
+
+    def open(self) -> Self:
+        """Start the event loop and the workers, and prepare the url according to ``mode``.
+
+        Raises:
+            DestinationError: the url cannot receive predictions (a regular file, not writable, not empty with
+                ``mode="error"``).
+            SinkStateError: the sink was already opened.
+        """
+        if self._state is not SinkState.NEW:
+            raise SinkStateError(f"open() needs a new sink; this one is {self._state.value}")
+        all_ok = self._all_ok or _default_all_ok(self.world_size)
+        self._all_ok = all_ok
+        self._opened_at = time.perf_counter()
+        self._portal_cm = start_blocking_portal(backend="asyncio")
+        self._portal = self._portal_cm.__enter__()
+        error: BaseException | None = None
+        try:
+            self._portal.call(self._aopen)
+            if self.rank == 0:
+                self._portal.call(self._prepare_destination)
+        except BaseException as exc:
+            error = exc
+        # Nobody writes before rank 0 removed a stale marker; nobody runs if any rank could not open.
+        agreed = all_ok(error is None)
+        if error is not None or not agreed:
+            self._shutdown(abort=True)
+            self._state = SinkState.ABORTED
+            if error is not None:
+                raise error
+            raise DestinationError(f"another rank could not open {self.url}; see its error")
+        self._service, _ = self._portal.start_task(self._serve)
+        self._state = SinkState.RUNNING
+        logger.debug("opened %r", self)
+        return self
+
+    def close(self) -> None:
+        """Commit if still running (flush, manifest, ``_SUCCESS``); do nothing if already committed or aborted."""
+        if self._state is SinkState.RUNNING:
+            self.commit()
+        elif self._state is SinkState.NEW:
+            self._state = SinkState.ABORTED
+
+    def abort(self) -> None:
+        """Stop the workers without committing. Safe to call in any state, and more than once."""
+        if self._state in (SinkState.RUNNING, SinkState.COMMITTING):
+            self._shutdown(abort=True)
+        self._state = SinkState.ABORTED
+
+    # ------------------------------------------------------------------ producing
+
+    def put(self, identifier: int | str, value: object) -> None:
+        """Queue one prediction (one sample) under ``identifier``.
+
+        Blocks only while the queue holds ``max_queue_bytes``.
+
+        Raises:
+            WriteError: an earlier background write failed (chained to the storage error).
+            IdentifierError: the identifier cannot be an object key.
+            PredictionError: the value is not a tensor the format can store.
+            SinkStateError: the sink is not running.
+        """
+        self.put_batch([identifier], [value])
+
+    def put_batch(self, identifiers: Sequence[int | str], values: object) -> None:
+        """Queue a batch: ``values`` is a tensor whose dim 0 matches ``identifiers``, or one tensor per id.
+
+        The batch stays one queue item: the caller pays one hand-off per batch, not per sample.
+        """
+        self._check_running("put")
+        self._raise_if_failed()
+        keys = validate_identifiers(identifiers)
+        host = stage(values, len(keys))
+        if isinstance(host.values, list):
+            for value in host.values:
+                self.format.check(value)
+        else:
+            self.format.check(host.values[0] if host.count else host.values)
+        batch = _Batch(keys, host)
+        if self._reserve(batch):
+            assert self._loop is not None
+            # Not portal.start_task_soon: it waits for the loop to accept the task, a round trip that stalls
+            # the predict loop whenever the event loop is busy. call_soon_threadsafe only wakes the loop.
+            self._loop.call_soon_threadsafe(self._hand_over)
+
+    def _reserve(self, batch: _Batch) -> bool:
+        """Wait for room, then add ``batch`` to the outbox; True when a hand-over must be scheduled."""
+        nbytes = batch.host.nbytes
+        with self._cond:
+            waited_from = None
+            while self._error is None and self._held_bytes > 0 and self._held_bytes + nbytes > self.max_queue_bytes:
+                if waited_from is None:
+                    waited_from = time.perf_counter()
+                self._cond.wait()
+            if waited_from is not None:
+                self._stall += time.perf_counter() - waited_from
+            self._raise_if_failed()
+            self._held_bytes += nbytes
+            self._pending += 1
+            self._batches += 1
+            self._high_water = max(self._high_water, self._held_bytes)
+            self._outbox.append(batch)
+            if self._hand_over_scheduled:
+                return False
+            self._hand_over_scheduled = True
+            return True
+
+    def _release(self, nbytes: int) -> None:
+        with self._cond:
+            self._held_bytes -= nbytes
+            self._pending -= 1
+            self._cond.notify_all()
+
+    def _check_running(self, what: str) -> None:
+        if self._state is not SinkState.RUNNING:
+            hint = " (use the sink as a context manager or call open())" if self._state is SinkState.NEW else ""
+            raise SinkStateError(f"{what}() needs a running sink; this one is {self._state.value}{hint}")
+
+    # ------------------------------------------------------------------ errors
+
+    def _fail(self, exc: BaseException, keys: Sequence[str]) -> None:
+        with self._cond:
+            self._failed += len(keys)
+            if len(self._failed_ids) < _FAILED_IDS_KEPT:
+                self._failed_ids.extend(keys[: _FAILED_IDS_KEPT - len(self._failed_ids)])
+            if self._error is None:
+                self._error = exc
+                logger.error("writing to %s failed: %r", self.url, exc)
+            else:
+                self._error_count += 1
+            self._cond.notify_all()
+
+    def _raise_if_failed(self) -> None:
+        error = self._error
+        if error is None:
+            return
+        reason = f"{type(error).__name__}: {error}"
+        raise WriteError(self.url, self._failed_ids, reason, failures=1 + self._error_count) from error
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    # ------------------------------------------------------------------ the event loop side
+
+    async def _aopen(self) -> None:
+        if is_local_url(self.url) and self.rank == 0:
+            path = local_path(self.url)
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise DestinationError(f"{self.url} is a regular file; expected a directory (or a new path)")
+        self._part_lock = anyio.Lock()
+        self._loop = asyncio.get_running_loop()
+        self._store = await open_store(self.url, self._storage_options, concurrency=self.concurrency, retry=self.retry)
+
+    async def _prepare_destination(self) -> None:
+        store = self._store
+        assert store is not None
+        if store.is_local:
+            path = local_path(self.url)
+            try:
+                await anyio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
+            except OSError as exc:
+                raise DestinationError(f"cannot create the directory {path}: {exc.strerror}") from exc
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise DestinationError(f"the directory {path} is not writable")
+        if self.mode == "error":
+            existing = await store.list()
+            if existing:
+                raise DestinationError(
+                    f"{self.url} already holds {len(existing)} objects (for example {existing[0]!r}) and "
+                    "mode='error' refuses a non-empty url; use mode='overwrite' or mode='resume'"
+                )
+        elif self.mode == "overwrite":
+            await clear_commit(store)
+        else:
+            # resume: keep parts, so the manifest covers what earlier runs stored; only the marker goes
+            await clear_commit(store, parts=False)
+
+    async def _serve(self, *, task_status: TaskStatus[None]) -> None:
+        send, receive = anyio.create_memory_object_stream[list[_Batch]](math.inf)
+        self._send = send
+        with anyio.CancelScope() as scope:
+            self._worker_scope = scope
+            async with anyio.create_task_group() as tg:
+                async with receive:
+                    for _ in range(self.concurrency):
+                        tg.start_soon(self._worker, receive.clone())
+                task_status.started()
+
+    def _hand_over(self) -> None:
+        with self._cond:
+            batches, self._outbox = self._outbox, []
+            self._hand_over_scheduled = False
+        assert self._send is not None
+        # Groups bounded in items and bytes: small predictions share thread hops, big ones spread over workers.
+        group: list[_Batch] = []
+        items = size = 0
+        for batch in batches:
+            if group and (items + batch.host.count > _GROUP_ITEMS or size + batch.host.nbytes > _GROUP_BYTES):
+                self._send.send_nowait(group)
+                group, items, size = [], 0, 0
+            group.append(batch)
+            items += batch.host.count
+            size += batch.host.nbytes
+        if group:
+            self._send.send_nowait(group)
+
+    async def _worker(self, receive: MemoryObjectReceiveStream[list[_Batch]]) -> None:
+        async with receive:
+            async for group in receive:
+                try:
+                    if self._error is None:
+                        await self._write_group(group)
+                except Exception as exc:
+                    self._fail(exc, [k for b in group for k in b.keys])
+                finally:
+                    for batch in group:
+                        self._release(batch.host.nbytes)
+
+    def _encode(self, group: Sequence[_Batch]) -> list[tuple[str, Record, tuple[Any, ...]]]:
+        out = []
+        extension = self.format.extension
+        for batch in group:
+            encoded = self.format.encode_batch(batch.host.samples())
+            for key, item in zip(batch.keys, encoded, strict=True):
+                crc = 0
+                for buffer in item.buffers:
+                    crc = zlib.crc32(buffer, crc)
+                path = key + extension
+                record = Record(key, path, item.nbytes, f"{crc:08x}", item.shape, item.dtype)
+                out.append((path, record, item.buffers))
+        return out
+
+    async def _write_group(self, group: Sequence[_Batch]) -> None:
+        store = self._store
+        assert store is not None
+        encoded = await anyio.to_thread.run_sync(self._encode, group)
+        started = time.perf_counter()
+        errors = await store.put_many([(path, buffers) for path, _, buffers in encoded])
+        self._latencies.append(time.perf_counter() - started)
+        failed = [(record.id, error) for (_, record, _), error in zip(encoded, errors, strict=True) if error]
+        stored = [record for (_, record, _), error in zip(encoded, errors, strict=True) if error is None]
+        self._items += len(stored)
+        self._bytes += sum(r.nbytes for r in stored)
+        self._records.extend(stored)
+        if failed:
+            ids = [i for i, _ in failed]
+            first = failed[0][1]
+            raise WriteError(self.url, ids, f"{type(first).__name__}: {first}", len(failed)) from first
+        if len(self._records) >= _PART_RECORDS:
+            await self._write_part()
+
+    async def _write_part(self) -> None:
+        assert self._part_lock is not None and self._store is not None
+        async with self._part_lock:
+            if not self._records:
+                return
+            records, self._records = self._records, []
+            self._part_seq += 1
+            key = part_key(self.rank, self._run_token, self._part_seq)
+            await self._store.put(key, [encode_records(records)])
+
+    async def _commit_rank0(self, summary: dict[str, Any]) -> dict[str, Any]:
+        store = self._store
+        assert store is not None
+        count, nbytes = await merge_parts(store)
+        summary = {**summary, "count": count, "bytes": nbytes}
+        # S3 has no rename: the marker is written last, after the manifest it vouches for.
+        await write_success(store, summary)
+        return summary
+
+    async def _stop(self, abort: bool) -> None:
+        if abort and self._worker_scope is not None:
+            self._worker_scope.cancel()
+        if self._send is not None:
+            self._send.close()
+
+    async def _aclose_store(self) -> None:
+        if self._store is not None:
+            with anyio.CancelScope(shield=True):
+                await self._store.aclose()
+
+    def _shutdown(self, *, abort: bool) -> None:
+        portal = self._portal
+        if portal is None:
+            return
+        try:
+            portal.call(self._stop, abort)
+            if self._service is not None:
+                with contextlib.suppress(Exception):
+                    self._service.result()
+            with contextlib.suppress(Exception):
+                portal.call(self._aclose_store)
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+            self._portal = None
+            assert self._portal_cm is not None
+            self._portal_cm.__exit__(None, None, None)
+            self._portal_cm = None
+            self._closed_at = time.perf_counter()
+
+    # ------------------------------------------------------------------ flushing and committing
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is stored and recorded in a manifest part.
+
+        Raises:
+            WriteError: a background write failed.
+        """
+        self._check_running("flush")
+        self._wait_drained()
+        assert self._portal is not None
+        self._portal.call(self._write_part)
+
+    def _wait_drained(self) -> None:
+        with self._cond:
+            while self._pending and self._error is None:
+                self._cond.wait()
+        self._raise_if_failed()
+
+    def commit(self) -> None:
+        """Flush, then (on rank 0, once every rank flushed without error) write the manifest and ``_SUCCESS``.
+
+        Every rank calls it; it returns on every rank or raises on every rank.
+
+        Raises:
+            WriteError: this rank's writes failed; nothing was committed.
+            CommitError: another rank failed, or the manifest or marker could not be written.
+        """
+        self._check_running("commit")
+        self._state = SinkState.COMMITTING
+        assert self._all_ok is not None and self._portal is not None
+        committed = False
+        try:
+            local_error: BaseException | None = None
+            try:
+                self._wait_drained()
+                self._portal.call(self._write_part)
+            except Exception as exc:
+                local_error = exc
+            if not self._all_ok(local_error is None):
+                if local_error is not None:
+                    raise local_error
+                raise CommitError(f"another rank failed to write its predictions; {self.url} was not committed")
+            commit_error: BaseException | None = None
+            if self.rank == 0:
+                try:
+                    self._summary = self._portal.call(self._commit_rank0, self._summary_base())
+                except Exception as exc:
+                    commit_error = exc
+            if not self._all_ok(commit_error is None):
+                if commit_error is not None:
+                    raise CommitError(f"committing {self.url} failed: {commit_error}") from commit_error
+                raise CommitError(f"rank 0 failed to commit {self.url}; see its error")
+            committed = True
+        finally:
+            self._shutdown(abort=not committed)
+            self._state = SinkState.COMMITTED if committed else SinkState.ABORTED
+        if self._summary is not None:
+            logger.info(
+                "committed %d predictions (%.1f MB) to %s in %.2fs",
+                self._summary["count"],
+                self._summary["bytes"] / 1e6,
+                self.url,
+                self._summary["seconds"],
+            )
+
+    def _summary_base(self) -> dict[str, Any]:
+        stats = self.stats
+        return {
+            "format": self.format.name,
+            "world_size": self.world_size,
+            "version": __version__,
+            "manifest": MANIFEST,
+            "marker": SUCCESS,
+            "seconds": round(stats.elapsed_seconds, 6),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rank0_stats": stats.as_dict(),
+        }
+
+    # ------------------------------------------------------------------ statistics
+
+    @property
+    def stats(self) -> SinkStats:
+        """A consistent snapshot of the counters (cheap; safe to call from any thread)."""
+        end = self._closed_at if self._closed_at is not None else time.perf_counter()
+        latencies = list(self._latencies)
+        with self._cond:
+            return SinkStats(
+                items=self._items,
+                bytes=self._bytes,
+                batches=self._batches,
+                stall_seconds=self._stall,
+                queue_bytes=self._held_bytes,
+                queue_high_water_bytes=self._high_water,
+                write_seconds_p50=_percentile(latencies, 0.5),
+                write_seconds_p99=_percentile(latencies, 0.99),
+                retries=self._store.retries if self._store is not None else 0,
+                failed=self._failed,
+                elapsed_seconds=(end - self._opened_at) if self._opened_at else 0.0,
+            )

@@ -1,0 +1,119 @@
+"""From what a model returns to detached host tensors the workers can read.
+
+CPU tensors are handed over without a copy (``detach`` only). CUDA tensors are copied with ``non_blocking=True``
+into pinned host memory on a side stream, and an event is recorded that the worker waits on before reading:
+reading a non-blocking device-to-host copy before it completes gives zeros (Lightning #11287). Pinned buffers
+come from torch's caching host allocator, which reuses a block only after the copies using it completed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lighter_sink._errors import PredictionError
+
+__all__ = ["HostBatch", "stage"]
+
+_streams: dict[int, torch.cuda.Stream] = {}
+_streams_lock = threading.Lock()
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _streams_lock:
+        stream = _streams.get(index)
+        if stream is None:
+            stream = _streams[index] = torch.cuda.Stream(device=index)  # type: ignore[no-untyped-call]
+        return stream
+
+
+@dataclass(slots=True)
+class HostBatch:
+    """Predictions on the host: one batched tensor (dim 0 = samples) or one tensor per sample."""
+
+    values: torch.Tensor | list[torch.Tensor]
+    count: int
+    nbytes: int
+    wait: Callable[[], None] | None = None
+
+    def samples(self) -> Sequence[torch.Tensor]:
+        if self.wait is not None:
+            self.wait()
+            self.wait = None
+        if isinstance(self.values, torch.Tensor):
+            return self.values.unbind(0)
+        return self.values
+
+
+def _as_tensor(value: object, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise PredictionError(f"{what} is a numpy array of Python objects; expected numbers")
+        return torch.from_numpy(value)
+    raise PredictionError(
+        f"{what} must be a torch.Tensor (or numpy array), got {type(value).__name__}; "
+        "return tensors from predict_step, or a dict and name the entry with value_key"
+    )
+
+
+def _to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu":
+        return tensor, None
+    if tensor.device.type == "cuda":
+        stream = _side_stream(tensor.device)
+        # The copy must see the producer's writes; the allocator must not recycle the source before it ran.
+        stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(tensor, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(stream)
+        tensor.record_stream(stream)
+        return host, event
+    # other accelerators (mps, xpu): a synchronous copy is correct everywhere
+    return tensor.to("cpu"), None
+
+
+def stage(values: object, count: int) -> HostBatch:
+    """Detach ``values`` and bring them to host memory; ``count`` is the number of identifiers.
+
+    Raises:
+        PredictionError: not tensors, or a number of samples that differs from ``count``.
+    """
+    if isinstance(values, list | tuple):
+        if len(values) != count:
+            raise PredictionError(f"got {len(values)} predictions for {count} ids; expected one per id")
+        tensors = [_as_tensor(v, f"prediction {i}") for i, v in enumerate(values)]
+        staged = [_to_host(t) for t in tensors]
+        events = [e for _, e in staged if e is not None]
+        hosts = [h for h, _ in staged]
+        nbytes = sum(h.nbytes for h in hosts)
+        return HostBatch(hosts, count, nbytes, _waiter(events))
+    tensor = _as_tensor(values, "the prediction batch")
+    if tensor.ndim == 0:
+        raise PredictionError(f"the prediction batch is a 0-dim tensor; expected dim 0 to hold {count} samples")
+    if tensor.shape[0] != count:
+        raise PredictionError(
+            f"the prediction batch has {tensor.shape[0]} samples along dim 0 but {count} ids were given"
+        )
+    host, event = _to_host(tensor)
+    return HostBatch(host, count, host.nbytes, _waiter([event] if event is not None else []))
+
+
+def _waiter(events: list[torch.cuda.Event]) -> Callable[[], None] | None:
+    if not events:
+        return None
+
+    def wait() -> None:
+        for event in events:
+            event.synchronize()
+
+    return wait

@@ -1,0 +1,499 @@
+"""Storage: an fsspec url turned into a small async API (put, get, list, delete) with bounded retries.
+
+The store puts bytes and knows nothing of tensors. Async filesystems (s3fs, gcsfs) are created inside the sink's
+event loop, because an async fsspec instance belongs to the loop that made it; synchronous ones (``memory://``,
+other fsspec backends) run in worker threads; local paths are written atomically (temporary name, then rename),
+since fsspec's own local transactions stage files in the system temp directory, which may be another device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import random
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import fsspec
+from fsspec.core import split_protocol, url_to_fs
+
+from lighter_sink.formats import Buffer
+
+__all__ = ["RetryPolicy", "Store", "is_transient", "open_store"]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# HTTP statuses and S3/GCS error codes that mean "try again", per AWS's and Google's retry guidance.
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "BandwidthLimitExceeded",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EAGAIN}
+)
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [TimeoutError, ConnectionError]
+    try:
+        from botocore import exceptions as botocore_exceptions
+
+        types += [botocore_exceptions.HTTPClientError, botocore_exceptions.ConnectionError]
+    except ImportError:  # the s3 extra is not installed
+        pass
+    try:
+        import aiohttp
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+_TRANSIENT_TYPES = _transient_types()
+
+
+def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
+    # botocore's ClientError keeps the parsed response; aiohttp/gcsfs errors carry .status or .code.
+    response = getattr(exc, "response", None)
+    if isinstance(response, Mapping):
+        error = response.get("Error", {}) or {}
+        meta = response.get("ResponseMetadata", {}) or {}
+        status = meta.get("HTTPStatusCode")
+        return (status if isinstance(status, int) else None), error.get("Code")
+    status = getattr(exc, "status", None)
+    if not isinstance(status, int):
+        code_attr = getattr(exc, "code", None)
+        status = code_attr if isinstance(code_attr, int) else None
+    return status, None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is worth retrying.
+
+    Transient: timeouts, connection resets, throttling (``SlowDown``, 429) and server errors (5xx). Permanent:
+    everything else, such as missing buckets, denied access or a full disk, which retrying cannot fix.
+    Classification uses exception types, HTTP statuses and service error codes, never message text.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _TRANSIENT_TYPES):
+            return True
+        if isinstance(current, OSError) and current.errno in _TRANSIENT_ERRNOS:
+            return True
+        status, code = _status_and_code(current)
+        if (code is not None and code in _TRANSIENT_CODES) or (status is not None and status in _TRANSIENT_STATUS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently one object is written.
+
+    Attributes:
+        attempts: tries per object, the first included; only transient errors are retried.
+        base_delay: first back-off in seconds; doubles each attempt, with full jitter.
+        max_delay: ceiling of one back-off.
+        timeout: seconds one attempt may take before it counts as a transient failure (``None``: no bound).
+    """
+
+    attempts: int = 5
+    base_delay: float = 0.1
+    max_delay: float = 5.0
+    timeout: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("retry delays must be >= 0")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 or None, got {self.timeout}")
+
+    def delay(self, attempt: int) -> float:
+        """Back-off before retry number ``attempt`` (1-based): full jitter, as AWS recommends."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+class Store(ABC):
+    """Bytes under one url. Keys are relative, '/'-separated and already validated."""
+
+    def __init__(self, url: str, retry: RetryPolicy) -> None:
+        self.url = url.rstrip("/")
+        self.retry = retry
+        self.retries = 0  # transient failures that were retried, for stats
+
+    def __repr__(self) -> str:
+        # storage options (credentials) are deliberately absent
+        return f"<{type(self).__name__} {self.url!r}>"
+
+    @property
+    def is_local(self) -> bool:
+        return False
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        attempt = 1
+        while True:
+            try:
+                if self.retry.timeout is None:
+                    return await call()
+                with anyio.fail_after(self.retry.timeout):
+                    return await call()
+            except Exception as exc:
+                if attempt >= self.retry.attempts or not is_transient(exc):
+                    raise
+                self.retries += 1
+                pause = self.retry.delay(attempt)
+                logger.debug("transient error on %s (attempt %d), retrying in %.2fs: %r", what, attempt, pause, exc)
+                attempt += 1
+                await anyio.sleep(pause)
+
+    async def put(self, key: str, buffers: Sequence[Buffer]) -> None:
+        """Store one object under ``key``; it becomes visible whole or not at all."""
+        await self._retrying(key, lambda: self._put_once(key, buffers))
+
+    async def put_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
+        """Store several objects concurrently; return each one's error (``None`` when stored)."""
+        results: list[BaseException | None] = [None] * len(items)
+
+        async def one(index: int, key: str, buffers: Sequence[Buffer]) -> None:
+            try:
+                await self.put(key, buffers)
+            except Exception as exc:
+                results[index] = exc
+
+        async with anyio.create_task_group() as tg:
+            for index, (key, buffers) in enumerate(items):
+                tg.start_soon(one, index, key, buffers)
+        return results
+
+    @abstractmethod
+    async def _put_once(self, key: str, buffers: Sequence[Buffer]) -> None: ...
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes:
+        """Read a whole object; raises ``FileNotFoundError`` when absent."""
+
+    @abstractmethod
+    async def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Remove objects; missing ones are ignored."""
+
+    @abstractmethod
+    async def list(self, prefix: str = "") -> list[str]:
+        """Keys of every object below ``prefix`` (recursively), relative to the url."""
+
+    async def delete_prefix(self, prefix: str) -> None:
+        await self.delete(await self.list(prefix))
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook: most stores hold no connection
+        """Release connections."""
+
+
+def _join(root: str, key: str) -> str:
+    return f"{root.rstrip('/')}/{key}" if key else root
+
+
+def _relative(root: str, path: str) -> str:
+    root = root.rstrip("/") + "/"
+    return path[len(root) :] if path.startswith(root) else path
+
+
+class _AsyncFsStore(Store):
+    """An async fsspec filesystem (s3fs, gcsfs) used natively on the sink's loop."""
+
+    def __init__(self, url: str, retry: RetryPolicy, fs: Any, root: str, limiter: anyio.CapacityLimiter) -> None:
+        super().__init__(url, retry)
+        self._fs = fs
+        self._root = root.rstrip("/")
+        self._limiter = limiter
+
+    async def _put_once(self, key: str, buffers: Sequence[Buffer]) -> None:
+        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+        # One PUT of the whole encoded object: much faster than file-object writes, and atomic on S3/GCS.
+        async with self._limiter:
+            await self._fs._pipe_file(_join(self._root, key), data)
+
+    async def get(self, key: str) -> bytes:
+        async with self._limiter:
+            data: bytes = await self._retrying(key, lambda: self._fs._cat_file(_join(self._root, key)))
+            return data
+
+    async def exists(self, key: str) -> bool:
+        return bool(await self._retrying(key, lambda: self._fs._exists(_join(self._root, key))))
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        paths = [_join(self._root, k) for k in keys]
+        with contextlib.suppress(FileNotFoundError):
+            await self._retrying("delete", lambda: self._fs._rm(paths))
+
+    async def list(self, prefix: str = "") -> list[str]:
+        base = _join(self._root, prefix.rstrip("/"))
+        self._fs.invalidate_cache()
+        try:
+            found = await self._retrying("list", lambda: self._fs._find(base, withdirs=False))
+        except FileNotFoundError:
+            return []
+        return sorted(_relative(self._root, p) for p in found)
+
+    async def aclose(self) -> None:
+        # s3fs keeps its aiobotocore client in _s3creator and closes it only at garbage collection
+        # (or not at all for asynchronous instances): close it here, on the loop that owns it.
+        creator = getattr(self._fs, "_s3creator", None)
+        if creator is not None:
+            await creator.__aexit__(None, None, None)
+            self._fs._s3creator = None
+            self._fs._s3 = None
+        session = getattr(self._fs, "_session", None)
+        close = getattr(session, "close", None)
+        if close is not None and not getattr(session, "closed", True):
+            await close()
+
+
+class _ThreadFsStore(Store):
+    """A synchronous fsspec filesystem (``memory://`` and others) driven from worker threads."""
+
+    def __init__(self, url: str, retry: RetryPolicy, fs: Any, root: str, limiter: anyio.CapacityLimiter) -> None:
+        super().__init__(url, retry)
+        self._fs = fs
+        self._root = root.rstrip("/")
+        self._limiter = limiter
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    async def _put_once(self, key: str, buffers: Sequence[Buffer]) -> None:
+        data = bytes(buffers[0]) if len(buffers) == 1 else b"".join(buffers)
+        await self._run(self._fs.pipe_file, _join(self._root, key), data)
+
+    async def get(self, key: str) -> bytes:
+        data: bytes = await self._retrying(key, lambda: self._run(self._fs.cat_file, _join(self._root, key)))
+        return data
+
+    async def exists(self, key: str) -> bool:
+        return bool(await self._run(self._fs.exists, _join(self._root, key)))
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            path = _join(self._root, key)
+            with contextlib.suppress(FileNotFoundError):
+                await self._run(self._fs.rm_file, path)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        base = _join(self._root, prefix.rstrip("/"))
+        try:
+            found = await self._run(lambda: self._fs.find(base, withdirs=False))
+        except FileNotFoundError:
+            return []
+        return sorted(_relative(self._root, p) for p in found)
+
+
+_temp_counter = itertools.count()
+
+
+class _LocalStore(Store):
+    """A local (or mounted shared) directory, written atomically and in batches per thread call."""
+
+    def __init__(self, url: str, retry: RetryPolicy, root: str, limiter: anyio.CapacityLimiter) -> None:
+        super().__init__(url, retry)
+        self._root = os.path.abspath(root)
+        self._limiter = limiter
+        self._made_dirs: set[str] = set()
+        self._dirs_lock = threading.Lock()
+
+    @property
+    def is_local(self) -> bool:
+        return True
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    def _ensure_dir(self, directory: str) -> None:
+        if directory in self._made_dirs:
+            return
+        os.makedirs(directory, exist_ok=True)
+        with self._dirs_lock:
+            self._made_dirs.add(directory)
+
+    def _write(self, key: str, buffers: Sequence[Buffer]) -> None:
+        path = os.path.join(self._root, key)
+        directory, name = os.path.split(path)
+        self._ensure_dir(directory)
+        # A hidden temporary name in the same directory: rename is atomic only within one filesystem.
+        temp = os.path.join(directory, f".{name}.{os.getpid()}.{next(_temp_counter)}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            try:
+                pending = [memoryview(b).cast("B") for b in buffers]
+                while pending:
+                    written = os.writev(fd, pending)
+                    while pending and written >= pending[0].nbytes:
+                        written -= pending[0].nbytes
+                        pending.pop(0)
+                    if pending and written:
+                        pending[0] = pending[0][written:]
+            finally:
+                os.close(fd)
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+
+    def _write_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
+        results: list[BaseException | None] = []
+        for key, buffers in items:
+            try:
+                self._write(key, buffers)
+                results.append(None)
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    async def _put_once(self, key: str, buffers: Sequence[Buffer]) -> None:
+        await anyio.to_thread.run_sync(self._write, key, buffers, limiter=self._limiter)
+
+    async def put_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
+        # One thread hop per batch rather than per object: tiny predictions are dominated by hop costs.
+        results = await anyio.to_thread.run_sync(self._write_many, items, limiter=self._limiter)
+        for index, error in enumerate(results):
+            if error is not None and is_transient(error):
+                key, buffers = items[index]
+                try:
+                    self.retries += 1
+                    await self.put(key, buffers)
+                    results[index] = None
+                except Exception as exc:
+                    results[index] = exc
+        return results
+
+    async def get(self, key: str) -> bytes:
+        path = os.path.join(self._root, key)
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        return await anyio.to_thread.run_sync(read, limiter=self._limiter)
+
+    async def exists(self, key: str) -> bool:
+        return await anyio.to_thread.run_sync(os.path.exists, os.path.join(self._root, key))
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        def remove() -> None:
+            for key in keys:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._root, key))
+
+        await anyio.to_thread.run_sync(remove, limiter=self._limiter)
+
+    async def list(self, prefix: str = "") -> list[str]:
+        base = os.path.join(self._root, prefix)
+
+        def walk() -> list[str]:
+            if os.path.isfile(base):
+                return [prefix]
+            keys = []
+            for directory, _dirs, files in os.walk(base):
+                for name in files:
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        continue  # an unfinished atomic write
+                    full = os.path.join(directory, name)
+                    keys.append(os.path.relpath(full, self._root).replace(os.sep, "/"))
+            return sorted(keys)
+
+        return await anyio.to_thread.run_sync(walk, limiter=self._limiter)
+
+
+def protocol_of(url: str) -> str:
+    protocol = split_protocol(url)[0]
+    return protocol or "file"
+
+
+def is_local_url(url: str) -> bool:
+    return protocol_of(url) in ("file", "local")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local url (``file://`` prefix removed)."""
+    return os.path.abspath(split_protocol(url)[1] if "://" in url else url)
+
+
+def _s3_options(options: dict[str, Any], concurrency: int, retry: RetryPolicy) -> dict[str, Any]:
+    # botocore's pool of 10 connections silently caps concurrency, and botocore (5 attempts) and s3fs
+    # (5 retries) stack their own retries under ours: give the sink's policy sole control of retries and time.
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", max(10, concurrency + 4))
+    config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+    if retry.timeout is not None:
+        config.setdefault("connect_timeout", min(10.0, retry.timeout))
+        config.setdefault("read_timeout", retry.timeout)
+    return {**options, "config_kwargs": config}
+
+
+async def open_store(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    concurrency: int = 16,
+    retry: RetryPolicy | None = None,
+) -> Store:
+    """Open the store for ``url``. Must run inside the event loop that will use the store."""
+    retry = retry or RetryPolicy()
+    options = dict(storage_options or {})
+    limiter = anyio.CapacityLimiter(concurrency)
+    if is_local_url(url):
+        return _LocalStore(url, retry, local_path(url), limiter)
+    protocol = protocol_of(url)
+    cls = fsspec.get_filesystem_class(protocol)
+    if getattr(cls, "async_impl", False):
+        import asyncio
+
+        if protocol in ("s3", "s3a"):
+            options = _s3_options(options, concurrency, retry)
+        fs, root = url_to_fs(
+            url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **options
+        )
+        if protocol in ("s3", "s3a"):
+            fs.retries = 1  # s3fs's own retry loop; ours decides
+            await fs.set_session()
+        return _AsyncFsStore(url, retry, fs, root, limiter)
+    fs, root = await anyio.to_thread.run_sync(lambda: url_to_fs(url, **options))
+    return _ThreadFsStore(url, retry, fs, root, limiter)

@@ -1,0 +1,63 @@
+"""Formats by name: a registry resolved when a sink is built, so a typo fails before any compute."""
+
+from __future__ import annotations
+
+from lighter_sink._errors import ConfigurationError, FormatNotFoundError
+from lighter_sink.formats._base import Buffer, EncodedItem, Format
+from lighter_sink.formats._npy import NpyFormat
+from lighter_sink.formats._torch import TorchFormat
+
+__all__ = [
+    "Buffer",
+    "EncodedItem",
+    "Format",
+    "NpyFormat",
+    "TorchFormat",
+    "available_formats",
+    "get_format",
+    "register_format",
+]
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register_format(name: str, fmt: Format, *, replace: bool = False) -> None:
+    """Make ``fmt`` available as ``format=name``.
+
+    Raises:
+        ConfigurationError: ``fmt`` is not a :class:`Format`, or ``name`` is taken and ``replace`` is false.
+    """
+    if not isinstance(fmt, Format):
+        raise ConfigurationError(f"register_format expects a Format instance, got {type(fmt).__name__}")
+    if not name or not name.isidentifier():
+        raise ConfigurationError(f"format names are identifiers such as 'npy', got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise ConfigurationError(f"format {name!r} is already registered; pass replace=True to replace it")
+    _REGISTRY[name] = fmt
+
+
+def available_formats() -> list[str]:
+    """Names of every registered format, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_format(format: str | Format) -> Format:
+    """Resolve a format name (or pass a :class:`Format` through).
+
+    Raises:
+        FormatNotFoundError: the name is not registered; the message lists the known names.
+        ConfigurationError: ``format`` is neither a name nor a :class:`Format`.
+    """
+    if isinstance(format, Format):
+        return format
+    if not isinstance(format, str):
+        raise ConfigurationError(f"format must be a registered name or a Format instance, got {type(format).__name__}")
+    try:
+        return _REGISTRY[format]
+    except KeyError:
+        known = ", ".join(available_formats())
+        raise FormatNotFoundError(f"format {format!r} is not registered; known: {known}") from None
+
+
+register_format("npy", NpyFormat())
+register_format("pt", TorchFormat())

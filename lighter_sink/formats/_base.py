@@ -1,0 +1,66 @@
+"""The contract every format fulfils: turn host tensors into bytes, knowing nothing of urls or storage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lighter_sink._errors import PredictionError
+
+__all__ = ["Buffer", "EncodedItem", "Format"]
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedItem:
+    """One prediction encoded: the buffers of its object in order (not joined, to avoid a copy)."""
+
+    buffers: tuple[Buffer, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int = -1
+
+    def __post_init__(self) -> None:
+        if self.nbytes < 0:
+            size = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in self.buffers)
+            object.__setattr__(self, "nbytes", size)
+
+
+class Format:
+    """Base class of formats; subclass it and register the instance with :func:`register_format`.
+
+    Capabilities are class attributes, read by the sink instead of ``isinstance`` checks:
+
+    * ``per_item_objects``: each prediction becomes its own object ``{url}/{key}{extension}``.
+    * ``needs_num_samples``: the format must know the number of samples before the first write.
+    * ``appendable``: a second run may add rows to what a first run stored.
+    """
+
+    name: ClassVar[str] = ""
+    extension: ClassVar[str] = ""
+    per_item_objects: ClassVar[bool] = True
+    needs_num_samples: ClassVar[bool] = False
+    appendable: ClassVar[bool] = True
+
+    def check(self, value: torch.Tensor) -> None:
+        """Raise :class:`PredictionError` when ``value`` (one sample or one batch) cannot be stored.
+
+        Called on the caller's thread before the value is queued, so bad input fails early and loudly.
+        """
+        if value.is_sparse or value.layout != torch.strided:
+            raise PredictionError(f"format {self.name!r} stores dense tensors, got layout {value.layout}")
+
+    def encode(self, value: torch.Tensor) -> EncodedItem:
+        """Encode one sample held in host memory."""
+        raise NotImplementedError
+
+    def encode_batch(self, values: Sequence[torch.Tensor]) -> list[EncodedItem]:
+        """Encode several samples; formats override it when a batch can share work (headers, conversions)."""
+        return [self.encode(v) for v in values]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

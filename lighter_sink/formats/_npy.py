@@ -1,0 +1,68 @@
+"""NumPy ``.npy`` files, readable with ``numpy.load``."""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from lighter_sink._errors import PredictionError
+from lighter_sink.formats._base import EncodedItem, Format
+
+__all__ = ["NpyFormat"]
+
+# dtypes numpy cannot represent; .pt stores them.
+_UNSUPPORTED = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+@functools.lru_cache(maxsize=256)
+def _header(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[bytes, str]:
+    """The header ``np.save`` writes (version 1.0, or 2.0 when the shape does not fit), and the dtype's name.
+
+    Cached: predictions of one run share a few shapes, and building a header costs more than writing a small file.
+    """
+    fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    out = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(out, fields)
+    except ValueError:
+        out = io.BytesIO()
+        np.lib.format.write_array_header_2_0(out, fields)
+    return out.getvalue(), str(dtype)
+
+
+class NpyFormat(Format):
+    """One ``.npy`` object per prediction.
+
+    The header is built once per batch and the sample's memory is passed on as a view, so encoding copies no
+    tensor data.
+    """
+
+    name = "npy"
+    extension = ".npy"
+
+    def check(self, value: torch.Tensor) -> None:
+        super().check(value)
+        if value.dtype in _UNSUPPORTED or value.is_quantized:
+            raise PredictionError(
+                f"format 'npy' cannot store dtype {value.dtype}: numpy has no such type; "
+                "cast the prediction (for example .float()) or use format='pt'"
+            )
+
+    def encode(self, value: torch.Tensor) -> EncodedItem:
+        return self.encode_batch([value])[0]
+
+    def encode_batch(self, values: Sequence[torch.Tensor]) -> list[EncodedItem]:
+        out: list[EncodedItem] = []
+        for value in values:
+            array = value.numpy(force=False)
+            if not array.flags.c_contiguous:
+                array = array.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+            header, dtype = _header(array.shape, array.dtype)
+            data = memoryview(array.data).cast("B") if array.ndim else memoryview(array.tobytes())
+            out.append(EncodedItem((header, data), array.shape, dtype))
+        return out
