@@ -47,4 +47,4 @@ class DemoModel(pl.LightningModule):
         return out.squeeze(1)
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        return self(batch)
+        return self.forward(batch)

@@ -152,83 +152,27 @@ class _Batch:
     host: HostBatch
 
 
-class Sink:
-    """Writes predictions asynchronously to a local directory or any fsspec url.
+class _Engine:
+    """Everything that runs: the portal thread, the outbox, the workers, the store and the counters.
 
-    Use it as a context manager: leaving the block flushes, writes the manifest and commits ``_SUCCESS``;
-    leaving it with an exception aborts (nothing is committed)::
-
-        with Sink("s3://bucket/run-7/preds", format="npy") as sink:
-            for ids, batch in loader:
-                sink.put_batch(ids, model(batch))
-
-    Args:
-        url: a local path or an fsspec url (``s3://``, ``gs://``, ``memory://``, ...).
-        format: a registered format name (``"npy"``, ``"pt"``, ...) or a :class:`~lighter_sink.formats.Format`.
-        storage_options: passed to fsspec; never logged nor shown in reprs.
-        max_queue_bytes: host bytes queued before ``put`` blocks (a single larger batch is still accepted).
-        concurrency: writes in flight at once.
-        retries: attempts per object for transient errors (throttling, 5xx, resets, timeouts), the first included.
-        timeout: seconds one write attempt may take; with ``retries`` it bounds how long a dead store stalls.
-        mode: ``"overwrite"`` replaces a previous run's manifest and marker; ``"error"`` refuses a url that holds
-            anything; ``"resume"`` keeps what is stored and skips ids already recorded.
-        rank: this process's rank; rank 0 prepares the url and commits.
-        world_size: number of ranks writing to the url.
-        all_ok: a collective that returns True only when every rank passed True (also used as a barrier).
-            Defaults to an all-reduce over ``torch.distributed`` when ``world_size > 1``.
-
-    Raises:
-        ConfigurationError: an invalid argument (an unknown format lists the known ones).
+    Kept apart from :class:`Sink` so that the event loop, which references the engine, never keeps the user's
+    ``Sink`` alive: a sink dropped while open is garbage-collected, warns and aborts.
     """
 
-    def __init__(
-        self,
-        url: str | os.PathLike[str],
-        *,
-        format: str | Format = "npy",
-        storage_options: Mapping[str, Any] | None = None,
-        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        retries: int = 5,
-        timeout: float | None = 60.0,
-        mode: Mode = "overwrite",
-        rank: int = 0,
-        world_size: int = 1,
-        all_ok: Callable[[bool], bool] | None = None,
-    ) -> None:
-        url = os.fspath(url)
-        if not isinstance(url, str) or not url:
-            raise ConfigurationError(f"url must be a non-empty path or fsspec url, got {url!r}")
-        self.url = url.rstrip("/") or url
-        self.format = get_format(format)
-        if not self.format.per_item_objects:
-            raise ConfigurationError(f"format {self.format.name!r} is not supported by Sink yet")
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise ConfigurationError(f"storage_options must be a mapping, got {type(storage_options).__name__}")
-        self._storage_options = dict(storage_options or {})
-        if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
-            raise ConfigurationError(f"max_queue_bytes must be a positive int, got {max_queue_bytes!r}")
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigurationError(f"concurrency must be a positive int, got {concurrency!r}")
-        if not isinstance(retries, int) or retries < 1:
-            raise ConfigurationError(f"retries must be an int >= 1 (attempts per object), got {retries!r}")
-        if timeout is not None and not timeout > 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
-        if mode not in _MODES:
-            raise ConfigurationError(f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}")
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ConfigurationError(f"world_size must be an int >= 1, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ConfigurationError(f"rank must be an int in [0, {world_size}), got {rank!r}")
-        self.max_queue_bytes = max_queue_bytes
-        self.concurrency = concurrency
-        self.retry = RetryPolicy(attempts=retries, timeout=timeout)
-        self.mode: Mode = mode
-        self.rank = rank
-        self.world_size = world_size
-        self._all_ok = all_ok
+    def __init__(self, sink: Sink, storage_options: dict[str, Any], all_ok: Callable[[bool], bool] | None) -> None:
+        self.url = sink.url
+        self.format = sink.format
+        self.max_queue_bytes = sink.max_queue_bytes
+        self.concurrency = sink.concurrency
+        self.retry = sink.retry
+        self.mode = sink.mode
+        self.rank = sink.rank
+        self.world_size = sink.world_size
+        self.storage_options = storage_options
+        self.all_ok = all_ok
 
-        self._state = SinkState.NEW
+        self.state = SinkState.NEW
+        self.summary: dict[str, Any] | None = None
         self._cond = threading.Condition()
         self._held_bytes = 0
         self._pending = 0
@@ -253,65 +197,18 @@ class Sink:
         self._closed_at: float | None = None
         self._portal_cm: contextlib.AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._store: Store | None = None
         self._send: MemoryObjectSendStream[list[_Batch]] | None = None
         self._service: Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._worker_scope: anyio.CancelScope | None = None
         self._part_lock: anyio.Lock | None = None
-        self._summary: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
-    def __repr__(self) -> str:
-        return (
-            f"<Sink {self.url!r} format={self.format.name!r} state={self._state.value} "
-            f"rank={self.rank}/{self.world_size}>"
-        )
-
-    @property
-    def state(self) -> SinkState:
-        return self._state
-
-    @property
-    def summary(self) -> dict[str, Any] | None:
-        """The ``_SUCCESS`` summary once committed (on rank 0), else ``None``."""
-        return self._summary
-
-    def __enter__(self) -> Self:
-        return self.open()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if exc is not None:
-            self.abort()
-        else:
-            self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_state", None) in (SinkState.RUNNING, SinkState.COMMITTING):
-            warnings.warn(
-                f"{self!r} was garbage-collected while open; nothing was committed. "
-                "Use it as a context manager or call close().",
-                ResourceWarning,
-                stacklevel=2,
-            )
-            with contextlib.suppress(Exception):
-                self.abort()
-
-    def open(self) -> Self:
-        """Start the event loop and the workers, and prepare the url according to ``mode``.
-
-        Raises:
-            DestinationError: the url cannot receive predictions (a regular file, not writable, not empty with
-                ``mode="error"``).
-            SinkStateError: the sink was already opened.
-        """
-        if self._state is not SinkState.NEW:
-            raise SinkStateError(f"open() needs a new sink; this one is {self._state.value}")
-        all_ok = self._all_ok or _default_all_ok(self.world_size)
-        self._all_ok = all_ok
+    def open(self) -> None:
+        all_ok = self.all_ok or _default_all_ok(self.world_size)
+        self.all_ok = all_ok
         self._opened_at = time.perf_counter()
         self._portal_cm = start_blocking_portal(backend="asyncio")
         self._portal = self._portal_cm.__enter__()
@@ -326,66 +223,28 @@ class Sink:
         agreed = all_ok(error is None)
         if error is not None or not agreed:
             self._shutdown(abort=True)
-            self._state = SinkState.ABORTED
+            self.state = SinkState.ABORTED
             if error is not None:
                 raise error
             raise DestinationError(f"another rank could not open {self.url}; see its error")
         self._service, _ = self._portal.start_task(self._serve)
-        self._state = SinkState.RUNNING
-        logger.debug("opened %r", self)
-        return self
-
-    def close(self) -> None:
-        """Commit if still running (flush, manifest, ``_SUCCESS``); do nothing if already committed or aborted."""
-        if self._state is SinkState.RUNNING:
-            self.commit()
-        elif self._state is SinkState.NEW:
-            self._state = SinkState.ABORTED
+        self.state = SinkState.RUNNING
 
     def abort(self) -> None:
-        """Stop the workers without committing. Safe to call in any state, and more than once."""
-        if self._state in (SinkState.RUNNING, SinkState.COMMITTING):
+        if self.state in (SinkState.RUNNING, SinkState.COMMITTING):
             self._shutdown(abort=True)
-        self._state = SinkState.ABORTED
+        if self.state is not SinkState.COMMITTED:
+            self.state = SinkState.ABORTED
 
-    # ------------------------------------------------------------------ producing
+    def check_running(self, what: str) -> None:
+        if self.state is not SinkState.RUNNING:
+            hint = " (use the sink as a context manager or call open())" if self.state is SinkState.NEW else ""
+            raise SinkStateError(f"{what}() needs a running sink; this one is {self.state.value}{hint}")
 
-    def put(self, identifier: int | str, value: object) -> None:
-        """Queue one prediction (one sample) under ``identifier``.
+    # ------------------------------------------------------------------ the caller's side
 
-        Blocks only while the queue holds ``max_queue_bytes``.
-
-        Raises:
-            WriteError: an earlier background write failed (chained to the storage error).
-            IdentifierError: the identifier cannot be an object key.
-            PredictionError: the value is not a tensor the format can store.
-            SinkStateError: the sink is not running.
-        """
-        self.put_batch([identifier], [value])
-
-    def put_batch(self, identifiers: Sequence[int | str], values: object) -> None:
-        """Queue a batch: ``values`` is a tensor whose dim 0 matches ``identifiers``, or one tensor per id.
-
-        The batch stays one queue item: the caller pays one hand-off per batch, not per sample.
-        """
-        self._check_running("put")
-        self._raise_if_failed()
-        keys = validate_identifiers(identifiers)
-        host = stage(values, len(keys))
-        if isinstance(host.values, list):
-            for value in host.values:
-                self.format.check(value)
-        else:
-            self.format.check(host.values[0] if host.count else host.values)
-        batch = _Batch(keys, host)
-        if self._reserve(batch):
-            assert self._loop is not None
-            # Not portal.start_task_soon: it waits for the loop to accept the task, a round trip that stalls
-            # the predict loop whenever the event loop is busy. call_soon_threadsafe only wakes the loop.
-            self._loop.call_soon_threadsafe(self._hand_over)
-
-    def _reserve(self, batch: _Batch) -> bool:
-        """Wait for room, then add ``batch`` to the outbox; True when a hand-over must be scheduled."""
+    def submit(self, batch: _Batch) -> None:
+        """Wait for room, then add ``batch`` to the outbox and wake the loop if no hand-over is pending."""
         nbytes = batch.host.nbytes
         with self._cond:
             waited_from = None
@@ -395,29 +254,25 @@ class Sink:
                 self._cond.wait()
             if waited_from is not None:
                 self._stall += time.perf_counter() - waited_from
-            self._raise_if_failed()
+            self.raise_if_failed()
             self._held_bytes += nbytes
             self._pending += 1
             self._batches += 1
             self._high_water = max(self._high_water, self._held_bytes)
             self._outbox.append(batch)
             if self._hand_over_scheduled:
-                return False
+                return
             self._hand_over_scheduled = True
-            return True
+        assert self._loop is not None
+        # Not portal.start_task_soon: it waits for the loop to accept the task, a round trip that stalls the
+        # predict loop whenever the event loop is busy. call_soon_threadsafe only wakes the loop.
+        self._loop.call_soon_threadsafe(self._hand_over)
 
     def _release(self, nbytes: int) -> None:
         with self._cond:
             self._held_bytes -= nbytes
             self._pending -= 1
             self._cond.notify_all()
-
-    def _check_running(self, what: str) -> None:
-        if self._state is not SinkState.RUNNING:
-            hint = " (use the sink as a context manager or call open())" if self._state is SinkState.NEW else ""
-            raise SinkStateError(f"{what}() needs a running sink; this one is {self._state.value}{hint}")
-
-    # ------------------------------------------------------------------ errors
 
     def _fail(self, exc: BaseException, keys: Sequence[str]) -> None:
         with self._cond:
@@ -426,12 +281,12 @@ class Sink:
                 self._failed_ids.extend(keys[: _FAILED_IDS_KEPT - len(self._failed_ids)])
             if self._error is None:
                 self._error = exc
-                logger.error("writing to %s failed: %r", self.url, exc)
+                logger.error("writing to %s failed: %s: %s", self.url, type(exc).__name__, exc)
             else:
                 self._error_count += 1
             self._cond.notify_all()
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
         error = self._error
         if error is None:
             return
@@ -442,7 +297,107 @@ class Sink:
     def failed(self) -> bool:
         return self._error is not None
 
-    # ------------------------------------------------------------------ the event loop side
+    def wait_drained(self) -> None:
+        with self._cond:
+            while self._pending and self._error is None:
+                self._cond.wait()
+        self.raise_if_failed()
+
+    def flush(self) -> None:
+        self.wait_drained()
+        assert self._portal is not None
+        self._portal.call(self._write_part)
+
+    def commit(self) -> None:
+        self.state = SinkState.COMMITTING
+        assert self.all_ok is not None
+        assert self._portal is not None
+        committed = False
+        try:
+            local_error: BaseException | None = None
+            try:
+                self.flush()
+            except Exception as exc:
+                local_error = exc
+            if not self.all_ok(local_error is None):
+                if local_error is not None:
+                    raise local_error
+                raise CommitError(f"another rank failed to write its predictions; {self.url} was not committed")
+            commit_error: BaseException | None = None
+            if self.rank == 0:
+                try:
+                    self.summary = self._portal.call(self._commit_rank0, self._summary_base())
+                except Exception as exc:
+                    commit_error = exc
+            if not self.all_ok(commit_error is None):
+                if commit_error is not None:
+                    raise CommitError(f"committing {self.url} failed: {commit_error}") from commit_error
+                raise CommitError(f"rank 0 failed to commit {self.url}; see its error")
+            committed = True
+        finally:
+            self._shutdown(abort=not committed)
+            self.state = SinkState.COMMITTED if committed else SinkState.ABORTED
+        if self.summary is not None:
+            logger.info(
+                "committed %d predictions (%.1f MB) to %s in %.2fs",
+                self.summary["count"],
+                self.summary["bytes"] / 1e6,
+                self.url,
+                self.summary["seconds"],
+            )
+
+    def _summary_base(self) -> dict[str, Any]:
+        stats = self.stats()
+        return {
+            "format": self.format.name,
+            "world_size": self.world_size,
+            "version": __version__,
+            "manifest": MANIFEST,
+            "marker": SUCCESS,
+            "seconds": round(stats.elapsed_seconds, 6),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rank0_stats": stats.as_dict(),
+        }
+
+    def stats(self) -> SinkStats:
+        end = self._closed_at if self._closed_at is not None else time.perf_counter()
+        latencies = list(self._latencies)
+        with self._cond:
+            return SinkStats(
+                items=self._items,
+                bytes=self._bytes,
+                batches=self._batches,
+                stall_seconds=self._stall,
+                queue_bytes=self._held_bytes,
+                queue_high_water_bytes=self._high_water,
+                write_seconds_p50=_percentile(latencies, 0.5),
+                write_seconds_p99=_percentile(latencies, 0.99),
+                retries=self._store.retries if self._store is not None else 0,
+                failed=self._failed,
+                elapsed_seconds=(end - self._opened_at) if self._opened_at else 0.0,
+            )
+
+    def _shutdown(self, *, abort: bool) -> None:
+        portal = self._portal
+        if portal is None:
+            return
+        try:
+            portal.call(self._stop, abort)
+            if self._service is not None:
+                with contextlib.suppress(Exception):
+                    self._service.result()
+            with contextlib.suppress(Exception):
+                portal.call(self._aclose_store)
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+            self._portal = None
+            assert self._portal_cm is not None
+            self._portal_cm.__exit__(None, None, None)
+            self._portal_cm = None
+            self._closed_at = time.perf_counter()
+
+    # ------------------------------------------------------------------ the event loop's side
 
     async def _aopen(self) -> None:
         if is_local_url(self.url) and self.rank == 0:
@@ -451,7 +406,7 @@ class Sink:
                 raise DestinationError(f"{self.url} is a regular file; expected a directory (or a new path)")
         self._part_lock = anyio.Lock()
         self._loop = asyncio.get_running_loop()
-        self._store = await open_store(self.url, self._storage_options, concurrency=self.concurrency, retry=self.retry)
+        self._store = await open_store(self.url, self.storage_options, concurrency=self.concurrency, retry=self.retry)
 
     async def _prepare_destination(self) -> None:
         store = self._store
@@ -539,20 +494,19 @@ class Sink:
         started = time.perf_counter()
         errors = await store.put_many([(path, buffers) for path, _, buffers in encoded])
         self._latencies.append(time.perf_counter() - started)
-        failed = [(record.id, error) for (_, record, _), error in zip(encoded, errors, strict=True) if error]
         stored = [record for (_, record, _), error in zip(encoded, errors, strict=True) if error is None]
         self._items += len(stored)
         self._bytes += sum(r.nbytes for r in stored)
         self._records.extend(stored)
+        failed = [(record.id, error) for (_, record, _), error in zip(encoded, errors, strict=True) if error]
         if failed:
-            ids = [i for i, _ in failed]
-            first = failed[0][1]
-            raise WriteError(self.url, ids, f"{type(first).__name__}: {first}", len(failed)) from first
-        if len(self._records) >= _PART_RECORDS:
+            self._fail(failed[0][1], [i for i, _ in failed])
+        elif len(self._records) >= _PART_RECORDS:
             await self._write_part()
 
     async def _write_part(self) -> None:
-        assert self._part_lock is not None and self._store is not None
+        assert self._part_lock is not None
+        assert self._store is not None
         async with self._part_lock:
             if not self._records:
                 return
@@ -581,27 +535,175 @@ class Sink:
             with anyio.CancelScope(shield=True):
                 await self._store.aclose()
 
-    def _shutdown(self, *, abort: bool) -> None:
-        portal = self._portal
-        if portal is None:
-            return
-        try:
-            portal.call(self._stop, abort)
-            if self._service is not None:
-                with contextlib.suppress(Exception):
-                    self._service.result()
-            with contextlib.suppress(Exception):
-                portal.call(self._aclose_store)
-        finally:
-            with self._cond:
-                self._cond.notify_all()
-            self._portal = None
-            assert self._portal_cm is not None
-            self._portal_cm.__exit__(None, None, None)
-            self._portal_cm = None
-            self._closed_at = time.perf_counter()
 
-    # ------------------------------------------------------------------ flushing and committing
+class Sink:
+    """Writes predictions asynchronously to a local directory or any fsspec url.
+
+    Use it as a context manager: leaving the block flushes, writes the manifest and commits ``_SUCCESS``;
+    leaving it with an exception aborts (nothing is committed)::
+
+        with Sink("s3://bucket/run-7/preds", format="npy") as sink:
+            for ids, batch in loader:
+                sink.put_batch(ids, model(batch))
+
+    Args:
+        url: a local path or an fsspec url (``s3://``, ``gs://``, ``memory://``, ...).
+        format: a registered format name (``"npy"``, ``"pt"``, ...) or a :class:`~lighter_sink.formats.Format`.
+        storage_options: passed to fsspec; never logged nor shown in reprs.
+        max_queue_bytes: host bytes queued before ``put`` blocks (a single larger batch is still accepted).
+        concurrency: writes in flight at once.
+        retries: attempts per object for transient errors (throttling, 5xx, resets, timeouts), the first included.
+        timeout: seconds one write attempt may take; with ``retries`` it bounds how long a dead store stalls.
+        mode: ``"overwrite"`` replaces a previous run's manifest and marker; ``"error"`` refuses a url that holds
+            anything; ``"resume"`` keeps what is stored and skips ids already recorded.
+        rank: this process's rank; rank 0 prepares the url and commits.
+        world_size: number of ranks writing to the url.
+        all_ok: a collective that returns True only when every rank passed True (also used as a barrier).
+            Defaults to an all-reduce over ``torch.distributed`` when ``world_size > 1``.
+
+    Raises:
+        ConfigurationError: an invalid argument (an unknown format lists the known ones).
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        format: str | Format = "npy",
+        storage_options: Mapping[str, Any] | None = None,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        retries: int = 5,
+        timeout: float | None = 60.0,
+        mode: Mode = "overwrite",
+        rank: int = 0,
+        world_size: int = 1,
+        all_ok: Callable[[bool], bool] | None = None,
+    ) -> None:
+        url = os.fspath(url)
+        if not isinstance(url, str) or not url:
+            raise ConfigurationError(f"url must be a non-empty path or fsspec url, got {url!r}")
+        self.url = url.rstrip("/") or url
+        self.format = get_format(format)
+        if not self.format.per_item_objects:
+            raise ConfigurationError(f"format {self.format.name!r} is not supported by Sink yet")
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise ConfigurationError(f"storage_options must be a mapping, got {type(storage_options).__name__}")
+        if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:
+            raise ConfigurationError(f"max_queue_bytes must be a positive int, got {max_queue_bytes!r}")
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigurationError(f"concurrency must be a positive int, got {concurrency!r}")
+        if not isinstance(retries, int) or retries < 1:
+            raise ConfigurationError(f"retries must be an int >= 1 (attempts per object), got {retries!r}")
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds or None, got {timeout!r}")
+        if mode not in _MODES:
+            raise ConfigurationError(f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ConfigurationError(f"world_size must be an int >= 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ConfigurationError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        self.max_queue_bytes = max_queue_bytes
+        self.concurrency = concurrency
+        self.retry = RetryPolicy(attempts=retries, timeout=timeout)
+        self.mode: Mode = mode
+        self.rank = rank
+        self.world_size = world_size
+        self._engine = _Engine(self, dict(storage_options or {}), all_ok)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Sink {self.url!r} format={self.format.name!r} state={self.state.value} "
+            f"rank={self.rank}/{self.world_size}>"
+        )
+
+    @property
+    def state(self) -> SinkState:
+        return self._engine.state
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        """The ``_SUCCESS`` summary once committed (on rank 0), else ``None``."""
+        return self._engine.summary
+
+    @property
+    def failed(self) -> bool:
+        """Whether a background write failed (the next ``put`` will raise it)."""
+        return self._engine.failed
+
+    @property
+    def stats(self) -> SinkStats:
+        """A consistent snapshot of the counters (cheap; safe to call from any thread)."""
+        return self._engine.stats()
+
+    def __enter__(self) -> Self:
+        return self.open()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None and engine.state in (SinkState.RUNNING, SinkState.COMMITTING):
+            warnings.warn(
+                f"{self!r} was garbage-collected while open; nothing was committed. "
+                "Use it as a context manager or call close().",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
+            with contextlib.suppress(Exception):
+                engine.abort()
+
+    def open(self) -> Self:
+        """Start the event loop and the workers, and prepare the url according to ``mode``.
+
+        Raises:
+            DestinationError: the url cannot receive predictions (a regular file, cannot be created, not empty
+                with ``mode="error"``).
+            SinkStateError: the sink was already opened.
+        """
+        if self.state is not SinkState.NEW:
+            raise SinkStateError(f"open() needs a new sink; this one is {self.state.value}")
+        self._engine.open()
+        logger.debug("opened %r", self)
+        return self
+
+    def put(self, identifier: int | str, value: object) -> None:
+        """Queue one prediction (one sample) under ``identifier``.
+
+        Blocks only while the queue holds ``max_queue_bytes``.
+
+        Raises:
+            WriteError: an earlier background write failed (chained to the storage error).
+            IdentifierError: the identifier cannot be an object key.
+            PredictionError: the value is not a tensor the format can store.
+            SinkStateError: the sink is not running.
+        """
+        self.put_batch([identifier], [value])
+
+    def put_batch(self, identifiers: Sequence[int | str], values: object) -> None:
+        """Queue a batch: ``values`` is a tensor whose dim 0 matches ``identifiers``, or one tensor per id.
+
+        The batch stays one queue item: the caller pays one hand-off per batch, not per sample. Raises as
+        :meth:`put`.
+        """
+        engine = self._engine
+        engine.check_running("put")
+        engine.raise_if_failed()
+        keys = validate_identifiers(identifiers)
+        host = stage(values, len(keys))
+        if isinstance(host.values, list):
+            for value in host.values:
+                self.format.check(value)
+        else:
+            self.format.check(host.values[0] if host.count else host.values)
+        engine.submit(_Batch(keys, host))
 
     def flush(self) -> None:
         """Wait until everything queued so far is stored and recorded in a manifest part.
@@ -609,95 +711,28 @@ class Sink:
         Raises:
             WriteError: a background write failed.
         """
-        self._check_running("flush")
-        self._wait_drained()
-        assert self._portal is not None
-        self._portal.call(self._write_part)
-
-    def _wait_drained(self) -> None:
-        with self._cond:
-            while self._pending and self._error is None:
-                self._cond.wait()
-        self._raise_if_failed()
+        self._engine.check_running("flush")
+        self._engine.flush()
 
     def commit(self) -> None:
         """Flush, then (on rank 0, once every rank flushed without error) write the manifest and ``_SUCCESS``.
 
-        Every rank calls it; it returns on every rank or raises on every rank.
+        Every rank calls it; it returns on every rank or raises on every rank. The sink is closed afterwards.
 
         Raises:
             WriteError: this rank's writes failed; nothing was committed.
             CommitError: another rank failed, or the manifest or marker could not be written.
         """
-        self._check_running("commit")
-        self._state = SinkState.COMMITTING
-        assert self._all_ok is not None and self._portal is not None
-        committed = False
-        try:
-            local_error: BaseException | None = None
-            try:
-                self._wait_drained()
-                self._portal.call(self._write_part)
-            except Exception as exc:
-                local_error = exc
-            if not self._all_ok(local_error is None):
-                if local_error is not None:
-                    raise local_error
-                raise CommitError(f"another rank failed to write its predictions; {self.url} was not committed")
-            commit_error: BaseException | None = None
-            if self.rank == 0:
-                try:
-                    self._summary = self._portal.call(self._commit_rank0, self._summary_base())
-                except Exception as exc:
-                    commit_error = exc
-            if not self._all_ok(commit_error is None):
-                if commit_error is not None:
-                    raise CommitError(f"committing {self.url} failed: {commit_error}") from commit_error
-                raise CommitError(f"rank 0 failed to commit {self.url}; see its error")
-            committed = True
-        finally:
-            self._shutdown(abort=not committed)
-            self._state = SinkState.COMMITTED if committed else SinkState.ABORTED
-        if self._summary is not None:
-            logger.info(
-                "committed %d predictions (%.1f MB) to %s in %.2fs",
-                self._summary["count"],
-                self._summary["bytes"] / 1e6,
-                self.url,
-                self._summary["seconds"],
-            )
+        self._engine.check_running("commit")
+        self._engine.commit()
 
-    def _summary_base(self) -> dict[str, Any]:
-        stats = self.stats
-        return {
-            "format": self.format.name,
-            "world_size": self.world_size,
-            "version": __version__,
-            "manifest": MANIFEST,
-            "marker": SUCCESS,
-            "seconds": round(stats.elapsed_seconds, 6),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "rank0_stats": stats.as_dict(),
-        }
+    def close(self) -> None:
+        """Commit if still running; do nothing if already committed or aborted."""
+        if self.state is SinkState.RUNNING:
+            self.commit()
+        elif self.state is SinkState.NEW:
+            self._engine.state = SinkState.ABORTED
 
-    # ------------------------------------------------------------------ statistics
-
-    @property
-    def stats(self) -> SinkStats:
-        """A consistent snapshot of the counters (cheap; safe to call from any thread)."""
-        end = self._closed_at if self._closed_at is not None else time.perf_counter()
-        latencies = list(self._latencies)
-        with self._cond:
-            return SinkStats(
-                items=self._items,
-                bytes=self._bytes,
-                batches=self._batches,
-                stall_seconds=self._stall,
-                queue_bytes=self._held_bytes,
-                queue_high_water_bytes=self._high_water,
-                write_seconds_p50=_percentile(latencies, 0.5),
-                write_seconds_p99=_percentile(latencies, 0.99),
-                retries=self._store.retries if self._store is not None else 0,
-                failed=self._failed,
-                elapsed_seconds=(end - self._opened_at) if self._opened_at else 0.0,
-            )
+    def abort(self) -> None:
+        """Stop the workers without committing. Safe to call in any state, and more than once."""
+        self._engine.abort()

@@ -63,6 +63,7 @@ class NpyFormat(Format):
             if not array.flags.c_contiguous:
                 array = array.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
             header, dtype = _header(array.shape, array.dtype)
-            data = memoryview(array.data).cast("B") if array.ndim else memoryview(array.tobytes())
+            # a flat byte view of the sample's memory: no copy (0-d and empty arrays are tiny, bytes will do)
+            data = array.reshape(-1).view(np.uint8).data if array.size and array.ndim else array.tobytes()
             out.append(EncodedItem((header, data), array.shape, dtype))
         return out

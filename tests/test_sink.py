@@ -1,0 +1,262 @@
+import gc
+import io
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lighter_sink import (
+    ConfigurationError,
+    DestinationError,
+    FormatNotFoundError,
+    IdentifierError,
+    PredictionError,
+    Sink,
+    SinkState,
+    SinkStateError,
+    WriteError,
+)
+from tests import _faulty
+
+
+def _manifest(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (path / "_manifest.jsonl").read_text().splitlines()]
+
+
+def test_round_trip_to_a_local_directory(tmp_path: Path) -> None:
+    batch = torch.randn(10, 3, 5)
+    with Sink(tmp_path) as sink:
+        sink.put_batch(range(10), batch)
+        sink.put("extra", torch.arange(4))
+    for i in range(10):
+        np.testing.assert_array_equal(np.load(tmp_path / f"{i}.npy"), batch[i].numpy())
+    np.testing.assert_array_equal(np.load(tmp_path / "extra.npy"), np.arange(4))
+    records = _manifest(tmp_path)
+    assert [r["id"] for r in records] == [str(i) for i in range(10)] + ["extra"]
+    first = records[0]
+    assert first["path"] == "0.npy"
+    assert first["shape"] == [3, 5]
+    assert first["dtype"] == "float32"
+    assert first["nbytes"] == (tmp_path / "0.npy").stat().st_size
+    success = json.loads((tmp_path / "_SUCCESS").read_text())
+    assert success["count"] == 11
+    assert success["format"] == "npy"
+    assert success["world_size"] == 1
+    assert sink.state is SinkState.COMMITTED
+    assert sink.stats.items == 11
+    assert not list(tmp_path.glob("_parts/**/*.jsonl"))
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_list_of_tensors_and_numpy_arrays(tmp_path: Path) -> None:
+    with Sink(tmp_path, format="pt") as sink:
+        sink.put_batch(["a", "b"], [torch.ones(2), np.zeros(3, dtype=np.int16)])
+    assert torch.equal(torch.load(tmp_path / "a.pt"), torch.ones(2))
+    assert torch.equal(torch.load(tmp_path / "b.pt"), torch.zeros(3, dtype=torch.int16))
+
+
+def test_nested_ids_make_prefixes(tmp_path: Path) -> None:
+    with Sink(tmp_path) as sink:
+        sink.put("case-1/slice-0", torch.ones(1))
+    assert (tmp_path / "case-1" / "slice-0.npy").exists()
+
+
+def test_memory_filesystem_through_threads() -> None:
+    import fsspec
+
+    with Sink("memory://sink-test/run") as sink:
+        sink.put_batch([0, 1], torch.eye(2))
+    fs = fsspec.filesystem("memory")
+    np.testing.assert_array_equal(np.load(io.BytesIO(fs.cat("/sink-test/run/1.npy"))), [0.0, 1.0])
+    assert fs.exists("/sink-test/run/_SUCCESS")
+
+
+def test_arguments_are_checked_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(FormatNotFoundError, match="known: .*npy"):
+        Sink(tmp_path, format="nope")
+    with pytest.raises(ConfigurationError, match="mode"):
+        Sink(tmp_path, mode="append")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="max_queue_bytes"):
+        Sink(tmp_path, max_queue_bytes=0)
+    with pytest.raises(ConfigurationError, match="concurrency"):
+        Sink(tmp_path, concurrency=0)
+    with pytest.raises(ConfigurationError, match="retries"):
+        Sink(tmp_path, retries=0)
+    with pytest.raises(ConfigurationError, match="rank"):
+        Sink(tmp_path, rank=2, world_size=2)
+    with pytest.raises(ConfigurationError, match="storage_options"):
+        Sink(tmp_path, storage_options=["key"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="torch.distributed"):
+        Sink(tmp_path, rank=0, world_size=2).open()
+
+
+def test_bad_predictions_fail_on_the_callers_thread(tmp_path: Path) -> None:
+    with Sink(tmp_path) as sink:
+        with pytest.raises(PredictionError, match="must be a torch.Tensor"):
+            sink.put(0, [1, 2, 3])
+        with pytest.raises(PredictionError, match="3 samples along dim 0 but 2 ids"):
+            sink.put_batch([0, 1], torch.ones(3, 2))
+        with pytest.raises(PredictionError, match="bfloat16"):
+            sink.put(0, torch.ones(2, dtype=torch.bfloat16))
+        with pytest.raises(IdentifierError, match=r"'\.\.'"):
+            sink.put("../outside", torch.ones(1))
+        sink.put(0, torch.ones(1))
+    assert [r["id"] for r in _manifest(tmp_path)] == ["0"]
+    assert not (tmp_path.parent / "outside.npy").exists()
+
+
+def test_regular_file_as_destination(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("not a directory")
+    with pytest.raises(DestinationError, match="regular file"), Sink(target):
+        pass
+    assert target.read_text() == "not a directory"
+
+
+def test_a_directory_that_cannot_be_created(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DestinationError, match="cannot create the directory"), Sink(tmp_path / "file" / "sub"):
+        pass
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_directory(tmp_path: Path) -> None:
+    target = tmp_path / "ro"
+    target.mkdir()
+    target.chmod(0o500)
+    with pytest.raises(DestinationError, match="not writable"), Sink(target):
+        pass
+
+
+def test_mode_error_refuses_a_non_empty_url(tmp_path: Path) -> None:
+    (tmp_path / "old.npy").write_bytes(b"x")
+    with pytest.raises(DestinationError, match="mode='error'"), Sink(tmp_path, mode="error"):
+        pass
+    with Sink(tmp_path / "new", mode="error") as sink:
+        sink.put(0, torch.ones(1))
+    assert (tmp_path / "new" / "_SUCCESS").exists()
+
+
+def test_a_stale_marker_never_vouches_for_a_failed_run(tmp_path: Path) -> None:
+    with Sink(tmp_path) as sink:
+        sink.put(0, torch.ones(1))
+    assert (tmp_path / "_SUCCESS").exists()
+    with pytest.raises(RuntimeError, match="model failed"), Sink(tmp_path) as sink:
+        sink.put(1, torch.ones(1))
+        assert not (tmp_path / "_SUCCESS").exists()  # removed before anything new was written
+        raise RuntimeError("model failed")
+    assert sink.state is SinkState.ABORTED
+    assert not (tmp_path / "_SUCCESS").exists()
+    assert not (tmp_path / "_manifest.jsonl").exists()
+
+
+def test_backpressure_blocks_put_until_a_write_completes() -> None:
+    gate = threading.Event()
+    plan = _faulty.Plan(gate=gate)
+    item = torch.zeros(100)  # 400 bytes
+    sink = Sink("faulty://bp", storage_options=_faulty.options(plan), max_queue_bytes=1000, concurrency=1).open()
+    try:
+        sink.put(0, item)
+        plan.started.acquire(timeout=30)  # the only worker is now inside the first write, held by the gate
+        sink.put(1, item)  # 800 bytes held: still room
+        returned = threading.Event()
+
+        def third_put() -> None:
+            sink.put(2, item)
+            returned.set()
+
+        producer = threading.Thread(target=third_put)
+        producer.start()
+        assert not returned.wait(timeout=0.5), "put must block while the queue holds max_queue_bytes"
+        assert sink.stats.queue_bytes == 800
+        gate.set()
+        assert returned.wait(timeout=30)
+        producer.join()
+        sink.close()
+    finally:
+        gate.set()
+        sink.abort()
+    stats = sink.stats
+    assert stats.stall_seconds > 0
+    assert stats.queue_high_water_bytes <= 1000
+    assert stats.items == 3
+    assert sink.state is SinkState.COMMITTED
+
+
+def test_a_failed_write_is_raised_on_flush_put_and_close() -> None:
+    plan = _faulty.Plan(fail=PermissionError(13, "denied by the test"))
+    sink = Sink("faulty://fail", storage_options=_faulty.options(plan), retries=3).open()
+    sink.put_batch([0, 1], torch.ones(2, 2))
+    with pytest.raises(WriteError) as info:
+        sink.flush()
+    error = info.value
+    assert "faulty://fail" in str(error)
+    assert "'0'" in str(error)
+    assert "denied by the test" in str(error)
+    assert isinstance(error.__cause__, PermissionError)
+    assert isinstance(error, OSError)
+    assert plan.writes == 2  # permanent: not retried
+    with pytest.raises(WriteError):
+        sink.put(2, torch.ones(2))
+    with pytest.raises(WriteError):
+        sink.close()
+    assert sink.state is SinkState.ABORTED
+    assert not any(p.endswith("_SUCCESS") for p in plan.files)
+    assert sink.stats.failed == 2
+
+
+def test_transient_errors_are_retried_and_counted() -> None:
+    plan = _faulty.Plan(fail=ConnectionResetError(104, "reset"), fail_first=3)
+    with Sink("faulty://retry", storage_options=_faulty.options(plan), retries=5) as sink:
+        sink.put_batch(range(4), torch.arange(8.0).reshape(4, 2))
+    assert sink.stats.retries == 3
+    loaded = np.load(io.BytesIO(_faulty.read(plan, "/retry/3.npy")))
+    np.testing.assert_array_equal(loaded, [6.0, 7.0])
+    assert "/retry/_SUCCESS" in plan.files
+
+
+def test_lifecycle_misuse_is_explained(tmp_path: Path) -> None:
+    sink = Sink(tmp_path)
+    with pytest.raises(SinkStateError, match="context manager"):
+        sink.put(0, torch.ones(1))
+    with sink:
+        pass
+    with pytest.raises(SinkStateError, match="committed"):
+        sink.put(0, torch.ones(1))
+    with pytest.raises(SinkStateError, match="new sink"):
+        sink.open()
+    sink.close()  # idempotent
+    sink.abort()
+
+
+def test_a_sink_dropped_while_open_warns_and_aborts(tmp_path: Path) -> None:
+    sink = Sink(tmp_path).open()
+    sink.put(0, torch.ones(1))
+    with pytest.warns(ResourceWarning, match="garbage-collected while open"):
+        del sink
+        gc.collect()
+    assert not (tmp_path / "_SUCCESS").exists()
+
+
+def test_repr_and_errors_never_show_storage_options(tmp_path: Path) -> None:
+    secret = "SECRET-do-not-print-1234"
+    sink = Sink(tmp_path, storage_options={"secret": secret})
+    assert secret not in repr(sink)
+    assert secret not in repr(sink.__dict__.get("retry"))
+
+
+def test_stats_snapshot(tmp_path: Path) -> None:
+    with Sink(tmp_path) as sink:
+        sink.put_batch(range(3), torch.ones(3, 256))
+    stats = sink.stats
+    assert stats.batches == 1
+    assert stats.items == 3
+    assert stats.bytes == sum((tmp_path / f"{i}.npy").stat().st_size for i in range(3))
+    assert stats.write_seconds_p50 is not None
+    assert stats.queue_bytes == 0
+    assert stats.queue_high_water_bytes >= 3 * 256 * 4
+    assert stats.as_dict()["mb_per_second"] >= 0

@@ -1,0 +1,119 @@
+import errno
+import os
+
+import anyio
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from lighter_sink._store import RetryPolicy, is_transient, open_store
+from tests import _faulty
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _client_error("SlowDown", 503),
+        _client_error("InternalError", 500),
+        _client_error("RequestTimeout", 400),
+        _client_error("Whatever", 502),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
+        ReadTimeoutError(endpoint_url="http://127.0.0.1:1"),
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        TimeoutError(),
+        OSError(errno.ETIMEDOUT, "timed out"),
+    ],
+)
+def test_transient_errors(error: BaseException) -> None:
+    assert is_transient(error)
+
+
+def test_transient_through_a_translated_cause() -> None:
+    # s3fs turns a 503 SlowDown into OSError(EBUSY) raised from the ClientError
+    translated = OSError(errno.EBUSY, "Please reduce your request rate")
+    translated.__cause__ = _client_error("SlowDown", 503)
+    assert is_transient(translated)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _client_error("NoSuchBucket", 404),
+        _client_error("AccessDenied", 403),
+        PermissionError(errno.EACCES, "denied"),
+        FileNotFoundError(),
+        OSError(errno.ENOSPC, "no space left"),
+        ValueError("bad"),
+    ],
+)
+def test_permanent_errors(error: BaseException) -> None:
+    assert not is_transient(error)
+
+
+def test_retry_policy_validates_and_backs_off_within_bounds() -> None:
+    policy = RetryPolicy(attempts=4, base_delay=0.5, max_delay=1.0)
+    assert all(0 <= policy.delay(a) <= min(1.0, 0.5 * 2 ** (a - 1)) for a in range(1, 10) for _ in range(20))
+    with pytest.raises(ValueError, match="attempts"):
+        RetryPolicy(attempts=0)
+
+
+@pytest.mark.anyio
+async def test_retries_transient_failures_then_succeeds() -> None:
+    plan = _faulty.Plan(fail=ConnectionResetError(errno.ECONNRESET, "reset"), fail_first=2)
+    store = await open_store("faulty://r", _faulty.options(plan), retry=RetryPolicy(attempts=3, base_delay=0.001))
+    await store.put("a.bin", [b"he", b"llo"])
+    assert _faulty.read(plan, "/r/a.bin") == b"hello"
+    assert store.retries == 2
+    assert plan.writes == 3
+
+
+@pytest.mark.anyio
+async def test_gives_up_after_the_attempts() -> None:
+    plan = _faulty.Plan(fail=ConnectionResetError(errno.ECONNRESET, "reset"))
+    store = await open_store("faulty://r", _faulty.options(plan), retry=RetryPolicy(attempts=3, base_delay=0.001))
+    with pytest.raises(ConnectionResetError):
+        await store.put("a.bin", [b"x"])
+    assert plan.writes == 3
+
+
+@pytest.mark.anyio
+async def test_permanent_failure_is_not_retried() -> None:
+    plan = _faulty.Plan(fail=PermissionError(errno.EACCES, "denied"))
+    store = await open_store("faulty://r", _faulty.options(plan), retry=RetryPolicy(attempts=5, base_delay=0.001))
+    results = await store.put_many([("a", [b"x"]), ("b", [b"y"])])
+    assert all(isinstance(r, PermissionError) for r in results)
+    assert plan.writes == 2
+    assert store.retries == 0
+
+
+@pytest.mark.anyio
+async def test_local_store_writes_atomically_and_lists(tmp_path: os.PathLike[str]) -> None:
+    store = await open_store(str(tmp_path))
+    assert store.is_local
+    results = await store.put_many([("a/1.npy", [b"one"]), ("b.npy", [memoryview(b"two"), b"!"])])
+    assert results == [None, None]
+    assert await store.get("b.npy") == b"two!"
+    assert await store.list() == ["a/1.npy", "b.npy"]
+    # a leftover temporary file from a killed writer is not an object
+    with open(os.path.join(tmp_path, "a", ".2.npy.1.1.tmp"), "wb") as f:
+        f.write(b"partial")
+    assert await store.list("a") == ["a/1.npy"]
+    await store.delete(["a/1.npy", "missing"])
+    assert await store.list("a") == []
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+@pytest.mark.anyio
+async def test_local_write_failure_leaves_no_partial_object(tmp_path: os.PathLike[str]) -> None:
+    store = await open_store(str(tmp_path), retry=RetryPolicy(attempts=1))
+    (results,) = await store.put_many([("x.npy", [object()])])  # type: ignore[list-item]
+    assert isinstance(results, TypeError)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
