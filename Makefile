@@ -34,7 +34,7 @@ test: lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.overlap
+	$(BIN)/python -m benchmarks.tiny_local
 
 clean:
 	rm -rf $(VENV) predictions .pytest_cache .mypy_cache .ruff_cache

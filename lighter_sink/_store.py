@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -163,8 +164,14 @@ class Store(ABC):
     def is_local(self) -> bool:
         return False
 
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        attempt = 1
+    #: Capability: a thread-safe synchronous ``write_many(items) -> errors`` for callers already on a worker
+    #: thread (they save a thread hop per group), or None when writes must go through :meth:`put_many`.
+    write_many: Callable[[Sequence[tuple[str, Sequence[Buffer]]]], list[BaseException | None]] | None = None
+    #: Bounds the worker threads this store's I/O may occupy.
+    limiter: anyio.CapacityLimiter | None = None
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], first_attempt: int = 1) -> T:
+        attempt = first_attempt
         while True:
             try:
                 if self.retry.timeout is None:
@@ -183,6 +190,21 @@ class Store(ABC):
     async def put(self, key: str, buffers: Sequence[Buffer]) -> None:
         """Store one object under ``key``; it becomes visible whole or not at all."""
         await self._retrying(key, lambda: self._put_once(key, buffers))
+
+    async def retry_failed(
+        self, items: Sequence[tuple[str, Sequence[Buffer]]], results: list[BaseException | None]
+    ) -> list[BaseException | None]:
+        """Give objects whose first attempt failed transiently the rest of their attempts."""
+        for index, error in enumerate(results):
+            if error is not None and is_transient(error) and self.retry.attempts > 1:
+                key, buffers = items[index]
+                self.retries += 1
+                try:
+                    await self._retrying(key, functools.partial(self._put_once, key, buffers), first_attempt=2)
+                    results[index] = None
+                except Exception as exc:
+                    results[index] = exc
+        return results
 
     async def put_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
         """Store several objects concurrently; return each one's error (``None`` when stored)."""
@@ -333,9 +355,10 @@ class _LocalStore(Store):
     def __init__(self, url: str, retry: RetryPolicy, root: str, limiter: anyio.CapacityLimiter) -> None:
         super().__init__(url, retry)
         self._root = os.path.abspath(root)
-        self._limiter = limiter
+        self._limiter = self.limiter = limiter
         self._made_dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
+        self.write_many = self._write_many
 
     @property
     def is_local(self) -> bool:
@@ -393,16 +416,7 @@ class _LocalStore(Store):
     async def put_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
         # One thread hop per batch rather than per object: tiny predictions are dominated by hop costs.
         results = await anyio.to_thread.run_sync(self._write_many, items, limiter=self._limiter)
-        for index, error in enumerate(results):
-            if error is not None and is_transient(error):
-                key, buffers = items[index]
-                try:
-                    self.retries += 1
-                    await self.put(key, buffers)
-                    results[index] = None
-                except Exception as exc:
-                    results[index] = exc
-        return results
+        return await self.retry_failed(items, results)
 
     async def get(self, key: str) -> bytes:
         path = os.path.join(self._root, key)
@@ -480,7 +494,10 @@ async def open_store(
     options = dict(storage_options or {})
     limiter = anyio.CapacityLimiter(concurrency)
     if is_local_url(url):
-        return _LocalStore(url, retry, local_path(url), limiter)
+        # Writes to one local directory contend on the directory lock and, for small files, on the GIL:
+        # more threads than cores only add switching. Network filesystems want more: raise it with concurrency.
+        threads = min(concurrency, max(2, os.cpu_count() or 2))
+        return _LocalStore(url, retry, local_path(url), anyio.CapacityLimiter(threads))
     protocol = protocol_of(url)
     cls = fsspec.get_filesystem_class(protocol)
     if getattr(cls, "async_impl", False):

@@ -63,6 +63,7 @@ def s3_server() -> Iterator[S3Server]:
             raise RuntimeError(f"moto server exited before listening: {''.join(seen)}")
         # Keep draining its output so the pipe never fills and blocks the server.
         drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=subprocess.DEVNULL)
+        process.stdout.close()  # cat holds its own copy
         yield S3Server(f"http://127.0.0.1:{port}", process)
     finally:
         process.terminate()

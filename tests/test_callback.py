@@ -1,0 +1,177 @@
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lighter_sink import FormatNotFoundError, PredictionError, PredictionSink, WriteError
+from lighter_sink._demo import DemoModel, SyntheticImages
+from tests import _faulty
+from tests.conftest import S3Server
+
+
+def _trainer(sink: PredictionSink) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=[sink],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
+def _expected(n: int, size: int = 64) -> torch.Tensor:
+    data = SyntheticImages(n, size=size)
+    with torch.no_grad():
+        return DemoModel().eval()(torch.stack([data[i] for i in range(n)]))
+
+
+def _check_manifest(records: list[dict[str, Any]], n: int) -> None:
+    ids = [r["id"] for r in records]
+    assert ids == [str(i) for i in range(n)]  # complete, unique, sorted
+    assert all(r["shape"] == [64, 64] and r["dtype"] == "float32" for r in records)
+
+
+def test_predict_to_a_local_directory(tmp_path: Path) -> None:
+    n = 1000
+    sink = PredictionSink(tmp_path / "preds")
+    loader = DataLoader(SyntheticImages(n), batch_size=32)
+    result = _trainer(sink).predict(DemoModel(), loader, return_predictions=False)
+    assert result is None
+    expected = _expected(n)
+    out = tmp_path / "preds"
+    for i in range(n):
+        np.testing.assert_allclose(np.load(out / f"{i}.npy"), expected[i].numpy(), rtol=1e-5, atol=1e-6)
+    _check_manifest([json.loads(line) for line in (out / "_manifest.jsonl").read_text().splitlines()], n)
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert success["count"] == n
+    assert success["bytes"] == sum(f.stat().st_size for f in out.glob("*.npy"))
+    assert sink.sink is not None
+    assert sink.sink.stats.items == n
+
+
+@pytest.mark.s3
+def test_predict_to_s3(s3_server: S3Server, s3_bucket: str) -> None:
+    n = 1000
+    sink = PredictionSink(f"s3://{s3_bucket}/run-1/preds", storage_options=s3_server.storage_options)
+    _trainer(sink).predict(DemoModel(), DataLoader(SyntheticImages(n), batch_size=50), return_predictions=False)
+    client = s3_server.client()
+    expected = _expected(n)
+    for i in range(n):
+        body = client.get_object(Bucket=s3_bucket, Key=f"run-1/preds/{i}.npy")["Body"].read()
+        np.testing.assert_allclose(np.load(io.BytesIO(body)), expected[i].numpy(), rtol=1e-5, atol=1e-6)
+    manifest = client.get_object(Bucket=s3_bucket, Key="run-1/preds/_manifest.jsonl")["Body"].read()
+    _check_manifest([json.loads(line) for line in manifest.decode().splitlines()], n)
+    success = json.loads(client.get_object(Bucket=s3_bucket, Key="run-1/preds/_SUCCESS")["Body"].read())
+    assert success["count"] == n
+
+
+@pytest.mark.s3
+def test_a_missing_bucket_fails_fast_and_clearly(s3_server: S3Server) -> None:
+    sink = PredictionSink("s3://no-such-bucket-here/x", storage_options=s3_server.storage_options, retries=2)
+    started = time.monotonic()
+    with pytest.raises(WriteError, match="s3://no-such-bucket-here/x"):
+        _trainer(sink).predict(DemoModel(), DataLoader(SyntheticImages(40), batch_size=8), return_predictions=False)
+    assert time.monotonic() - started < 60
+
+
+def test_a_store_that_fails_every_write_stops_predict_without_success() -> None:
+    plan = _faulty.Plan(fail=PermissionError(13, "read-only bucket"))
+    sink = PredictionSink("faulty://broken/run", storage_options=_faulty.options(plan), retries=2, timeout=5)
+    started = time.monotonic()
+    with pytest.raises(WriteError) as info:
+        _trainer(sink).predict(DemoModel(), DataLoader(SyntheticImages(64), batch_size=8), return_predictions=False)
+    assert time.monotonic() - started < 60
+    assert "faulty://broken/run" in str(info.value)
+    assert "read-only bucket" in str(info.value)
+    assert not any(path.endswith("_SUCCESS") for path in plan.files)
+
+
+class _Exploding(DemoModel):
+    def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        if batch_idx == 3:
+            raise RuntimeError("the model blew up")
+        return super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+def test_a_model_error_propagates_unchanged(tmp_path: Path) -> None:
+    (tmp_path / "_SUCCESS").write_text("{}")  # from an older run
+    sink = PredictionSink(tmp_path)
+    with pytest.raises(RuntimeError, match="the model blew up"):
+        _trainer(sink).predict(_Exploding(), DataLoader(SyntheticImages(64), batch_size=8), return_predictions=False)
+    assert not (tmp_path / "_SUCCESS").exists()
+    assert sink.sink is not None
+    assert sink.sink.state.value == "aborted"
+
+
+class _DictModel(DemoModel):
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return {"logits": self(batch["image"]).mean(dim=(1, 2)), "name": batch["name"], "other": 1}
+
+
+class _Named(SyntheticImages):
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        return {"image": super().__getitem__(index), "name": f"case-{index:03d}"}
+
+
+def test_dict_outputs_with_value_key_and_string_ids(tmp_path: Path) -> None:
+    sink = PredictionSink(tmp_path, format="pt", value_key="logits", id_key="name")
+    _trainer(sink).predict(_DictModel(), DataLoader(_Named(20, size=8), batch_size=6), return_predictions=False)
+    names = sorted(p.stem for p in tmp_path.glob("*.pt"))
+    assert names == [f"case-{i:03d}" for i in range(20)]
+    assert torch.load(tmp_path / "case-007.pt").shape == ()
+
+
+def test_missing_value_key_is_explained(tmp_path: Path) -> None:
+    sink = PredictionSink(tmp_path)
+    with pytest.raises(PredictionError, match=r"value_key=\.\.\."):
+        _trainer(sink).predict(_DictModel(), DataLoader(_Named(4, size=8), batch_size=2), return_predictions=False)
+    sink = PredictionSink(tmp_path, value_key="nope")
+    with pytest.raises(PredictionError, match="'nope' is not in"):
+        _trainer(sink).predict(_DictModel(), DataLoader(_Named(4, size=8), batch_size=2), return_predictions=False)
+    assert not (tmp_path / "_SUCCESS").exists()
+
+
+class _Strings(DemoModel):
+    def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        return ["not", "a", "tensor"]
+
+
+def test_non_tensor_outputs_are_refused(tmp_path: Path) -> None:
+    sink = PredictionSink(tmp_path)
+    with pytest.raises(PredictionError, match="must be a torch.Tensor"):
+        _trainer(sink).predict(
+            _Strings(), DataLoader(SyntheticImages(3, size=8), batch_size=3), return_predictions=False
+        )
+    assert not (tmp_path / "_SUCCESS").exists()
+
+
+def test_unknown_format_fails_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(FormatNotFoundError, match="known: .*npy.*pt"):
+        PredictionSink(tmp_path, format="parquet-ish")
+
+
+def test_lightning_does_not_hoard_predictions(tmp_path: Path) -> None:
+    sink = PredictionSink(tmp_path)
+    trainer = _trainer(sink)
+    # return_predictions left at its default (True): the callback still keeps host memory flat
+    trainer.predict(DemoModel(), DataLoader(SyntheticImages(40, size=8), batch_size=4))
+    assert sum(len(kept) for kept in trainer.predict_loop._predictions) <= 1
+    assert json.loads((tmp_path / "_SUCCESS").read_text())["count"] == 40
+
+
+def test_the_callback_can_run_predict_twice(tmp_path: Path) -> None:
+    sink = PredictionSink(tmp_path)
+    trainer = _trainer(sink)
+    trainer.predict(DemoModel(), DataLoader(SyntheticImages(10, size=8), batch_size=4), return_predictions=False)
+    trainer.predict(DemoModel(), DataLoader(SyntheticImages(12, size=8), batch_size=4), return_predictions=False)
+    assert json.loads((tmp_path / "_SUCCESS").read_text())["count"] == 12
+    assert sorted(int(p.stem) for p in tmp_path.glob("*.npy")) == list(range(12))
