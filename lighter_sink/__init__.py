@@ -12,6 +12,7 @@ from lighter_sink._errors import (
     SinkStateError,
     WriteError,
 )
+from lighter_sink._resume import RemainingSubset, remaining
 from lighter_sink._sink import Sink, SinkState, SinkStats
 from lighter_sink._version import __version__
 from lighter_sink.formats import Format, available_formats, get_format, register_format
@@ -25,6 +26,7 @@ __all__ = [
     "IdentifierError",
     "PredictionError",
     "PredictionSink",
+    "RemainingSubset",
     "Sink",
     "SinkError",
     "SinkState",
@@ -35,4 +37,5 @@ __all__ = [
     "available_formats",
     "get_format",
     "register_format",
+    "remaining",
 ]

@@ -13,8 +13,9 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lighter_sink._errors import ConfigurationError, DestinationError, PredictionError
-from lighter_sink._ids import RankCounter
-from lighter_sink._sink import DEFAULT_CONCURRENCY, DEFAULT_MAX_QUEUE_BYTES, Mode, Sink
+from lighter_sink._ids import RankCounter, validate_identifiers
+from lighter_sink._resume import RemainingSubset
+from lighter_sink._sink import DEFAULT_CONCURRENCY, DEFAULT_MAX_QUEUE_BYTES, Mode, Sink, _num_samples
 from lighter_sink._store import is_local_url, local_path
 from lighter_sink.formats import Format, get_format
 
@@ -42,6 +43,12 @@ class PredictionSink(Callback):
         retries: attempts per object for transient storage errors.
         timeout: seconds one write attempt may take.
         mode: ``"overwrite"``, ``"resume"`` or ``"error"`` (see :class:`~lighter_sink.Sink`).
+        key: object key template, e.g. ``"{id:08d}"`` or ``"{hash:.2}/{id}"`` (see :class:`~lighter_sink.Sink`).
+
+    Ids: without ``id_key``, rank ``r`` of ``W`` numbers its samples ``r, r + W, ...`` per dataloader, which is
+    the dataset index with Lightning's distributed sampler and an unshuffled dataloader. Counter ids at or past
+    the dataset's length are the duplicates a padding ``DistributedSampler`` adds: they are not stored. With
+    several predict dataloaders, dataloader ``k``'s ids (counter or ``id_key``) are prefixed ``dataloader_k/``.
 
     Raises:
         ConfigurationError: invalid arguments, at construction (an unknown format lists the known names).
@@ -55,6 +62,7 @@ class PredictionSink(Callback):
         storage_options: Mapping[str, Any] | None = None,
         value_key: str | None = None,
         id_key: str | None = None,
+        key: str = "{id}",
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         concurrency: int = DEFAULT_CONCURRENCY,
         retries: int = 5,
@@ -74,11 +82,15 @@ class PredictionSink(Callback):
             "retries": retries,
             "timeout": timeout,
             "mode": mode,
+            "key": key,
         }
         # Validate everything now, before any compute: building a Sink checks arguments and starts nothing.
         Sink(self.url, **self._sink_kwargs)
         self._sink: Sink | None = None
         self._counters: dict[int, RankCounter] = {}
+        self._lengths: list[int | None] = []
+        self._index_maps: list[Sequence[int] | None] = []
+        self._padding_dropped = 0
 
     def __repr__(self) -> str:
         return f"PredictionSink({self.url!r}, format={self.format.name!r})"
@@ -120,6 +132,25 @@ class PredictionSink(Callback):
         self._sink.open()
 
     @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaders = trainer.predict_dataloaders
+        if loaders is None:
+            loaders = []
+        elif not isinstance(loaders, list | tuple):
+            loaders = [loaders]
+        self._lengths = []
+        self._index_maps = []
+        for loader in loaders:
+            dataset = getattr(loader, "dataset", None)
+            try:
+                length: int | None = len(dataset)  # type: ignore[arg-type]
+            except TypeError:
+                length = None
+            self._lengths.append(length)
+            self._index_maps.append(dataset.indices if isinstance(dataset, RemainingSubset) else None)
+        self._padding_dropped = 0
+
+    @override
     def on_predict_batch_end(
         self,
         trainer: pl.Trainer,
@@ -133,23 +164,42 @@ class PredictionSink(Callback):
         if sink is None:
             raise ConfigurationError("PredictionSink received a batch before setup(stage='predict')")
         values, ids = self._split(outputs)
-        count = _count(values)
+        count = _num_samples(values)
+        prefix = f"dataloader_{dataloader_idx}/" if len(self._lengths) > 1 else ""
         if ids is None:
             counter = self._counters.get(dataloader_idx)
             if counter is None:
                 counter = self._counters[dataloader_idx] = RankCounter(trainer.global_rank, trainer.world_size)
-            ids = list(counter.take(count))
-        elif len(ids) != count:
-            raise PredictionError(
-                f"id_key {self.id_key!r} gives {len(ids)} ids but value_key holds {count} predictions"
-            )
-        sink.put_batch(ids, values)
+            positions = list(counter.take(count))
+            length = self._lengths[dataloader_idx] if dataloader_idx < len(self._lengths) else None
+            if length is not None and positions and positions[-1] >= length:
+                # a padding DistributedSampler repeats samples to even out ranks: those are not predictions
+                keep = [i for i, p in enumerate(positions) if p < length]
+                self._padding_dropped += count - len(keep)
+                values = [values[i] for i in keep] if isinstance(values, list | tuple) else values[keep]
+                positions = [positions[i] for i in keep]
+            index_map = self._index_maps[dataloader_idx] if dataloader_idx < len(self._index_maps) else None
+            if index_map is not None:
+                positions = [index_map[p] for p in positions]
+            sink._put([f"{prefix}{p}" for p in positions], values, unique=True)
+        else:
+            if len(ids) != count:
+                raise PredictionError(
+                    f"id_key {self.id_key!r} gives {len(ids)} ids but value_key holds {count} predictions"
+                )
+            sink._put(validate_identifiers([f"{prefix}{i}" for i in ids] if prefix else ids), values, unique=False)
         # Lightning appends this batch after the hook returns; drop what it kept so host memory stays flat.
         for kept in trainer.predict_loop._predictions:
             kept.clear()
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._padding_dropped:
+            logger.info(
+                "rank %d: %d padding samples of a DistributedSampler were not stored",
+                trainer.global_rank,
+                self._padding_dropped,
+            )
         if self._sink is not None:
             self._sink.commit()
 
@@ -188,18 +238,6 @@ class PredictionSink(Callback):
         if self.value_key is not None or self.id_key is not None:
             raise PredictionError(f"value_key/id_key need predict_step to return a dict, got {type(outputs).__name__}")
         return outputs, None
-
-
-def _count(values: Any) -> int:
-    if isinstance(values, torch.Tensor):
-        if values.ndim == 0:
-            raise PredictionError("the prediction is a 0-dim tensor; expected a batch with samples along dim 0")
-        return int(values.shape[0])
-    if isinstance(values, list | tuple):
-        return len(values)
-    if hasattr(values, "shape") and len(values.shape) > 0:
-        return int(values.shape[0])
-    raise PredictionError(f"predictions must be a batched tensor or a list of tensors, got {type(values).__name__}")
 
 
 def _as_id_list(ids: Any, key: str) -> list[Any]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import string
 import unicodedata
+import zlib
 from collections.abc import Sequence
 from numbers import Integral
 
 from lighter_sink._errors import IdentifierError
 
-__all__ = ["RankCounter", "validate_identifier", "validate_identifiers"]
+__all__ = ["KeyTemplate", "RankCounter", "validate_identifier", "validate_identifiers"]
 
 
 class RankCounter:
@@ -92,3 +94,56 @@ def validate_identifiers(identifiers: Sequence[object]) -> list[str]:
                 raise IdentifierError(f"identifier {key!r} appears twice in one batch")
             seen.add(key)
     return keys
+
+
+class KeyTemplate:
+    """Turns an identifier into an object key with a ``str.format`` template.
+
+    Fields: ``{id}`` (the identifier: an int for counter and integer ids, else a str) and ``{hash}`` (8 hex
+    digits of a CRC-32 of the id, stable across runs and machines). ``"{id:08d}"`` zero-pads counter ids;
+    ``"{hash:.2}/{id}"`` spreads keys over 256 prefixes, which S3 rate-limits separately.
+
+    Raises:
+        ConfigurationError: at construction, when the template is malformed, uses unknown fields, or does
+            not give a safe relative key for the id 0.
+    """
+
+    def __init__(self, template: str = "{id}") -> None:
+        from lighter_sink._errors import ConfigurationError
+
+        if not isinstance(template, str) or not template:
+            raise ConfigurationError(f"key must be a non-empty format string such as '{{id}}', got {template!r}")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            raise ConfigurationError(f"key template {template!r} is malformed: {exc}") from None
+        unknown = fields - {"id", "hash"}
+        if unknown or "id" not in fields:
+            raise ConfigurationError(
+                f"key template {template!r} must use the field {{id}} and may use {{hash}}; "
+                f"unknown fields: {', '.join(sorted(unknown)) or 'none'}"
+            )
+        self.template = template
+        self._plain = template == "{id}"
+        self._hashed = "hash" in fields
+        try:
+            self.render(0)
+        except IdentifierError as exc:
+            raise ConfigurationError(f"key template {template!r} does not give a safe key: {exc}") from None
+
+    def __repr__(self) -> str:
+        return f"KeyTemplate({self.template!r})"
+
+    def render(self, identifier: int | str) -> str:
+        """The validated key of ``identifier`` (already validated as an identifier itself)."""
+        if self._plain:
+            return str(identifier)
+        value: int | str = int(identifier) if isinstance(identifier, str) and identifier.isdigit() else identifier
+        digest = f"{zlib.crc32(str(identifier).encode()):08x}" if self._hashed else ""
+        try:
+            key = self.template.format(id=value, hash=digest)
+        except (ValueError, TypeError) as exc:
+            raise IdentifierError(
+                f"key template {self.template!r} cannot format the id {identifier!r}: {exc}"
+            ) from None
+        return validate_identifier(key)

@@ -122,9 +122,9 @@ async def write_success(store: Store, summary: Mapping[str, Any]) -> None:
     await store.put(SUCCESS, [json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"])
 
 
-async def clear_commit(store: Store, *, parts: bool = True) -> None:
+async def clear_commit(store: Store, *, manifest: bool = True) -> None:
     """Remove the marker first (a stale marker must never vouch for a new run), then the manifest and parts."""
     await store.delete([SUCCESS])
-    await store.delete([MANIFEST])
-    if parts:
+    if manifest:
+        await store.delete([MANIFEST])
         await store.delete_prefix(PARTS)

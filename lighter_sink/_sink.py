@@ -36,10 +36,12 @@ from lighter_sink._errors import (
     CommitError,
     ConfigurationError,
     DestinationError,
+    IdentifierError,
+    PredictionError,
     SinkStateError,
     WriteError,
 )
-from lighter_sink._ids import validate_identifiers
+from lighter_sink._ids import KeyTemplate, validate_identifiers
 from lighter_sink._manifest import (
     MANIFEST,
     SUCCESS,
@@ -48,6 +50,7 @@ from lighter_sink._manifest import (
     encode_records,
     merge_parts,
     part_key,
+    read_records,
     write_success,
 )
 from lighter_sink._staging import HostBatch, stage
@@ -67,7 +70,7 @@ DEFAULT_CONCURRENCY = 16
 _GROUP_ITEMS = 1024
 _GROUP_BYTES = 8 * 2**20
 # Records per manifest part: a killed run loses at most this many records (the objects stay, resume re-lists).
-_PART_RECORDS = 4096
+_PART_RECORDS = 1024
 _LATENCY_SAMPLES = 4096
 _FAILED_IDS_KEPT = 100
 
@@ -95,6 +98,7 @@ class SinkStats:
         write_seconds_p99: 99th percentile of the same.
         retries: transient storage errors that were retried.
         failed: predictions that could not be stored.
+        skipped: predictions not written because an earlier run stored them (``mode="resume"``).
         elapsed_seconds: time since the sink was opened.
     """
 
@@ -108,6 +112,7 @@ class SinkStats:
     write_seconds_p99: float | None
     retries: int
     failed: int
+    skipped: int
     elapsed_seconds: float
 
     @property
@@ -151,8 +156,9 @@ _Encoded = tuple[str, Record, tuple[Buffer, ...]]
 
 @dataclass(slots=True)
 class _Batch:
-    keys: list[str]
-    host: HostBatch
+    ids: list[str]
+    keys: list[str]  # object keys without the extension
+    host: HostBatch | None  # None: objects already stored by an earlier run, to be recorded, not written
 
 
 class _Engine:
@@ -173,6 +179,7 @@ class _Engine:
         self.world_size = sink.world_size
         self.storage_options = storage_options
         self.all_ok = all_ok
+        self.key = sink.key
 
         self.state = SinkState.NEW
         self.summary: dict[str, Any] | None = None
@@ -190,6 +197,10 @@ class _Engine:
         self._failed_ids: list[str] = []
         self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._records: list[Record] = []
+        self._seen: set[str] = set()  # ids put in this run, when they come from the caller
+        self._stored: set[str] | None = None  # resume: object paths already in storage
+        self._recorded: set[str] = set()  # resume: paths the manifest or its parts already describe
+        self._skipped = 0
         # Batches put but not yet on the event loop. While a hand-over is scheduled and the loop is busy, puts
         # only append here, so one loop wake-up carries many batches and put never waits for the loop.
         self._outbox: list[_Batch] = []
@@ -230,6 +241,13 @@ class _Engine:
             if error is not None:
                 raise error
             raise DestinationError(f"another rank could not open {self.url}; see its error")
+        if self.mode == "resume":
+            try:
+                self._portal.call(self._scan_stored)
+            except BaseException:
+                self._shutdown(abort=True)
+                self.state = SinkState.ABORTED
+                raise
         self._service, _ = self._portal.start_task(self._serve)
         self.state = SinkState.RUNNING
 
@@ -246,9 +264,37 @@ class _Engine:
 
     # ------------------------------------------------------------------ the caller's side
 
+    def check_unique(self, ids: Sequence[str]) -> None:
+        """Refuse ids already put in this run (caller-given ids; counter ids are unique by construction)."""
+        seen = self._seen
+        for identifier in ids:
+            if identifier in seen:
+                raise IdentifierError(f"identifier {identifier!r} was already put in this run; ids must be unique")
+
+    def claim(self, ids: Sequence[str]) -> None:
+        self._seen.update(ids)
+
+    def split_stored(self, keys: Sequence[str]) -> tuple[list[int], list[int]]:
+        """Resume: positions to write, and positions stored by an earlier run but not yet recorded."""
+        stored = self._stored
+        if stored is None:
+            return list(range(len(keys))), []
+        extension = self.format.extension
+        write: list[int] = []
+        describe: list[int] = []
+        for position, key in enumerate(keys):
+            path = key + extension
+            if path not in stored:
+                write.append(position)
+            elif path not in self._recorded:
+                describe.append(position)
+        with self._cond:
+            self._skipped += len(keys) - len(write)
+        return write, describe
+
     def submit(self, batch: _Batch) -> None:
         """Wait for room, then add ``batch`` to the outbox and wake the loop if no hand-over is pending."""
-        nbytes = batch.host.nbytes
+        nbytes = batch.host.nbytes if batch.host is not None else 0
         with self._cond:
             waited_from = None
             while self._error is None and self._held_bytes > 0 and self._held_bytes + nbytes > self.max_queue_bytes:
@@ -359,6 +405,8 @@ class _Engine:
             "marker": SUCCESS,
             "seconds": round(stats.elapsed_seconds, 6),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "mode": self.mode,
+            "key": self.key.template,
             "rank0_stats": stats.as_dict(),
         }
 
@@ -377,6 +425,7 @@ class _Engine:
                 write_seconds_p99=_percentile(latencies, 0.99),
                 retries=self._store.retries if self._store is not None else 0,
                 failed=self._failed,
+                skipped=self._skipped,
                 elapsed_seconds=(end - self._opened_at) if self._opened_at else 0.0,
             )
 
@@ -431,9 +480,17 @@ class _Engine:
                 )
         elif self.mode == "overwrite":
             await clear_commit(store)
+            await store.remove_incomplete()
         else:
-            # resume: keep parts, so the manifest covers what earlier runs stored; only the marker goes
-            await clear_commit(store, parts=False)
+            # resume: keep the manifest and its parts, which record what earlier runs stored; the marker goes
+            await clear_commit(store, manifest=False)
+            await store.remove_incomplete()
+
+    async def _scan_stored(self) -> None:
+        store = self._store
+        assert store is not None
+        self._stored = {key for key in await store.list() if not key.startswith("_")}
+        self._recorded = {record.path for record in (await read_records(store)).values()}
 
     async def _serve(self, *, task_status: TaskStatus[None]) -> None:
         send, receive = anyio.create_memory_object_stream[list[_Batch]](math.inf)
@@ -455,12 +512,14 @@ class _Engine:
         group: list[_Batch] = []
         items = size = 0
         for batch in batches:
-            if group and (items + batch.host.count > _GROUP_ITEMS or size + batch.host.nbytes > _GROUP_BYTES):
+            count = len(batch.ids)
+            nbytes = batch.host.nbytes if batch.host is not None else 0
+            if group and (items + count > _GROUP_ITEMS or size + nbytes > _GROUP_BYTES):
                 self._send.send_nowait(group)
                 group, items, size = [], 0, 0
             group.append(batch)
-            items += batch.host.count
-            size += batch.host.nbytes
+            items += count
+            size += nbytes
         if group:
             self._send.send_nowait(group)
 
@@ -469,28 +528,43 @@ class _Engine:
             async for group in receive:
                 try:
                     if self._error is None:
-                        await self._write_group(group)
+                        await self._record_stored([b for b in group if b.host is None])
+                        await self._write_group([b for b in group if b.host is not None])
                 except Exception as exc:
-                    self._fail(exc, [k for b in group for k in b.keys])
+                    self._fail(exc, [i for b in group for i in b.ids])
                 finally:
                     for batch in group:
-                        self._release(batch.host.nbytes)
+                        self._release(batch.host.nbytes if batch.host is not None else 0)
 
     def _encode(self, group: Sequence[_Batch]) -> list[_Encoded]:
         out = []
         extension = self.format.extension
         for batch in group:
+            assert batch.host is not None
             encoded = self.format.encode_batch(batch.host.samples())
-            for key, item in zip(batch.keys, encoded, strict=True):
+            for identifier, key, item in zip(batch.ids, batch.keys, encoded, strict=True):
                 crc = 0
                 for buffer in item.buffers:
                     crc = zlib.crc32(buffer, crc)
                 path = key + extension
-                record = Record(key, path, item.nbytes, f"{crc:08x}", item.shape, item.dtype)
+                record = Record(identifier, path, item.nbytes, f"{crc:08x}", item.shape, item.dtype)
                 out.append((path, record, item.buffers))
         return out
 
+    async def _record_stored(self, group: Sequence[_Batch]) -> None:
+        """Resume: record objects a killed run stored before recording them, from their stored bytes."""
+        store = self._store
+        assert store is not None
+        for batch in group:
+            for identifier, key in zip(batch.ids, batch.keys, strict=True):
+                path = key + self.format.extension
+                data = await store.get(path)
+                shape, dtype = await anyio.to_thread.run_sync(self.format.describe, data)
+                self._records.append(Record(identifier, path, len(data), f"{zlib.crc32(data):08x}", shape, dtype))
+
     async def _write_group(self, group: Sequence[_Batch]) -> None:
+        if not group:
+            return
         store = self._store
         assert store is not None
         started = time.perf_counter()
@@ -568,7 +642,9 @@ class Sink:
         retries: attempts per object for transient errors (throttling, 5xx, resets, timeouts), the first included.
         timeout: seconds one write attempt may take; with ``retries`` it bounds how long a dead store stalls.
         mode: ``"overwrite"`` replaces a previous run's manifest and marker; ``"error"`` refuses a url that holds
-            anything; ``"resume"`` keeps what is stored and skips ids already recorded.
+            anything; ``"resume"`` keeps what is stored and skips ids whose object exists.
+        key: object key template: ``{id}`` and ``{hash}`` fields (``"{id:08d}"``, ``"{hash:.2}/{id}"``); the
+            object of an id is ``{url}/{key}{extension}``.
         rank: this process's rank; rank 0 prepares the url and commits.
         world_size: number of ranks writing to the url.
         all_ok: a collective that returns True only when every rank passed True (also used as a barrier).
@@ -589,6 +665,7 @@ class Sink:
         retries: int = 5,
         timeout: float | None = 60.0,
         mode: Mode = "overwrite",
+        key: str = "{id}",
         rank: int = 0,
         world_size: int = 1,
         all_ok: Callable[[bool], bool] | None = None,
@@ -620,6 +697,7 @@ class Sink:
         self.concurrency = concurrency
         self.retry = RetryPolicy(attempts=retries, timeout=timeout)
         self.mode: Mode = mode
+        self.key = KeyTemplate(key)
         self.rank = rank
         self.world_size = world_size
         self._engine = _Engine(self, dict(storage_options or {}), all_ok)
@@ -703,20 +781,40 @@ class Sink:
     def put_batch(self, identifiers: Sequence[int | str], values: object) -> None:
         """Queue a batch: ``values`` is a tensor whose dim 0 matches ``identifiers``, or one tensor per id.
 
-        The batch stays one queue item: the caller pays one hand-off per batch, not per sample. Raises as
-        :meth:`put`.
+        The batch stays one queue item: the caller pays one hand-off per batch, not per sample. An id may be put
+        once per run. Raises as :meth:`put`, and :class:`IdentifierError` for a repeated id.
         """
+        self._put(validate_identifiers(identifiers), values, unique=False)
+
+    def _put(self, ids: list[str], values: object, *, unique: bool) -> None:
+        """Queue validated ids; ``unique`` says they cannot repeat (counter ids), which skips the check."""
         engine = self._engine
         engine.check_running("put")
         engine.raise_if_failed()
-        keys = validate_identifiers(identifiers)
-        host = stage(values, len(keys))
+        count = _num_samples(values)
+        if count != len(ids):
+            raise PredictionError(f"got {count} predictions for {len(ids)} ids; expected one per id")
+        keys = [self.key.render(i) for i in ids]
+        if not unique:
+            engine.check_unique(ids)
+        write, describe = engine.split_stored(keys)
+        if describe:
+            engine.submit(_Batch([ids[i] for i in describe], [keys[i] for i in describe], None))
+        if not write:
+            return
+        if len(write) != len(ids):
+            values = _select(values, write)
+            ids = [ids[i] for i in write]
+            keys = [keys[i] for i in write]
+        host = stage(values, len(ids))
         if isinstance(host.values, list):
             for value in host.values:
                 self.format.check(value)
         else:
             self.format.check(host.values[0] if host.count else host.values)
-        engine.submit(_Batch(keys, host))
+        if not unique:
+            engine.claim(ids)  # only once the batch is accepted: a refused batch may be put again
+        engine.submit(_Batch(ids, keys, host))
 
     def flush(self) -> None:
         """Wait until everything queued so far is stored and recorded in a manifest part.
@@ -749,3 +847,23 @@ class Sink:
     def abort(self) -> None:
         """Stop the workers without committing. Safe to call in any state, and more than once."""
         self._engine.abort()
+
+
+def _num_samples(values: object) -> int:
+    if isinstance(values, list | tuple):
+        return len(values)
+    shape = getattr(values, "shape", None)
+    if shape is None:
+        raise PredictionError(
+            f"predictions must be a batched tensor or a list of tensors, got {type(values).__name__}; "
+            "return tensors from predict_step, or a dict and name the entry with value_key"
+        )
+    if len(shape) == 0:
+        raise PredictionError("the prediction batch is a 0-dim tensor; expected a batch with samples along dim 0")
+    return int(shape[0])
+
+
+def _select(values: object, positions: list[int]) -> object:
+    if isinstance(values, list | tuple):
+        return [values[i] for i in positions]
+    return values[positions]  # type: ignore[index]

@@ -239,6 +239,10 @@ class Store(ABC):
     async def list(self, prefix: str = "") -> list[str]:
         """Keys of every object below ``prefix`` (recursively), relative to the url."""
 
+    async def remove_incomplete(self) -> int:
+        """Remove what interrupted writes left behind; return how many. Object stores leave nothing."""
+        return 0
+
     async def delete_prefix(self, prefix: str) -> None:
         await self.delete(await self.list(prefix))
 
@@ -349,6 +353,11 @@ class _ThreadFsStore(Store):
 _temp_counter = itertools.count()
 
 
+def _is_temporary(name: str) -> bool:
+    """Names of :class:`_LocalStore`'s temporary files: ``.{name}.{pid}.{n}.tmp``."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
 class _LocalStore(Store):
     """A local (or mounted shared) directory, written atomically and in batches per thread call."""
 
@@ -418,6 +427,22 @@ class _LocalStore(Store):
         results = await anyio.to_thread.run_sync(self._write_many, items, limiter=self._limiter)
         return await self.retry_failed(items, results)
 
+    async def remove_incomplete(self) -> int:
+        def sweep() -> int:
+            removed = 0
+            for directory, _dirs, files in os.walk(self._root):
+                for name in files:
+                    if _is_temporary(name):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(directory, name))
+                            removed += 1
+            return removed
+
+        removed = await anyio.to_thread.run_sync(sweep)
+        if removed:
+            logger.info("removed %d temporary files left by an interrupted run under %s", removed, self.url)
+        return removed
+
     async def get(self, key: str) -> bytes:
         path = os.path.join(self._root, key)
 
@@ -447,7 +472,7 @@ class _LocalStore(Store):
             keys = []
             for directory, _dirs, files in os.walk(base):
                 for name in files:
-                    if name.startswith(".") and name.endswith(".tmp"):
+                    if _is_temporary(name):
                         continue  # an unfinished atomic write
                     full = os.path.join(directory, name)
                     keys.append(os.path.relpath(full, self._root).replace(os.sep, "/"))

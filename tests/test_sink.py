@@ -98,7 +98,7 @@ def test_bad_predictions_fail_on_the_callers_thread(tmp_path: Path) -> None:
     with Sink(tmp_path) as sink:
         with pytest.raises(PredictionError, match="must be a torch.Tensor"):
             sink.put(0, [1, 2, 3])
-        with pytest.raises(PredictionError, match="3 samples along dim 0 but 2 ids"):
+        with pytest.raises(PredictionError, match="got 3 predictions for 2 ids"):
             sink.put_batch([0, 1], torch.ones(3, 2))
         with pytest.raises(PredictionError, match="bfloat16"):
             sink.put(0, torch.ones(2, dtype=torch.bfloat16))

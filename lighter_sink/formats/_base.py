@@ -58,6 +58,14 @@ class Format:
         """Encode one sample held in host memory."""
         raise NotImplementedError
 
+    def describe(self, data: bytes) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype of an encoded object.
+
+        Resume uses it to record objects that a killed run stored before it could record them; a format that
+        cannot tell raises ``NotImplementedError`` and such objects are written again.
+        """
+        raise NotImplementedError
+
     def encode_batch(self, values: Sequence[torch.Tensor]) -> list[EncodedItem]:
         """Encode several samples; formats override it when a batch can share work (headers, conversions)."""
         return [self.encode(v) for v in values]

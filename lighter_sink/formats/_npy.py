@@ -67,3 +67,10 @@ class NpyFormat(Format):
             data = array.reshape(-1).view(np.uint8).data if array.size and array.ndim else array.tobytes()
             out.append(EncodedItem((header, data), array.shape, dtype))
         return out
+
+    def describe(self, data: bytes) -> tuple[tuple[int, ...], str]:
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran, dtype = read(stream)
+        return tuple(shape), str(dtype)

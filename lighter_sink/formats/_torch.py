@@ -24,3 +24,9 @@ class TorchFormat(Format):
         out = io.BytesIO()
         torch.save(value, out)
         return EncodedItem((out.getbuffer(),), tuple(value.shape), str(value.dtype).removeprefix("torch."))
+
+    def describe(self, data: bytes) -> tuple[tuple[int, ...], str]:
+        value = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        if not isinstance(value, torch.Tensor):
+            raise NotImplementedError("the object does not hold a single tensor")
+        return tuple(value.shape), str(value.dtype).removeprefix("torch.")
