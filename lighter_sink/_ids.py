@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 import unicodedata
 import zlib
@@ -125,6 +126,14 @@ class KeyTemplate:
             )
         self.template = template
         self._plain = template == "{id}"
+        pattern = []
+        for literal, name, _spec, _conversion in string.Formatter().parse(template):
+            pattern.append(re.escape(literal))
+            if name == "id":
+                pattern.append("(?P<id>.+)" if "(?P<id>" not in "".join(pattern) else "(?P=id)")
+            elif name == "hash":
+                pattern.append("[0-9a-f]{1,8}")
+        self._pattern = re.compile("".join(pattern))
         self._hashed = "hash" in fields
         try:
             self.render(0)
@@ -133,6 +142,24 @@ class KeyTemplate:
 
     def __repr__(self) -> str:
         return f"KeyTemplate({self.template!r})"
+
+    def parse(self, key: str) -> str | None:
+        """The identifier whose key is ``key``, or None when no identifier renders to it."""
+        if self._plain:
+            return key
+        match = self._pattern.fullmatch(key)
+        if match is None:
+            return None
+        captured = match.group("id")
+        # zero-padded integer ids ("{id:08d}") come back as the integer's own digits first
+        candidates = [str(int(captured)), captured] if captured.isdigit() else [captured]
+        for candidate in candidates:
+            try:
+                if self.render(validate_identifier(candidate)) == key:
+                    return candidate
+            except IdentifierError:
+                continue
+        return None
 
     def render(self, identifier: int | str) -> str:
         """The validated key of ``identifier`` (already validated as an identifier itself)."""

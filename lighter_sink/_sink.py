@@ -158,7 +158,7 @@ _Encoded = tuple[str, Record, tuple[Buffer, ...]]
 class _Batch:
     ids: list[str]
     keys: list[str]  # object keys without the extension
-    host: HostBatch | None  # None: objects already stored by an earlier run, to be recorded, not written
+    host: HostBatch
 
 
 class _Engine:
@@ -199,7 +199,6 @@ class _Engine:
         self._records: list[Record] = []
         self._seen: set[str] = set()  # ids put in this run, when they come from the caller
         self._stored: set[str] | None = None  # resume: object paths already in storage
-        self._recorded: set[str] = set()  # resume: paths the manifest or its parts already describe
         self._skipped = 0
         # Batches put but not yet on the event loop. While a hand-over is scheduled and the loop is busy, puts
         # only append here, so one loop wake-up carries many batches and put never waits for the loop.
@@ -274,27 +273,20 @@ class _Engine:
     def claim(self, ids: Sequence[str]) -> None:
         self._seen.update(ids)
 
-    def split_stored(self, keys: Sequence[str]) -> tuple[list[int], list[int]]:
-        """Resume: positions to write, and positions stored by an earlier run but not yet recorded."""
+    def split_stored(self, keys: Sequence[str]) -> list[int]:
+        """Resume: the positions whose object is not stored yet (all of them in the other modes)."""
         stored = self._stored
         if stored is None:
-            return list(range(len(keys))), []
+            return list(range(len(keys)))
         extension = self.format.extension
-        write: list[int] = []
-        describe: list[int] = []
-        for position, key in enumerate(keys):
-            path = key + extension
-            if path not in stored:
-                write.append(position)
-            elif path not in self._recorded:
-                describe.append(position)
+        write = [position for position, key in enumerate(keys) if key + extension not in stored]
         with self._cond:
             self._skipped += len(keys) - len(write)
-        return write, describe
+        return write
 
     def submit(self, batch: _Batch) -> None:
         """Wait for room, then add ``batch`` to the outbox and wake the loop if no hand-over is pending."""
-        nbytes = batch.host.nbytes if batch.host is not None else 0
+        nbytes = batch.host.nbytes
         with self._cond:
             waited_from = None
             while self._error is None and self._held_bytes > 0 and self._held_bytes + nbytes > self.max_queue_bytes:
@@ -490,7 +482,31 @@ class _Engine:
         store = self._store
         assert store is not None
         self._stored = {key for key in await store.list() if not key.startswith("_")}
-        self._recorded = {record.path for record in (await read_records(store)).values()}
+
+    async def _record_orphans(self) -> None:
+        """Resume: record objects that a killed run stored but could not record, from their stored bytes.
+
+        They are the objects under the url that no manifest or part mentions; their id is read back from
+        the key through the key template.
+        """
+        store = self._store
+        assert store is not None
+        extension = self.format.extension
+        recorded = {record.path for record in (await read_records(store)).values()}
+        orphans = [
+            path
+            for path in await store.list()
+            if path.endswith(extension) and not path.startswith("_") and path not in recorded
+        ]
+        for path in orphans:
+            identifier = self.key.parse(path[: len(path) - len(extension)])
+            if identifier is None:
+                logger.warning("%s/%s does not match the key template %r; not recorded", self.url, path, self.key)
+                continue
+            data = await store.get(path)
+            shape, dtype = await anyio.to_thread.run_sync(self.format.describe, data)
+            self._records.append(Record(identifier, path, len(data), f"{zlib.crc32(data):08x}", shape, dtype))
+        await self._write_part()
 
     async def _serve(self, *, task_status: TaskStatus[None]) -> None:
         send, receive = anyio.create_memory_object_stream[list[_Batch]](math.inf)
@@ -513,7 +529,7 @@ class _Engine:
         items = size = 0
         for batch in batches:
             count = len(batch.ids)
-            nbytes = batch.host.nbytes if batch.host is not None else 0
+            nbytes = batch.host.nbytes
             if group and (items + count > _GROUP_ITEMS or size + nbytes > _GROUP_BYTES):
                 self._send.send_nowait(group)
                 group, items, size = [], 0, 0
@@ -528,19 +544,17 @@ class _Engine:
             async for group in receive:
                 try:
                     if self._error is None:
-                        await self._record_stored([b for b in group if b.host is None])
-                        await self._write_group([b for b in group if b.host is not None])
+                        await self._write_group(group)
                 except Exception as exc:
                     self._fail(exc, [i for b in group for i in b.ids])
                 finally:
                     for batch in group:
-                        self._release(batch.host.nbytes if batch.host is not None else 0)
+                        self._release(batch.host.nbytes)
 
     def _encode(self, group: Sequence[_Batch]) -> list[_Encoded]:
         out = []
         extension = self.format.extension
         for batch in group:
-            assert batch.host is not None
             encoded = self.format.encode_batch(batch.host.samples())
             for identifier, key, item in zip(batch.ids, batch.keys, encoded, strict=True):
                 crc = 0
@@ -551,20 +565,7 @@ class _Engine:
                 out.append((path, record, item.buffers))
         return out
 
-    async def _record_stored(self, group: Sequence[_Batch]) -> None:
-        """Resume: record objects a killed run stored before recording them, from their stored bytes."""
-        store = self._store
-        assert store is not None
-        for batch in group:
-            for identifier, key in zip(batch.ids, batch.keys, strict=True):
-                path = key + self.format.extension
-                data = await store.get(path)
-                shape, dtype = await anyio.to_thread.run_sync(self.format.describe, data)
-                self._records.append(Record(identifier, path, len(data), f"{zlib.crc32(data):08x}", shape, dtype))
-
     async def _write_group(self, group: Sequence[_Batch]) -> None:
-        if not group:
-            return
         store = self._store
         assert store is not None
         started = time.perf_counter()
@@ -605,6 +606,8 @@ class _Engine:
     async def _commit_rank0(self, summary: dict[str, Any]) -> dict[str, Any]:
         store = self._store
         assert store is not None
+        if self.mode == "resume":
+            await self._record_orphans()
         count, nbytes = await merge_parts(store)
         summary = {**summary, "count": count, "bytes": nbytes}
         # S3 has no rename: the marker is written last, after the manifest it vouches for.
@@ -797,9 +800,7 @@ class Sink:
         keys = [self.key.render(i) for i in ids]
         if not unique:
             engine.check_unique(ids)
-        write, describe = engine.split_stored(keys)
-        if describe:
-            engine.submit(_Batch([ids[i] for i in describe], [keys[i] for i in describe], None))
+        write = engine.split_stored(keys)
         if not write:
             return
         if len(write) != len(ids):

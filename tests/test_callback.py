@@ -175,3 +175,36 @@ def test_the_callback_can_run_predict_twice(tmp_path: Path) -> None:
     trainer.predict(DemoModel(), DataLoader(SyntheticImages(12, size=8), batch_size=4), return_predictions=False)
     assert json.loads((tmp_path / "_SUCCESS").read_text())["count"] == 12
     assert sorted(int(p.stem) for p in tmp_path.glob("*.npy")) == list(range(12))
+
+
+def test_several_dataloaders_get_their_own_namespace(tmp_path: Path) -> None:
+    sink = PredictionSink(tmp_path)
+    loaders = [
+        DataLoader(SyntheticImages(5, size=8), batch_size=2),
+        DataLoader(SyntheticImages(3, size=8), batch_size=2),
+    ]
+    _trainer(sink).predict(DemoModel(), loaders, return_predictions=False)
+    assert sorted(p.stem for p in (tmp_path / "dataloader_0").glob("*.npy")) == ["0", "1", "2", "3", "4"]
+    assert sorted(p.stem for p in (tmp_path / "dataloader_1").glob("*.npy")) == ["0", "1", "2"]
+    ids = [json.loads(line)["id"] for line in (tmp_path / "_manifest.jsonl").read_text().splitlines()]
+    assert len(ids) == 8
+    assert "dataloader_1/2" in ids
+
+
+def test_mode_error_refuses_before_any_compute(tmp_path: Path) -> None:
+    (tmp_path / "0.npy").write_bytes(b"from another job")
+    computed: list[int] = []
+
+    class Counting(DemoModel):
+        def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+            computed.append(batch_idx)
+            return super().predict_step(batch, batch_idx, dataloader_idx)
+
+    from lighter_sink import DestinationError
+
+    with pytest.raises(DestinationError, match="mode='error'"):
+        _trainer(PredictionSink(tmp_path, mode="error")).predict(
+            Counting(), DataLoader(SyntheticImages(4, size=8), batch_size=2), return_predictions=False
+        )
+    assert computed == []
+    assert (tmp_path / "0.npy").read_bytes() == b"from another job"

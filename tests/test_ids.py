@@ -1,7 +1,7 @@
 import pytest
 
-from lighter_sink import IdentifierError
-from lighter_sink._ids import RankCounter, validate_identifier, validate_identifiers
+from lighter_sink import ConfigurationError, IdentifierError
+from lighter_sink._ids import KeyTemplate, RankCounter, validate_identifier, validate_identifiers
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -58,3 +58,44 @@ def test_invalid_identifiers_name_the_offender(identifier: object, message: str)
 def test_duplicate_in_a_batch_is_refused() -> None:
     with pytest.raises(IdentifierError, match="'7' appears twice"):
         validate_identifiers([5, 7, "7"])
+
+
+@pytest.mark.parametrize(
+    ("template", "identifier", "key"),
+    [
+        ("{id}", 7, "7"),
+        ("{id:08d}", 7, "00000007"),
+        ("{id:08d}", "7", "00000007"),
+        ("run/{id}", "a", "run/a"),
+        ("{hash:.2}/{id}", 5, "84/5"),
+    ],
+)
+def test_key_templates_render_and_parse_back(template: str, identifier: object, key: str) -> None:
+    keys = KeyTemplate(template)
+    assert keys.render(identifier) == key  # type: ignore[arg-type]
+    assert keys.parse(key) == str(identifier)
+
+
+def test_hash_prefixes_spread_keys() -> None:
+    keys = KeyTemplate("{hash:.2}/{id}")
+    prefixes = {keys.render(i).split("/")[0] for i in range(2000)}
+    assert len(prefixes) > 200  # of 256 possible
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{name}", "unknown fields: name"),
+        ("static", "must use the field"),
+        ("../{id}", "safe key"),
+        ("{id", "malformed"),
+    ],
+)
+def test_bad_key_templates_fail_at_construction(template: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        KeyTemplate(template)
+
+
+def test_a_template_that_cannot_format_an_id_names_it() -> None:
+    with pytest.raises(IdentifierError, match="cannot format the id 'abc'"):
+        KeyTemplate("{id:08d}").render("abc")

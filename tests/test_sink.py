@@ -260,3 +260,47 @@ def test_stats_snapshot(tmp_path: Path) -> None:
     assert stats.queue_bytes == 0
     assert stats.queue_high_water_bytes >= 3 * 256 * 4
     assert stats.as_dict()["mb_per_second"] >= 0
+
+
+def test_an_id_may_be_put_once_per_run(tmp_path: Path) -> None:
+    with Sink(tmp_path) as sink:
+        sink.put("a", torch.ones(1))
+        with pytest.raises(IdentifierError, match="'a' was already put"):
+            sink.put_batch(["b", "a"], torch.ones(2, 1))
+        sink.put("b", torch.ones(1))  # the refused batch claimed nothing
+    assert [r["id"] for r in _manifest(tmp_path)] == ["a", "b"]
+
+
+def test_key_template_names_objects_and_keeps_ids(tmp_path: Path) -> None:
+    with Sink(tmp_path, key="{hash:.2}/{id:05d}") as sink:
+        sink.put_batch(range(3), torch.eye(3))
+    records = _manifest(tmp_path)
+    assert [r["id"] for r in records] == ["0", "1", "2"]
+    for record in records:
+        path = tmp_path / str(record["path"])
+        assert path.name == f"{int(str(record['id'])):05d}.npy"
+        assert path.parent.parent == tmp_path
+
+
+def test_resume_skips_stored_ids_and_records_unrecorded_objects(tmp_path: Path) -> None:
+    with Sink(tmp_path, key="{id:04d}") as sink:
+        sink.put_batch(range(5), torch.arange(5.0)[:, None])
+    # an interrupted run stored two objects but recorded neither, and left a temporary file
+    np.save(tmp_path / "0005.npy", np.array([5.0], dtype=np.float32))
+    np.save(tmp_path / "0006.npy", np.array([6.0], dtype=np.float32))
+    (tmp_path / ".0007.npy.1.2.tmp").write_bytes(b"half")
+    (tmp_path / "_SUCCESS").unlink()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.npy")}
+    with Sink(tmp_path, key="{id:04d}", mode="resume") as sink:
+        sink.put_batch(range(10), torch.arange(10.0)[:, None] * 100)  # a different value: stored ones must stay
+    assert sink.stats.skipped == 7
+    assert sink.stats.items == 3
+    assert {name: (tmp_path / name).stat().st_mtime_ns for name in mtimes} == mtimes
+    np.testing.assert_array_equal(np.load(tmp_path / "0003.npy"), [3.0])
+    np.testing.assert_array_equal(np.load(tmp_path / "0008.npy"), [800.0])
+    records = _manifest(tmp_path)
+    assert [r["id"] for r in records] == [str(i) for i in range(10)]
+    assert records[6]["path"] == "0006.npy"
+    assert records[6]["shape"] == [1]
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert json.loads((tmp_path / "_SUCCESS").read_text())["count"] == 10
