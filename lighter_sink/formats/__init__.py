@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from lighter_sink._errors import ConfigurationError, FormatNotFoundError
 from lighter_sink.formats._base import Buffer, EncodedItem, Format
+from lighter_sink.formats._function import FunctionFormat, WriterFunction
+from lighter_sink.formats._image import PngFormat
 from lighter_sink.formats._npy import NpyFormat
+from lighter_sink.formats._text import TextFormat
 from lighter_sink.formats._torch import TorchFormat
 
 __all__ = [
     "Buffer",
     "EncodedItem",
     "Format",
+    "FunctionFormat",
     "NpyFormat",
+    "PngFormat",
+    "TextFormat",
     "TorchFormat",
+    "WriterFunction",
     "available_formats",
     "get_format",
     "register_format",
@@ -61,3 +68,5 @@ def get_format(format: str | Format) -> Format:
 
 register_format("npy", NpyFormat())
 register_format("pt", TorchFormat())
+register_format("png", PngFormat())
+register_format("txt", TextFormat())

@@ -1,0 +1,223 @@
+import importlib
+import json
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from lighter_sink import ConfigurationError, FormatNotFoundError, PredictionSink
+from lighter_sink.formats import get_format
+from lighter_sink.lighter import FileWriter
+
+# ---------------------------------------------------------------- Lighter 0.1's writers, as a reference
+# What lighter/callbacks/writer/file.py did, synchronously and locally (torchvision's PNG encoder replaced by
+# Pillow's; pixels are compared, not bytes).
+
+
+def _lighter_png(path: Path, chw: torch.Tensor) -> None:
+    pixels = (chw.float().clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0)
+    array = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+    Image.fromarray(np.ascontiguousarray(array.numpy())).save(path.with_suffix(".png"))
+
+
+def _lighter_image_3d(path: Path, cdhw: torch.Tensor) -> None:
+    c, d, h, w = cdhw.shape
+    _lighter_png(path, cdhw.reshape(c, d * h, w))
+
+
+LIGHTER_WRITERS: dict[str, Callable[[Path, torch.Tensor], None]] = {
+    "tensor": lambda path, value: torch.save(value.clone(), path.with_suffix(".pt")),
+    "image_2d": _lighter_png,
+    "image_3d": _lighter_image_3d,
+    "text": lambda path, value: path.with_suffix(".txt").write_text(str(value), encoding="utf-8"),
+}
+
+
+def _lighter_file_writer(directory: Path, outputs: list[dict[str, Any]], writer: str, name_key: str | None) -> None:
+    """Lighter 0.1's FileWriter on one rank: counter names 0, 1, ... or the name_key entries."""
+    directory.mkdir(parents=True)
+    counter = 0
+    for output in outputs:
+        values = list(output["pred"])
+        names = list(output[name_key]) if name_key else [counter + i for i in range(len(values))]
+        for name, value in zip(names, values, strict=True):
+            target = directory / str(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            LIGHTER_WRITERS[writer](target, value)
+        counter += len(values)
+
+
+def _files(directory: Path) -> dict[str, Path]:
+    found = {p.relative_to(directory).as_posix(): p for p in directory.rglob("*") if p.is_file()}
+    return {k: v for k, v in found.items() if not k.startswith("_")}  # the sink's manifest and marker
+
+
+def _same_content(ours: Path, theirs: Path) -> None:
+    if ours.suffix == ".png":
+        with Image.open(ours) as a, Image.open(theirs) as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    elif ours.suffix == ".pt":
+        torch.testing.assert_close(torch.load(ours), torch.load(theirs))
+    else:
+        assert ours.read_bytes() == theirs.read_bytes()
+
+
+# ---------------------------------------------------------------- a small Lighter-like system
+
+
+class _Cases(Dataset[dict[str, Any]]):
+    def __init__(self, length: int, shape: tuple[int, ...]) -> None:
+        self.length = length
+        self.shape = shape
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(index)
+        # values a little outside [0, 1] so clipping is exercised
+        image = torch.rand(self.shape, generator=generator) * 1.2 - 0.1
+        return {"input": image, "id": f"case-{index:02d}"}
+
+
+class _System(pl.LightningModule):
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return {"pred": batch["input"].flip(-1), "name": batch["id"]}
+
+
+def _trainer(callback: pl.Callback) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
+def _predict(callback: pl.Callback, dataset: _Cases) -> list[dict[str, Any]]:
+    """Run Trainer.predict with ``callback``; return the outputs Lighter's writer would have received."""
+    _trainer(callback).predict(_System(), DataLoader(dataset, batch_size=3), return_predictions=False)
+    system = _System()
+    return [system.predict_step(batch, i) for i, batch in enumerate(DataLoader(dataset, batch_size=3))]
+
+
+SHAPES = {"tensor": (2, 3), "image_2d": (1, 6, 5), "image_3d": (1, 3, 4, 5), "text": (2,)}
+
+
+@pytest.mark.parametrize(("writer", "name_key"), [(w, None) for w in LIGHTER_WRITERS] + [("image_2d", "name")])
+def test_file_writer_writes_the_files_lighter_would(tmp_path: Path, writer: str, name_key: str | None) -> None:
+    dataset = _Cases(8, SHAPES[writer])
+    callback = FileWriter(tmp_path / "ours", value_key="pred", writer_fn=writer, name_key=name_key)
+    outputs = _predict(callback, dataset)
+    _lighter_file_writer(tmp_path / "theirs", outputs, writer, name_key)
+
+    ours, theirs = _files(tmp_path / "ours"), _files(tmp_path / "theirs")
+    assert sorted(ours) == sorted(theirs)
+    assert len(ours) == 8
+    for name in ours:
+        _same_content(ours[name], theirs[name])
+    assert json.loads((tmp_path / "ours" / "_SUCCESS").read_text())["count"] == 8
+
+
+def test_file_writer_with_a_lighter_writer_function_and_nested_names(tmp_path: Path) -> None:
+    def write_npy(path: Path, value: torch.Tensor) -> None:
+        np.save(path.with_suffix(".npy"), value.numpy())
+
+    class Nested(_System):
+        def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+            return {"pred": batch["input"], "name": [f"{n}/pred" for n in batch["id"]]}
+
+    callback = FileWriter(tmp_path, "pred", write_npy, "name", extension=".npy")
+    _trainer(callback).predict(Nested(), DataLoader(_Cases(5, (4,)), batch_size=2), return_predictions=False)
+    for i in range(5):
+        np.testing.assert_array_equal(np.load(tmp_path / f"case-{i:02d}" / "pred.npy"), _Cases(5, (4,))[i]["input"])
+
+
+def test_file_writer_writes_to_a_url(tmp_path: Path) -> None:
+    root = f"/file-writer-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    try:
+        callback = FileWriter(f"memory://{root}", value_key="pred", writer_fn="text", name_key="name")
+        outputs = _predict(callback, _Cases(4, (2,)))
+        assert fs.cat(f"{root}/case-03.txt").decode() == str(outputs[1]["pred"][0])
+        assert fs.exists(f"{root}/_SUCCESS")
+    finally:
+        fs.rm(root, recursive=True)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def instantiate(config: Any) -> Any:
+    """A minimal stand-in for a config system: build every dict that has a ``_target_``, depth first."""
+    if isinstance(config, list):
+        return [instantiate(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    arguments = {key: instantiate(value) for key, value in config.items() if key != "_target_"}
+    if "_target_" not in config:
+        return arguments
+    module_name, _, attribute = config["_target_"].rpartition(".")
+    return getattr(importlib.import_module(module_name), attribute)(**arguments)
+
+
+def test_a_lighter_config_only_changes_its_target(tmp_path: Path) -> None:
+    config = {
+        "trainer": {
+            "callbacks": [
+                {
+                    "_target_": "lighter_sink.lighter.FileWriter",
+                    "directory": str(tmp_path / "predictions"),
+                    "value_key": "pred",
+                    "writer_fn": "image_3d",
+                    "name_key": "name",
+                }
+            ]
+        }
+    }
+    (callback,) = instantiate(config)["trainer"]["callbacks"]
+    assert isinstance(callback, FileWriter)
+    assert isinstance(callback, PredictionSink)
+    assert callback.directory == str(tmp_path / "predictions")
+    assert callback.name_key == "name"
+    _predict(callback, _Cases(4, (1, 2, 3, 3)))
+    with Image.open(tmp_path / "predictions" / "case-02.png") as image:
+        assert image.size == (3, 6)  # (W, D * H)
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def test_writer_names_resolve_to_formats(tmp_path: Path) -> None:
+    assert FileWriter(tmp_path, "pred", "tensor").format is get_format("pt")
+    assert FileWriter(tmp_path, "pred", "image_2d").format is get_format("png")
+    assert FileWriter(tmp_path, "pred", "image_3d").format is get_format("png")
+    assert FileWriter(tmp_path, "pred", "text").format is get_format("txt")
+    assert FileWriter(tmp_path, "pred", "npy").format is get_format("npy")  # a registered format name
+    assert FileWriter(tmp_path, "pred", get_format("pt")).format is get_format("pt")
+    assert (
+        repr(FileWriter(tmp_path, "pred", "text"))
+        == f"FileWriter({str(tmp_path)!r}, value_key='pred', writer_fn='text')"
+    )
+
+
+def test_bad_writers_are_explained(tmp_path: Path) -> None:
+    with pytest.raises(
+        FormatNotFoundError, match=r"'video' is not a Lighter writer \(image_2d, image_3d, tensor, text\)"
+    ):
+        FileWriter(tmp_path, "pred", "video")
+    with pytest.raises(TypeError, match="writer_fn must be a writer name or a callable"):
+        FileWriter(tmp_path, "pred", 3)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="pass extension="):
+        FileWriter(tmp_path, "pred", lambda path, value: None)
