@@ -457,9 +457,23 @@ class _LocalStore(Store):
 
     async def delete(self, keys: Sequence[str]) -> None:
         def remove() -> None:
+            parents = set()
             for key in keys:
+                path = os.path.join(self._root, key)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self._root, key))
+                    os.unlink(path)
+                parents.add(os.path.dirname(path))
+            # Object stores have no directories: leave no empty ones behind either (the _parts/ tree).
+            for deepest in sorted(parents, key=len, reverse=True):
+                directory = deepest
+                while directory.startswith(self._root + os.sep):
+                    try:
+                        os.rmdir(directory)
+                    except OSError:  # not empty, or already gone
+                        break
+                    with self._dirs_lock:
+                        self._made_dirs.discard(directory)
+                    directory = os.path.dirname(directory)
 
         await anyio.to_thread.run_sync(remove, limiter=self._limiter)
 
