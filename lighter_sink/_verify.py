@@ -1,0 +1,357 @@
+"""Reading a finished output back: check every object against the manifest, or summarise what is stored.
+
+Both work from what the sink leaves under the url (``_SUCCESS``, ``_manifest.jsonl``, the objects) through the
+same stores the sink writes with, so every fsspec url and storage option the sink accepts works here too.
+Nothing is printed: the functions return results and the command line formats them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from lighter_sink._errors import IdentifierError
+from lighter_sink._ids import validate_identifier
+from lighter_sink._manifest import MANIFEST, SUCCESS, Record, decode_records, id_order, read_records
+from lighter_sink._store import RetryPolicy, Store, open_store
+
+__all__ = ["OutputInfo", "Problem", "ProblemKind", "VerifyResult", "inspect_output", "verify"]
+
+ProblemKind = Literal["incomplete", "invalid", "mismatch", "missing", "size", "checksum", "unreadable"]
+
+#: ``progress(done, total)``: called after every ``progress_every`` objects checked.
+ProgressCallback = Callable[[int, int], None]
+
+# Objects at least this large are checksummed in a worker thread, so the event loop keeps reading meanwhile.
+_THREAD_CRC_BYTES = 1 << 20
+# Reads only: a few attempts are enough to ride out throttling without hiding a dead store for minutes.
+_READ_RETRY = RetryPolicy(attempts=3, timeout=60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with an output.
+
+    Attributes:
+        kind: ``incomplete`` (no ``_SUCCESS``), ``invalid`` (a marker, manifest or record that cannot be parsed
+            or names an unsafe path), ``mismatch`` (``_SUCCESS`` and the manifest disagree), ``missing`` (a
+            recorded object or the manifest is absent), ``size`` / ``checksum`` (an object differs from its
+            record), ``unreadable`` (reading it failed).
+        path: the object concerned, relative to the url.
+        id: the prediction's identifier, when the problem concerns one prediction.
+        detail: what was expected and what was found.
+    """
+
+    kind: ProblemKind
+    path: str
+    id: str | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """What :func:`verify` found.
+
+    Attributes:
+        url: the output checked.
+        summary: the parsed ``_SUCCESS`` marker, or ``None`` when it is absent (the output is incomplete).
+        records: predictions the manifest lists (for an incomplete output: those recorded in per-rank parts).
+        checked: objects read and compared.
+        bytes_read: bytes read while checking.
+        seconds: time spent.
+        problems: everything wrong, in id order after the marker and manifest problems; empty when all is fine.
+    """
+
+    url: str
+    summary: Mapping[str, Any] | None
+    records: int
+    checked: int
+    bytes_read: int
+    seconds: float
+    problems: tuple[Problem, ...]
+
+    @property
+    def complete(self) -> bool:
+        """Whether the ``_SUCCESS`` marker is present."""
+        return self.summary is not None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the output is complete and every recorded object matches its record."""
+        return not self.problems
+
+
+@dataclass(frozen=True, slots=True)
+class OutputInfo:
+    """What :func:`inspect_output` found: the marker's summary and an account of the manifest.
+
+    Attributes:
+        url: the output described.
+        summary: the parsed ``_SUCCESS`` marker, or ``None`` when it is absent (the output is incomplete).
+        manifest_found: whether ``_manifest.jsonl`` exists (without it, records come from per-rank parts).
+        count: predictions recorded.
+        bytes: their bytes, as recorded.
+        min_nbytes: the smallest object, in bytes (0 when there is none).
+        max_nbytes: the largest object, in bytes (0 when there is none).
+        extensions: object file extensions and how many objects have each, most common first.
+        shapes: ``(shape, dtype, count)`` for every distinct shape and dtype, most common first.
+    """
+
+    url: str
+    summary: Mapping[str, Any] | None
+    manifest_found: bool
+    count: int
+    bytes: int
+    min_nbytes: int
+    max_nbytes: int
+    extensions: tuple[tuple[str, int], ...]
+    shapes: tuple[tuple[tuple[int, ...], str, int], ...]
+
+    @property
+    def complete(self) -> bool:
+        """Whether the ``_SUCCESS`` marker is present."""
+        return self.summary is not None
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing of an output was found at the url (no marker, no manifest, no record)."""
+        return self.summary is None and not self.manifest_found and self.count == 0
+
+
+def verify(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    concurrency: int = 16,
+    progress: ProgressCallback | None = None,
+    progress_every: int = 1000,
+) -> VerifyResult:
+    """Check that the output at ``url`` is complete and that every object matches the manifest.
+
+    Reads ``_SUCCESS`` and ``_manifest.jsonl``, then every recorded object (``concurrency`` at a time), and
+    compares its size and CRC-32 with its record. A missing marker makes the output incomplete; the objects
+    already recorded (in the manifest or in per-rank parts) are still checked.
+
+    Args:
+        url: a local path or fsspec url, as given to the sink.
+        storage_options: passed to fsspec; never logged.
+        concurrency: objects read at once.
+        progress: called as ``progress(done, total)`` after every ``progress_every`` objects.
+        progress_every: how often ``progress`` is called, in objects.
+
+    Returns:
+        Every problem found; ``result.ok`` is true when there is none.
+
+    Raises:
+        ValueError: ``concurrency`` or ``progress_every`` is not positive.
+        OSError: the marker or the manifest could not be read for another reason than being absent
+            (denied access, unreachable endpoint, ...).
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if progress_every < 1:
+        raise ValueError(f"progress_every must be >= 1, got {progress_every}")
+    options = dict(storage_options or {})
+
+    async def run() -> VerifyResult:
+        store = await open_store(url, options, concurrency=concurrency, retry=_READ_RETRY)
+        try:
+            return await _verify(store, concurrency, progress, progress_every)
+        finally:
+            await store.aclose()
+
+    return anyio.run(run, backend="asyncio")
+
+
+def inspect_output(url: str, storage_options: Mapping[str, Any] | None = None) -> OutputInfo:
+    """Summarise the output at ``url`` from its marker and manifest, without reading the objects.
+
+    Raises:
+        OSError: the marker or the manifest could not be read for another reason than being absent.
+        ValueError: the marker or a manifest record cannot be parsed.
+    """
+    options = dict(storage_options or {})
+
+    async def run() -> OutputInfo:
+        store = await open_store(url, options, retry=_READ_RETRY)
+        try:
+            return await _inspect(store)
+        finally:
+            await store.aclose()
+
+    return anyio.run(run, backend="asyncio")
+
+
+async def _get_optional(store: Store, key: str) -> bytes | None:
+    try:
+        return await store.get(key)
+    except FileNotFoundError:
+        return None
+
+
+def _parse_summary(data: bytes) -> dict[str, Any]:
+    summary = json.loads(data)
+    if not isinstance(summary, dict):
+        raise ValueError(f"expected a JSON object, got {type(summary).__name__}")
+    return summary
+
+
+async def _records(store: Store, manifest: bytes | None) -> list[Record]:
+    if manifest is not None:
+        return decode_records(manifest)
+    # No merged manifest (the run did not commit): the per-rank parts say what was stored so far.
+    recorded = await read_records(store)
+    return [recorded[i] for i in sorted(recorded, key=id_order)]
+
+
+async def _verify(
+    store: Store, concurrency: int, progress: ProgressCallback | None, progress_every: int
+) -> VerifyResult:
+    started = time.perf_counter()
+    problems: list[Problem] = []
+    summary: dict[str, Any] | None = None
+    marker = await _get_optional(store, SUCCESS)
+    if marker is None:
+        problems.append(
+            Problem("incomplete", SUCCESS, None, "no _SUCCESS marker: the run did not finish, or a rank failed")
+        )
+    else:
+        try:
+            summary = _parse_summary(marker)
+        except ValueError as exc:
+            problems.append(Problem("invalid", SUCCESS, None, f"not a JSON summary: {exc}"))
+            summary = {}
+
+    manifest = await _get_optional(store, MANIFEST)
+    if manifest is None and marker is not None:
+        problems.append(Problem("missing", MANIFEST, None, "_SUCCESS is present but the manifest is absent"))
+    try:
+        records = await _records(store, manifest)
+    except (ValueError, KeyError, TypeError) as exc:
+        problems.append(Problem("invalid", MANIFEST, None, f"a record cannot be parsed: {exc!r}"))
+        records = []
+
+    if summary and manifest is not None:
+        expected = summary.get("count")
+        if isinstance(expected, int) and expected != len(records):
+            problems.append(
+                Problem(
+                    "mismatch",
+                    MANIFEST,
+                    None,
+                    f"_SUCCESS counts {expected} predictions, the manifest lists {len(records)}",
+                )
+            )
+
+    checked, bytes_read, object_problems = await _check_objects(store, records, concurrency, progress, progress_every)
+    object_problems.sort(key=lambda p: (id_order(p.id or ""), p.path))
+    return VerifyResult(
+        url=store.url,
+        summary=None if marker is None else summary,
+        records=len(records),
+        checked=checked,
+        bytes_read=bytes_read,
+        seconds=time.perf_counter() - started,
+        problems=(*problems, *object_problems),
+    )
+
+
+async def _check_objects(
+    store: Store,
+    records: list[Record],
+    concurrency: int,
+    progress: ProgressCallback | None,
+    progress_every: int,
+) -> tuple[int, int, list[Problem]]:
+    problems: list[Problem] = []
+    total = len(records)
+    done = 0
+    bytes_read = 0
+
+    async def worker(receive: MemoryObjectReceiveStream[Record]) -> None:
+        nonlocal done, bytes_read
+        async with receive:
+            async for record in receive:
+                problem, nbytes = await _check_one(store, record)
+                bytes_read += nbytes
+                if problem is not None:
+                    problems.append(problem)
+                done += 1
+                if progress is not None and done % progress_every == 0:
+                    progress(done, total)
+
+    # A fixed pool fed through a bounded stream: memory stays flat however many objects the manifest lists.
+    send, receive = anyio.create_memory_object_stream[Record](max_buffer_size=concurrency)
+    async with anyio.create_task_group() as tg:
+        for _ in range(min(concurrency, max(1, total))):
+            tg.start_soon(worker, receive.clone())
+        receive.close()
+        async with send:
+            for record in records:
+                await send.send(record)
+    return done, bytes_read, problems
+
+
+def _crc32(data: bytes) -> int:
+    return zlib.crc32(data)
+
+
+async def _check_one(store: Store, record: Record) -> tuple[Problem | None, int]:
+    try:
+        validate_identifier(record.path)
+        expected_crc = int(record.crc32, 16)
+    except (IdentifierError, ValueError) as exc:
+        return Problem("invalid", record.path, record.id, f"unusable record: {exc}"), 0
+    try:
+        data = await store.get(record.path)
+    except FileNotFoundError:
+        return Problem("missing", record.path, record.id, "recorded in the manifest but absent"), 0
+    except OSError as exc:
+        return Problem("unreadable", record.path, record.id, f"{type(exc).__name__}: {exc}"), 0
+    if len(data) != record.nbytes:
+        detail = f"has {len(data)} bytes, the manifest says {record.nbytes}"
+        return Problem("size", record.path, record.id, detail), len(data)
+    if len(data) >= _THREAD_CRC_BYTES:
+        crc = await anyio.to_thread.run_sync(_crc32, data)
+    else:
+        crc = _crc32(data)
+    if crc != expected_crc:
+        detail = f"crc32 is {crc:08x}, the manifest says {expected_crc:08x}"
+        return Problem("checksum", record.path, record.id, detail), len(data)
+    return None, len(data)
+
+
+async def _inspect(store: Store) -> OutputInfo:
+    marker = await _get_optional(store, SUCCESS)
+    summary = None if marker is None else _parse_summary(marker)
+    manifest = await _get_optional(store, MANIFEST)
+    records = await _records(store, manifest)
+    sizes = [r.nbytes for r in records]
+    extensions = Counter(_extension(r.path) for r in records)
+    shapes = Counter((tuple(r.shape), r.dtype) for r in records)
+    return OutputInfo(
+        url=store.url,
+        summary=summary,
+        manifest_found=manifest is not None,
+        count=len(records),
+        bytes=sum(sizes),
+        min_nbytes=min(sizes, default=0),
+        max_nbytes=max(sizes, default=0),
+        extensions=tuple(extensions.most_common()),
+        shapes=tuple((shape, dtype, n) for (shape, dtype), n in shapes.most_common()),
+    )
+
+
+def _extension(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    dot = name.rfind(".")
+    return name[dot:] if dot > 0 else ""
