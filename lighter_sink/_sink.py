@@ -63,6 +63,8 @@ __all__ = ["Mode", "Sink", "SinkState", "SinkStats"]
 logger = logging.getLogger(__name__)
 
 Mode = Literal["overwrite", "resume", "error"]
+Backend = Literal["fsspec", "obstore"]
+_BACKENDS = ("fsspec", "obstore")
 _MODES = ("overwrite", "resume", "error")
 DEFAULT_MAX_QUEUE_BYTES = 512 * 2**20
 DEFAULT_CONCURRENCY = 16
@@ -180,6 +182,8 @@ class _Engine:
         self.storage_options = storage_options
         self.all_ok = all_ok
         self.key = sink.key
+        self.backend = sink.backend
+        self.upload_checksums = sink.upload_checksums
 
         self.state = SinkState.NEW
         self.summary: dict[str, Any] | None = None
@@ -450,9 +454,24 @@ class _Engine:
                 raise DestinationError(f"{self.url} is a regular file; expected a directory (or a new path)")
         self._part_lock = anyio.Lock()
         self._loop = asyncio.get_running_loop()
-        self._store = await open_store(self.url, self.storage_options, concurrency=self.concurrency, retry=self.retry)
+        self._store = await open_store(
+            self.url,
+            self.storage_options,
+            concurrency=self.concurrency,
+            retry=self.retry,
+            backend=self.backend,
+            upload_checksums=self.upload_checksums,
+        )
 
     async def _prepare_destination(self) -> None:
+        try:
+            await self._prepare_store()
+        except DestinationError:
+            raise
+        except Exception as exc:
+            raise DestinationError(f"cannot prepare {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def _prepare_store(self) -> None:
         store = self._store
         assert store is not None
         if store.is_local:
@@ -648,6 +667,10 @@ class Sink:
             anything; ``"resume"`` keeps what is stored and skips ids whose object exists.
         key: object key template: ``{id}`` and ``{hash}`` fields (``"{id:08d}"``, ``"{hash:.2}/{id}"``); the
             object of an id is ``{url}/{key}{extension}``.
+        backend: ``"fsspec"`` (any url) or ``"obstore"`` (S3 through the Rust object_store client: several
+            times fewer CPU cycles per request; ``pip install 'lighter-sink[obstore]'``).
+        upload_checksums: let the storage client checksum each upload body (botocore's CRC32 on S3). Turning it
+            off saves CPU per byte; the manifest's crc32 still lets ``lighter-sink verify`` check every object.
         rank: this process's rank; rank 0 prepares the url and commits.
         world_size: number of ranks writing to the url.
         all_ok: a collective that returns True only when every rank passed True (also used as a barrier).
@@ -669,6 +692,8 @@ class Sink:
         timeout: float | None = 60.0,
         mode: Mode = "overwrite",
         key: str = "{id}",
+        backend: Backend = "fsspec",
+        upload_checksums: bool = True,
         rank: int = 0,
         world_size: int = 1,
         all_ok: Callable[[bool], bool] | None = None,
@@ -701,6 +726,10 @@ class Sink:
         self.retry = RetryPolicy(attempts=retries, timeout=timeout)
         self.mode: Mode = mode
         self.key = KeyTemplate(key)
+        if backend not in _BACKENDS:
+            raise ConfigurationError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+        self.backend: Backend = backend
+        self.upload_checksums = bool(upload_checksums)
         self.rank = rank
         self.world_size = world_size
         self._engine = _Engine(self, dict(storage_options or {}), all_ok)

@@ -509,12 +509,16 @@ def local_path(url: str) -> str:
     return os.path.abspath(split_protocol(url)[1] if "://" in url else url)
 
 
-def _s3_options(options: dict[str, Any], concurrency: int, retry: RetryPolicy) -> dict[str, Any]:
+def _s3_options(
+    options: dict[str, Any], concurrency: int, retry: RetryPolicy, upload_checksums: bool
+) -> dict[str, Any]:
     # botocore's pool of 10 connections silently caps concurrency, and botocore (5 attempts) and s3fs
     # (5 retries) stack their own retries under ours: give the sink's policy sole control of retries and time.
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("max_pool_connections", max(10, concurrency + 4))
     config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+    # botocore checksums every PUT body (CRC32) by default: a CPU cost per byte on the event loop's thread.
+    config.setdefault("request_checksum_calculation", "when_supported" if upload_checksums else "when_required")
     if retry.timeout is not None:
         config.setdefault("connect_timeout", min(10.0, retry.timeout))
         config.setdefault("read_timeout", retry.timeout)
@@ -527,10 +531,20 @@ async def open_store(
     *,
     concurrency: int = 16,
     retry: RetryPolicy | None = None,
+    backend: str = "fsspec",
+    upload_checksums: bool = True,
 ) -> Store:
-    """Open the store for ``url``. Must run inside the event loop that will use the store."""
+    """Open the store for ``url``. Must run inside the event loop that will use the store.
+
+    ``backend`` is ``"fsspec"`` (every protocol) or ``"obstore"`` (S3 only; see ``_obstore``).
+    ``upload_checksums`` lets the storage client checksum each upload body (botocore's CRC32 on S3).
+    """
     retry = retry or RetryPolicy()
     options = dict(storage_options or {})
+    if backend == "obstore" and not is_local_url(url):
+        from lighter_sink._obstore import open_obstore
+
+        return open_obstore(url, options, retry, upload_checksums)
     limiter = anyio.CapacityLimiter(concurrency)
     if is_local_url(url):
         # Writes to one local directory contend on the directory lock and, for small files, on the GIL:
@@ -543,7 +557,7 @@ async def open_store(
         import asyncio
 
         if protocol in ("s3", "s3a"):
-            options = _s3_options(options, concurrency, retry)
+            options = _s3_options(options, concurrency, retry, upload_checksums)
         fs, root = url_to_fs(
             url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **options
         )

@@ -1,11 +1,16 @@
 import errno
+import io
 import os
 
+import numpy as np
 import pytest
+import torch
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
+from lighter_sink import ConfigurationError, DestinationError, Sink, WriteError
 from lighter_sink._store import RetryPolicy, is_transient, open_store
 from tests import _faulty
+from tests.conftest import S3Server
 
 
 def _client_error(code: str, status: int) -> ClientError:
@@ -118,3 +123,38 @@ async def test_local_write_failure_leaves_no_partial_object(tmp_path: os.PathLik
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_s3_backends_round_trip(s3_server: S3Server, s3_bucket: str, backend: str) -> None:
+    url = f"s3://{s3_bucket}/run"
+    with Sink(url, storage_options=s3_server.storage_options, backend=backend, upload_checksums=False) as sink:  # type: ignore[arg-type]
+        sink.put_batch(range(20), torch.arange(40.0).reshape(20, 2))
+    client = s3_server.client()
+    body = client.get_object(Bucket=s3_bucket, Key="run/7.npy")["Body"].read()
+    np.testing.assert_array_equal(np.load(io.BytesIO(body)), [14.0, 15.0])
+    manifest = client.get_object(Bucket=s3_bucket, Key="run/_manifest.jsonl")["Body"].read().decode()
+    assert len(manifest.splitlines()) == 20
+    assert "_SUCCESS" in {o["Key"].rsplit("/", 1)[-1] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]}
+
+
+@pytest.mark.s3
+def test_obstore_backend_resumes_and_reports_missing_buckets(s3_server: S3Server, s3_bucket: str) -> None:
+    options = s3_server.storage_options
+    with Sink(f"s3://{s3_bucket}/r", storage_options=options, backend="obstore") as sink:
+        sink.put_batch(range(3), torch.ones(3, 2))
+    with Sink(f"s3://{s3_bucket}/r", storage_options=options, backend="obstore", mode="resume") as sink:
+        sink.put_batch(range(5), torch.ones(5, 2))
+    assert sink.stats.skipped == 3
+    # obstore's listing of a missing bucket fails: the url is refused before anything runs
+    with pytest.raises((DestinationError, WriteError), match="no-such-bucket"):  # noqa: SIM117
+        with Sink("s3://no-such-bucket-obstore/r", storage_options=options, backend="obstore", retries=1) as sink:
+            sink.put(0, torch.ones(1))
+
+
+def test_obstore_backend_refuses_other_urls_and_unknown_options() -> None:
+    with pytest.raises(ConfigurationError, match="s3:// urls"), Sink("memory://x", backend="obstore"):
+        pass
+    with pytest.raises(ConfigurationError, match="backend must be one of"):
+        Sink("memory://x", backend="rust")  # type: ignore[arg-type]

@@ -1,0 +1,134 @@
+"""An S3 store on obstore (Rust ``object_store``), an optional backend: ``Sink(..., backend="obstore")``.
+
+Side by side on this project's machines (2 cores, a null S3 endpoint, 16 writes in flight) obstore put about
+3,500 objects/s of 64 KiB where s3fs put 400-650, and about twice s3fs's MiB/s at 4 MiB: s3fs spends about a
+millisecond of Python per request. Options follow s3fs's names so that ``storage_options`` carry over.
+
+obstore retries transient failures itself (5xx, throttling, connection errors) and reports what remains as
+``obstore.exceptions.GenericError``; its retry policy is set from the sink's, and the sink does not retry again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from lighter_sink._errors import ConfigurationError
+from lighter_sink._store import RetryPolicy, Store
+from lighter_sink.formats import Buffer
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig
+
+__all__ = ["open_obstore"]
+
+# s3fs's storage option names, mapped to obstore's S3 configuration keys.
+_S3_KEYS = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token"}
+
+
+class _ObstoreStore(Store):
+    def __init__(self, url: str, retry: RetryPolicy, store: Any) -> None:
+        super().__init__(url, RetryPolicy(attempts=1, timeout=retry.timeout))
+        self._store = store
+
+    async def _put_once(self, key: str, buffers: Sequence[Buffer]) -> None:
+        import obstore
+
+        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+        await obstore.put_async(self._store, key, data)
+
+    async def get(self, key: str) -> bytes:
+        import obstore
+
+        result = await obstore.get_async(self._store, key)
+        return bytes(await result.bytes_async())
+
+    async def exists(self, key: str) -> bool:
+        import obstore
+
+        try:
+            await obstore.head_async(self._store, key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        import obstore
+
+        if keys:
+            with contextlib.suppress(FileNotFoundError):
+                await obstore.delete_async(self._store, list(keys))
+
+    async def list(self, prefix: str = "") -> list[str]:
+        import obstore
+
+        found: list[str] = []
+        try:
+            async for batch in obstore.list(self._store, prefix=prefix.rstrip("/") or None):
+                found.extend(str(item["path"]) for item in batch)
+        except FileNotFoundError:  # no bucket: nothing listed, as with s3fs; the first write reports it
+            return []
+        return sorted(found)
+
+
+def open_obstore(url: str, options: Mapping[str, Any], retry: RetryPolicy, upload_checksums: bool) -> Store:
+    """An obstore-backed store for an ``s3://bucket/prefix`` url.
+
+    Raises:
+        ConfigurationError: obstore is not installed, the url is not on S3, or an option is unknown to it.
+    """
+    try:
+        from obstore.store import S3Store
+    except ImportError:
+        raise ConfigurationError(
+            "backend='obstore' needs the obstore package: pip install 'lighter-sink[obstore]'"
+        ) from None
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("s3", "s3a") or not rest:
+        raise ConfigurationError(f"backend='obstore' supports s3:// urls, got {url!r}; use backend='fsspec'")
+    bucket, _, prefix = rest.partition("/")
+    options = dict(options)
+    config: dict[str, Any] = {}
+    client_options: ClientConfig = {}
+    endpoint = options.pop("endpoint_url", None)
+    if endpoint:
+        config["endpoint"] = endpoint
+        client_options["allow_http"] = str(endpoint).startswith("http://")  # a loopback or in-cluster server
+    for ours, theirs in _S3_KEYS.items():
+        if options.get(ours) is not None:
+            config[theirs] = options.pop(ours)
+    if options.pop("anon", False):
+        config["skip_signature"] = True
+    client_kwargs = dict(options.pop("client_kwargs", None) or {})
+    if "region_name" in client_kwargs:
+        config["region"] = client_kwargs.pop("region_name")
+    if client_kwargs:
+        raise ConfigurationError(
+            f"backend='obstore' does not understand client_kwargs {sorted(client_kwargs)}; "
+            "pass obstore's own S3 configuration keys as storage options"
+        )
+    if upload_checksums:
+        config.setdefault("checksum_algorithm", "sha256")  # object_store's only upload checksum
+    config.update(options)  # obstore's own keys (region, virtual_hosted_style_request, ...) pass through
+    config.setdefault("virtual_hosted_style_request", False)
+    if retry.timeout is not None:
+        client_options.setdefault("timeout", f"{retry.timeout}s")
+        client_options.setdefault("connect_timeout", f"{min(10.0, retry.timeout)}s")
+    retry_config: RetryConfig = {
+        "max_retries": retry.attempts - 1,
+        "retry_timeout": timedelta(seconds=(retry.timeout or 60.0) * retry.attempts),
+        "backoff": {
+            "init_backoff": timedelta(seconds=retry.base_delay),
+            "max_backoff": timedelta(seconds=retry.max_delay),
+            "base": 2,
+        },
+    }
+    try:
+        store = S3Store(
+            bucket, prefix=prefix.strip("/") or None, client_options=client_options, retry_config=retry_config, **config
+        )
+    except Exception as exc:  # obstore raises its own errors for unknown keys and bad values
+        raise ConfigurationError(f"backend='obstore' cannot use these storage options: {exc}") from None
+    return _ObstoreStore(url, retry, store)
