@@ -45,6 +45,8 @@ class PredictionSink(Callback):
         mode: ``"overwrite"``, ``"resume"`` or ``"error"`` (see :class:`~lighter_sink.Sink`).
         backend: ``"fsspec"`` or ``"obstore"`` (S3 only, faster per request; see :class:`~lighter_sink.Sink`).
         upload_checksums: let the storage client checksum upload bodies (see :class:`~lighter_sink.Sink`).
+        num_samples: samples in the run, for formats that size their output up front (``zarr``); by default
+            the length of the (single) predict dataset.
         key: object key template, e.g. ``"{id:08d}"`` or ``"{hash:.2}/{id}"`` (see :class:`~lighter_sink.Sink`).
 
     Ids: without ``id_key``, rank ``r`` of ``W`` numbers its samples ``r, r + W, ...`` per dataloader, which is
@@ -67,6 +69,7 @@ class PredictionSink(Callback):
         key: str = "{id}",
         backend: Backend = "fsspec",
         upload_checksums: bool = True,
+        num_samples: int | None = None,
         max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         concurrency: int = DEFAULT_CONCURRENCY,
         retries: int = 5,
@@ -89,9 +92,11 @@ class PredictionSink(Callback):
             "key": key,
             "backend": backend,
             "upload_checksums": upload_checksums,
+            "num_samples": num_samples,
         }
         # Validate everything now, before any compute: building a Sink checks arguments and starts nothing.
-        Sink(self.url, **self._sink_kwargs)
+        # (A format that needs the number of samples gets it from the predict dataset in setup.)
+        Sink(self.url, **{**self._sink_kwargs, "num_samples": self._sink_kwargs["num_samples"] or 0})
         self._sink: Sink | None = None
         self._counters: dict[int, RankCounter] = {}
         self._lengths: list[int | None] = []
@@ -128,12 +133,15 @@ class PredictionSink(Callback):
                     "to storage shared by all nodes (a shared filesystem or an object store url)"
                 )
         self._counters = {}
+        num_samples = self._sink_kwargs.get("num_samples")
+        if num_samples is None and self.format.needs_num_samples:
+            num_samples = _predict_length(trainer)
         self._sink = Sink(
             url,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             all_ok=lambda ok: bool(strategy.reduce_boolean_decision(ok, all=True)),
-            **self._sink_kwargs,
+            **{**self._sink_kwargs, "num_samples": num_samples},
         )
         self._sink.open()
 
@@ -256,3 +264,20 @@ def _as_id_list(ids: Any, key: str) -> list[Any]:
     if isinstance(ids, Sequence) and not isinstance(ids, str | bytes):
         return list(ids)
     raise PredictionError(f"id_key {key!r} must hold a list of ids or an integer tensor, got {type(ids).__name__}")
+
+
+def _predict_length(trainer: pl.Trainer) -> int | None:
+    """The length of the single predict dataloader's dataset, when it has one (setup runs before the loop)."""
+    source = trainer.predict_loop._data_source
+    try:
+        loaders = source.dataloader()
+    except Exception:  # a datamodule that needs its own setup first
+        return None
+    if isinstance(loaders, list | tuple):
+        if len(loaders) != 1:
+            return None
+        loaders = loaders[0]
+    try:
+        return len(loaders.dataset)
+    except (AttributeError, TypeError):
+        return None

@@ -56,7 +56,7 @@ from lighter_sink._manifest import (
 from lighter_sink._staging import HostBatch, stage
 from lighter_sink._store import RetryPolicy, Store, is_local_url, local_path, open_store
 from lighter_sink._version import __version__
-from lighter_sink.formats import Buffer, Format, get_format
+from lighter_sink.formats import Buffer, Format, FormatWriter, WriterContext, get_format
 
 __all__ = ["Mode", "Sink", "SinkState", "SinkStats"]
 
@@ -183,6 +183,8 @@ class _Engine:
         self.all_ok = all_ok
         self.key = sink.key
         self.backend = sink.backend
+        self.num_samples = sink.num_samples
+        self._writer: FormatWriter | None = None
         self.upload_checksums = sink.upload_checksums
 
         self.state = SinkState.NEW
@@ -282,8 +284,8 @@ class _Engine:
         stored = self._stored
         if stored is None:
             return list(range(len(keys)))
-        extension = self.format.extension
-        write = [position for position, key in enumerate(keys) if key + extension not in stored]
+        suffix = self.format.extension if self.format.per_item_objects else ""
+        write = [position for position, key in enumerate(keys) if key + suffix not in stored]
         with self._cond:
             self._skipped += len(keys) - len(write)
         return write
@@ -351,7 +353,12 @@ class _Engine:
     def flush(self) -> None:
         self.wait_drained()
         assert self._portal is not None
-        self._portal.call(self._write_part)
+        self._portal.call(self._flush_rank)
+
+    async def _flush_rank(self) -> None:
+        if self._writer is not None:
+            await self._writer.flush()
+        await self._write_part()
 
     def commit(self) -> None:
         self.state = SinkState.COMMITTING
@@ -462,6 +469,17 @@ class _Engine:
             backend=self.backend,
             upload_checksums=self.upload_checksums,
         )
+        if not self.format.per_item_objects:
+            context = WriterContext(
+                url=self.url,
+                storage_options=self.storage_options,
+                store=self._store,
+                rank=self.rank,
+                world_size=self.world_size,
+                num_samples=self.num_samples,
+                mode=self.mode,
+            )
+            self._writer = self.format.open_writer(context)
 
     async def _prepare_destination(self) -> None:
         try:
@@ -500,7 +518,10 @@ class _Engine:
     async def _scan_stored(self) -> None:
         store = self._store
         assert store is not None
-        self._stored = {key for key in await store.list() if not key.startswith("_")}
+        if self.format.per_item_objects:
+            self._stored = {key for key in await store.list() if not key.startswith("_")}
+        else:  # rows of an array or a table: what the manifest and its parts record
+            self._stored = {self.key.render(i) for i in (await read_records(store))}
 
     async def _record_orphans(self) -> None:
         """Resume: record objects that a killed run stored but could not record, from their stored bytes.
@@ -584,7 +605,23 @@ class _Engine:
                 out.append((path, record, item.buffers))
         return out
 
+    async def _write_rows(self, group: Sequence[_Batch]) -> None:
+        writer = self._writer
+        assert writer is not None
+        started = time.perf_counter()
+        for batch in group:
+            records = await writer.write(batch.ids, batch.host.samples())
+            self._items += len(records)
+            self._bytes += sum(r.nbytes for r in records)
+            self._records.extend(records)
+        self._latencies.append(time.perf_counter() - started)
+        if len(self._records) >= _PART_RECORDS:
+            await self._write_part()
+
     async def _write_group(self, group: Sequence[_Batch]) -> None:
+        if self._writer is not None:
+            await self._write_rows(group)
+            return
         store = self._store
         assert store is not None
         started = time.perf_counter()
@@ -625,8 +662,10 @@ class _Engine:
     async def _commit_rank0(self, summary: dict[str, Any]) -> dict[str, Any]:
         store = self._store
         assert store is not None
-        if self.mode == "resume":
+        if self.mode == "resume" and self.format.per_item_objects:
             await self._record_orphans()
+        if self._writer is not None:
+            await self._writer.commit(await read_records(store))
         count, nbytes = await merge_parts(store)
         summary = {**summary, "count": count, "bytes": nbytes}
         # S3 has no rename: the marker is written last, after the manifest it vouches for.
@@ -640,8 +679,10 @@ class _Engine:
             self._send.close()
 
     async def _aclose_store(self) -> None:
-        if self._store is not None:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            if self._writer is not None:
+                await self._writer.aclose()
+            if self._store is not None:
                 await self._store.aclose()
 
 
@@ -671,6 +712,7 @@ class Sink:
             times fewer CPU cycles per request; ``pip install 'lighter-sink[obstore]'``).
         upload_checksums: let the storage client checksum each upload body (botocore's CRC32 on S3). Turning it
             off saves CPU per byte; the manifest's crc32 still lets ``lighter-sink verify`` check every object.
+        num_samples: number of samples in the run, for formats that size their output up front (``zarr``).
         rank: this process's rank; rank 0 prepares the url and commits.
         world_size: number of ranks writing to the url.
         all_ok: a collective that returns True only when every rank passed True (also used as a barrier).
@@ -694,6 +736,7 @@ class Sink:
         key: str = "{id}",
         backend: Backend = "fsspec",
         upload_checksums: bool = True,
+        num_samples: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         all_ok: Callable[[bool], bool] | None = None,
@@ -703,8 +746,14 @@ class Sink:
             raise ConfigurationError(f"url must be a non-empty path or fsspec url, got {url!r}")
         self.url = url.rstrip("/") or url
         self.format = get_format(format)
-        if not self.format.per_item_objects:
-            raise ConfigurationError(f"format {self.format.name!r} is not supported by Sink yet")
+        if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 0):
+            raise ConfigurationError(f"num_samples must be an int >= 0 or None, got {num_samples!r}")
+        if self.format.needs_num_samples and num_samples is None:
+            raise ConfigurationError(
+                f"format {self.format.name!r} needs the number of samples: pass num_samples= "
+                "(PredictionSink takes it from the predict dataset's length)"
+            )
+        self.num_samples = num_samples
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise ConfigurationError(f"storage_options must be a mapping, got {type(storage_options).__name__}")
         if not isinstance(max_queue_bytes, int) or max_queue_bytes < 1:

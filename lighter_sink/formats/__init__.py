@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lighter_sink._errors import ConfigurationError, FormatNotFoundError
-from lighter_sink.formats._base import Buffer, EncodedItem, Format
+from lighter_sink.formats._base import Buffer, EncodedItem, Format, FormatWriter, WriterContext
 from lighter_sink.formats._function import FunctionFormat, WriterFunction
 from lighter_sink.formats._image import PngFormat
 from lighter_sink.formats._npy import NpyFormat
@@ -14,11 +14,13 @@ __all__ = [
     "Buffer",
     "EncodedItem",
     "Format",
+    "FormatWriter",
     "FunctionFormat",
     "NpyFormat",
     "PngFormat",
     "TextFormat",
     "TorchFormat",
+    "WriterContext",
     "WriterFunction",
     "available_formats",
     "get_format",

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from lighter_sink._errors import PredictionError
 
-__all__ = ["Buffer", "EncodedItem", "Format"]
+if TYPE_CHECKING:
+    from lighter_sink._manifest import Record
+
+__all__ = ["Buffer", "EncodedItem", "Format", "FormatWriter", "WriterContext"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -28,6 +31,49 @@ class EncodedItem:
         if self.nbytes < 0:
             size = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in self.buffers)
             object.__setattr__(self, "nbytes", size)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterContext:
+    """What a :class:`FormatWriter` knows of the run (built on the sink's event loop).
+
+    Attributes:
+        url: the sink's url.
+        storage_options: fsspec options (credentials: never log them).
+        store: the sink's store for ``url``, to write part objects with (``await store.put(key, [bytes])``).
+        rank: this process's rank.
+        world_size: number of ranks.
+        num_samples: samples in the run when known (the predict dataset's length, or ``Sink(num_samples=)``).
+        mode: ``"overwrite"``, ``"resume"`` or ``"error"``.
+    """
+
+    url: str
+    storage_options: Mapping[str, Any]
+    store: Any
+    rank: int
+    world_size: int
+    num_samples: int | None
+    mode: str
+
+
+class FormatWriter:
+    """Stores predictions of formats that are not one object per prediction (arrays, tables).
+
+    Lives on the sink's event loop; :meth:`write` may be called by several workers at once. Records returned
+    by :meth:`write` go to the manifest (their ``path`` says where the row lives, e.g. ``"predictions.csv"``).
+    """
+
+    async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> list[Record]:
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        """Store everything written so far (this rank's part); called before the ranks agree to commit."""
+
+    async def commit(self, records: Mapping[str, Record]) -> None:
+        """On rank 0 only, after every rank flushed: finish the output (merge parts, write metadata)."""
+
+    async def aclose(self) -> None:
+        """Release resources; called on every rank, after a commit or an abort."""
 
 
 class Format:
@@ -57,6 +103,10 @@ class Format:
     def encode(self, value: torch.Tensor) -> EncodedItem:
         """Encode one sample held in host memory."""
         raise NotImplementedError
+
+    def open_writer(self, context: WriterContext) -> FormatWriter:
+        """For formats without per-item objects: the writer that stores this rank's predictions."""
+        raise NotImplementedError(f"format {self.name!r} writes one object per prediction")
 
     def describe(self, data: bytes) -> tuple[tuple[int, ...], str]:
         """Shape and dtype of an encoded object.
