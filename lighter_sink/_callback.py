@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from lighter_sink.formats import Format, get_format
 __all__ = ["PredictionSink"]
 
 logger = logging.getLogger(__name__)
+_PROGRESS_EVERY = 0.5  # seconds between progress-bar updates
 
 
 class PredictionSink(Callback):
@@ -102,6 +104,7 @@ class PredictionSink(Callback):
         self._lengths: list[int | None] = []
         self._index_maps: list[Sequence[int] | None] = []
         self._padding_dropped = 0
+        self._shown_at = 0.0
 
     def __repr__(self) -> str:
         return f"PredictionSink({self.url!r}, format={self.format.name!r})"
@@ -163,6 +166,7 @@ class PredictionSink(Callback):
             self._lengths.append(length)
             self._index_maps.append(dataset.indices if isinstance(dataset, RemainingSubset) else None)
         self._padding_dropped = 0
+        self._shown_at = 0.0
 
     @override
     def on_predict_batch_end(
@@ -205,6 +209,28 @@ class PredictionSink(Callback):
         # Lightning appends this batch after the hook returns; drop what it kept so host memory stays flat.
         for kept in trainer.predict_loop._predictions:
             kept.clear()
+        now = time.monotonic()
+        if now - self._shown_at >= _PROGRESS_EVERY:
+            self._shown_at = now
+            self._show_progress(trainer)
+
+    def progress_metrics(self) -> dict[str, str]:
+        """What the progress bar shows: queue fill, throughput and time the predict loop waited on the sink."""
+        sink = self._sink
+        if sink is None:
+            return {}
+        stats = sink.stats
+        return {
+            "queue": f"{100 * stats.queue_bytes / sink.max_queue_bytes:.0f}%",
+            "MB/s": f"{stats.mb_per_second:.1f}",
+            "stall": f"{stats.stall_seconds:.2f}s",
+        }
+
+    def _show_progress(self, trainer: pl.Trainer) -> None:
+        # Lightning's own predict bar (tqdm's), not a second bar: the sink's figures become its postfix.
+        bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)
+        if bar is not None and hasattr(bar, "set_postfix"):
+            bar.set_postfix(self.progress_metrics(), refresh=False)
 
     @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,6 +242,19 @@ class PredictionSink(Callback):
             )
         if self._sink is not None:
             self._sink.commit()
+            self._show_progress(trainer)
+            stats = self._sink.stats
+            logger.info(
+                "rank %d stored %d predictions (%.1f MB, %.1f MB/s); the predict loop waited %.3fs on the sink, "
+                "queue high-water %.1f MiB; %d retries",
+                trainer.global_rank,
+                stats.items,
+                stats.bytes / 1e6,
+                stats.mb_per_second,
+                stats.stall_seconds,
+                stats.queue_high_water_bytes / 2**20,
+                stats.retries,
+            )
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -208,3 +208,17 @@ def test_mode_error_refuses_before_any_compute(tmp_path: Path) -> None:
         )
     assert computed == []
     assert (tmp_path / "0.npy").read_bytes() == b"from another job"
+
+
+def test_the_progress_bar_shows_sink_figures(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sink = PredictionSink(tmp_path)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, callbacks=[sink], logger=False, enable_model_summary=False)
+    with caplog.at_level("INFO", logger="lighter_sink"):
+        trainer.predict(DemoModel(), DataLoader(SyntheticImages(16, size=8), batch_size=4), return_predictions=False)
+    postfix = str(trainer.progress_bar_callback.predict_progress_bar.postfix)  # type: ignore[union-attr]
+    assert "queue=" in postfix
+    assert "MB/s=" in postfix
+    assert "stall=" in postfix
+    assert any("stored 16 predictions" in r.getMessage() for r in caplog.records)
+    success = json.loads((tmp_path / "_SUCCESS").read_text())
+    assert {"stall_seconds", "queue_high_water_bytes", "mb_per_second"} <= set(success["rank0_stats"])
