@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from lighter_sink._store import Store
 
@@ -36,9 +35,8 @@ PARTS = "_parts"
 CHECKSUM = "crc32"
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """What the manifest says of one stored prediction."""
+class Record(NamedTuple):
+    """What the manifest says of one stored prediction (a named tuple: a run creates millions)."""
 
     id: str
     path: str
@@ -48,16 +46,11 @@ class Record:
     dtype: str
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "id": self.id,
-                "path": self.path,
-                "nbytes": self.nbytes,
-                CHECKSUM: self.crc32,
-                "shape": list(self.shape),
-                "dtype": self.dtype,
-            },
-            separators=(",", ":"),
+        # The same text as json.dumps of the dict, several times faster: only the strings need escaping.
+        shape = ",".join(map(str, self.shape))
+        return (
+            f'{{"id":{json.dumps(self.id)},"path":{json.dumps(self.path)},"nbytes":{self.nbytes},'
+            f'"{CHECKSUM}":"{self.crc32}","shape":[{shape}],"dtype":{json.dumps(self.dtype)}}}'
         )
 
     @classmethod

@@ -28,6 +28,7 @@ from typing import Any, Literal, Self
 
 import anyio
 import anyio.to_thread
+import torch
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -594,8 +595,10 @@ class _Engine:
     def _encode(self, group: Sequence[_Batch]) -> list[_Encoded]:
         out = []
         extension = self.format.extension
+        fmt = self.format
         for batch in group:
-            encoded = self.format.encode_batch(batch.host.samples())
+            values = batch.host.ready()
+            encoded = fmt.encode_rows(values) if isinstance(values, torch.Tensor) else fmt.encode_batch(values)
             for identifier, key, item in zip(batch.ids, batch.keys, encoded, strict=True):
                 crc = 0
                 for buffer in item.buffers:

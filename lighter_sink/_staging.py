@@ -41,13 +41,16 @@ class HostBatch:
     nbytes: int
     wait: Callable[[], None] | None = None
 
-    def samples(self) -> Sequence[torch.Tensor]:
+    def ready(self) -> torch.Tensor | list[torch.Tensor]:
+        """The values, once any device-to-host copy completed (waits on its event)."""
         if self.wait is not None:
             self.wait()
             self.wait = None
-        if isinstance(self.values, torch.Tensor):
-            return self.values.unbind(0)
         return self.values
+
+    def samples(self) -> Sequence[torch.Tensor]:
+        values = self.ready()
+        return values.unbind(0) if isinstance(values, torch.Tensor) else values
 
 
 def _as_tensor(value: object, what: str) -> torch.Tensor:

@@ -116,6 +116,10 @@ class Format:
         """
         raise NotImplementedError
 
+    def encode_rows(self, batch: torch.Tensor) -> list[EncodedItem]:
+        """Encode every row of a batched tensor (dim 0 = samples); formats override it to share work."""
+        return self.encode_batch(batch.unbind(0))
+
     def encode_batch(self, values: Sequence[torch.Tensor]) -> list[EncodedItem]:
         """Encode several samples; formats override it when a batch can share work (headers, conversions)."""
         return [self.encode(v) for v in values]

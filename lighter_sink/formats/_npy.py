@@ -53,6 +53,21 @@ class NpyFormat(Format):
                 "cast the prediction (for example .float()) or use format='pt'"
             )
 
+    def encode_rows(self, batch: torch.Tensor) -> list[EncodedItem]:
+        # One numpy conversion and one header for the whole batch; each row is a view of the batch's memory.
+        array = batch.numpy(force=False)
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")
+        count = array.shape[0]
+        row_shape = array.shape[1:]
+        if count == 0 or array.size == 0 or not row_shape:
+            return self.encode_batch(batch.unbind(0))
+        header, dtype = _header(row_shape, array.dtype)
+        flat = memoryview(array.reshape(-1).view(np.uint8).data)
+        step = flat.nbytes // count
+        size = len(header) + step
+        return [EncodedItem((header, flat[i * step : (i + 1) * step]), row_shape, dtype, size) for i in range(count)]
+
     def encode(self, value: torch.Tensor) -> EncodedItem:
         return self.encode_batch([value])[0]
 
