@@ -128,7 +128,10 @@ class PredictionSink(Callback):
             if trainer.is_global_zero:
                 if os.path.exists(path) and not os.path.isdir(path):
                     raise DestinationError(f"{url} is a regular file; expected a directory (or a new path)")
-                os.makedirs(path, exist_ok=True)
+                try:
+                    os.makedirs(path, exist_ok=True)
+                except OSError as exc:
+                    raise DestinationError(f"cannot create the directory {path}: {exc.strerror}") from exc
             strategy.barrier("lighter_sink.setup")
             if not os.path.isdir(path):
                 raise DestinationError(

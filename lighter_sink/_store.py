@@ -548,7 +548,8 @@ def _s3_options(
     # (5 retries) stack their own retries under ours: give the sink's policy sole control of retries and time.
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("max_pool_connections", max(10, concurrency + 4))
-    config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+    # (botocore's max_attempts counts retries after the first try; total_max_attempts counts every try)
+    config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
     # botocore checksums every PUT body (CRC32) by default: a CPU cost per byte on the event loop's thread.
     config.setdefault("request_checksum_calculation", "when_supported" if upload_checksums else "when_required")
     if retry.timeout is not None:
