@@ -29,6 +29,8 @@ _S3_KEYS = {"key": "access_key_id", "secret": "secret_access_key", "token": "ses
 
 
 class _ObstoreStore(Store):
+    contiguous_writes = True
+
     def __init__(self, url: str, retry: RetryPolicy, store: Any) -> None:
         super().__init__(url, RetryPolicy(attempts=1, timeout=retry.timeout))
         self._store = store

@@ -592,7 +592,7 @@ class _Engine:
                     for batch in group:
                         self._release(batch.host.nbytes)
 
-    def _encode(self, group: Sequence[_Batch]) -> list[_Encoded]:
+    def _encode(self, group: Sequence[_Batch], contiguous: bool = False) -> list[_Encoded]:
         out = []
         extension = self.format.extension
         fmt = self.format
@@ -605,7 +605,9 @@ class _Engine:
                     crc = zlib.crc32(buffer, crc)
                 path = key + extension
                 record = Record(identifier, path, item.nbytes, f"{crc:08x}", item.shape, item.dtype)
-                out.append((path, record, item.buffers))
+                # one body for object stores, joined here on a worker thread rather than on the event loop
+                buffers = (b"".join(item.buffers),) if contiguous and len(item.buffers) > 1 else item.buffers
+                out.append((path, record, buffers))
         return out
 
     async def _write_rows(self, group: Sequence[_Batch]) -> None:
@@ -638,7 +640,7 @@ class _Engine:
             encoded, errors = await anyio.to_thread.run_sync(encode_and_write, limiter=store.limiter)
             errors = await store.retry_failed([(path, buffers) for path, _, buffers in encoded], errors)
         else:
-            encoded = await anyio.to_thread.run_sync(self._encode, group)
+            encoded = await anyio.to_thread.run_sync(self._encode, group, store.contiguous_writes)
             errors = await store.put_many([(path, buffers) for path, _, buffers in encoded])
         self._latencies.append(time.perf_counter() - started)
         stored = [record for (_, record, _), error in zip(encoded, errors, strict=True) if error is None]
