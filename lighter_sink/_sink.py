@@ -223,6 +223,9 @@ class _Engine:
         self._service: Future[None] | None = None
         self._worker_scope: anyio.CancelScope | None = None
         self._part_lock: anyio.Lock | None = None
+        self._deferred_open = False
+        self._opened: anyio.Event | None = None  # set once a deferred open finished (made on the loop)
+        self._open_error: BaseException | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -232,6 +235,16 @@ class _Engine:
         self._opened_at = time.perf_counter()
         self._portal_cm = start_blocking_portal(backend="asyncio")
         self._portal = self._portal_cm.__enter__()
+        self._loop = self._portal.call(asyncio.get_running_loop)
+        # A single process overwriting needs no agreement and no answer before compute starts: the store is
+        # created (a client's start-up costs a few hundred milliseconds on S3) and the url prepared while the
+        # model computes its first batches. Refusing a url (mode="error"), resuming and several ranks need
+        # the answer first.
+        self._deferred_open = self.world_size == 1 and self.mode == "overwrite"
+        if self._deferred_open:
+            self._service, _ = self._portal.start_task(self._serve)
+            self.state = SinkState.RUNNING
+            return
         error: BaseException | None = None
         try:
             self._portal.call(self._aopen)
@@ -338,6 +351,8 @@ class _Engine:
         error = self._error
         if error is None:
             return
+        if self._open_error is not None:
+            raise self._open_error  # the url could not be prepared: that error, as the caller would have had it
         reason = f"{type(error).__name__}: {error}"
         raise WriteError(self.url, self._failed_ids, reason, failures=1 + self._error_count) from error
 
@@ -356,7 +371,15 @@ class _Engine:
         assert self._portal is not None
         self._portal.call(self._flush_rank)
 
+    async def _wait_opened(self) -> None:
+        if self._deferred_open:
+            assert self._opened is not None
+            await self._opened.wait()
+            if self._open_error is not None:
+                raise self._open_error
+
     async def _flush_rank(self) -> None:
+        await self._wait_opened()
         if self._writer is not None:
             await self._writer.flush()
         await self._write_part()
@@ -552,13 +575,25 @@ class _Engine:
     async def _serve(self, *, task_status: TaskStatus[None]) -> None:
         send, receive = anyio.create_memory_object_stream[list[_Batch]](math.inf)
         self._send = send
-        with anyio.CancelScope() as scope:
+        self._opened = anyio.Event()
+        with anyio.CancelScope() as scope, receive:
             self._worker_scope = scope
+            task_status.started()
+            if self._deferred_open:
+                try:
+                    # Shielded: even a run aborted at once must not leave an older run's _SUCCESS vouching for
+                    # this url, so the preparation that removes it always completes (bounded by the timeouts).
+                    with anyio.CancelScope(shield=True):
+                        await self._aopen()
+                        await self._prepare_destination()
+                except Exception as exc:
+                    self._open_error = exc
+                    self._fail(exc, [])
+                finally:
+                    self._opened.set()
             async with anyio.create_task_group() as tg:
-                async with receive:
-                    for _ in range(self.concurrency):
-                        tg.start_soon(self._worker, receive.clone())
-                task_status.started()
+                for _ in range(self.concurrency):
+                    tg.start_soon(self._worker, receive.clone())
 
     def _hand_over(self) -> None:
         with self._cond:

@@ -147,6 +147,8 @@ def test_a_stale_marker_never_vouches_for_a_failed_run(tmp_path: Path) -> None:
     assert (tmp_path / "_SUCCESS").exists()
     with pytest.raises(RuntimeError, match="model failed"), Sink(tmp_path) as sink:
         sink.put(1, torch.ones(1))
+        sink.flush()
+        assert (tmp_path / "1.npy").exists()
         assert not (tmp_path / "_SUCCESS").exists()  # removed before anything new was written
         raise RuntimeError("model failed")
     assert sink.state is SinkState.ABORTED
