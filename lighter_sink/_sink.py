@@ -226,6 +226,7 @@ class _Engine:
         self._deferred_open = False
         self._opened: anyio.Event | None = None  # set once a deferred open finished (made on the loop)
         self._open_error: BaseException | None = None
+        self._open_scope: anyio.CancelScope | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -582,8 +583,8 @@ class _Engine:
             if self._deferred_open:
                 try:
                     # Shielded: even a run aborted at once must not leave an older run's _SUCCESS vouching for
-                    # this url, so the preparation that removes it always completes (bounded by the timeouts).
-                    with anyio.CancelScope(shield=True):
+                    # this url, so the preparation that removes it completes; an abort bounds it by `timeout`.
+                    with anyio.CancelScope(shield=True) as self._open_scope:
                         await self._aopen()
                         await self._prepare_destination()
                 except Exception as exc:
@@ -713,6 +714,8 @@ class _Engine:
         return summary
 
     async def _stop(self, abort: bool) -> None:
+        if abort and self._open_scope is not None:
+            self._open_scope.deadline = anyio.current_time() + (self.retry.timeout or 60.0)
         if abort and self._worker_scope is not None:
             self._worker_scope.cancel()
         if self._send is not None:
