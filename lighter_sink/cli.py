@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +40,10 @@ def _demo(args: argparse.Namespace) -> int:
     from lighter_sink._demo import DemoModel, SyntheticImages
 
     storage_options = _storage_options(args)
+    if not args.verbose:
+        # Lightning's start-up banners and tips would bury the figures the demo is there to show.
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", module="lightning")
     sink = PredictionSink(args.url, format=args.format, storage_options=storage_options)
     trainer = pl.Trainer(
         accelerator="cpu",
