@@ -33,8 +33,11 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.tiny_local
+bench:
+	$(MAKE) install EXTRAS=dev,bench
+	$(BIN)/python -m benchmarks.overlap
+	$(BIN)/python -m benchmarks.memory
+	$(BIN)/python -m benchmarks.tiny_local --json benchmarks/results/tiny_local.json
 
 clean:
 	rm -rf $(VENV) predictions .pytest_cache .mypy_cache .ruff_cache
