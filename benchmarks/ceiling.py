@@ -1,0 +1,191 @@
+"""The sink against the raw concurrent-PUT ceiling: the same bytes, the same concurrency, no compute.
+
+For each S3 server and item size, rounds alternate between:
+  * raw s3fs:      N tasks on one event loop calling s3fs ``_pipe_file`` on pre-encoded bytes (the ceiling);
+  * raw obstore:   the same with obstore's ``put_async`` (when installed);
+  * Sink (s3fs) and Sink (obstore): ``put_batch`` of the tensors, then commit (encoding, checksums,
+    manifest and ``_SUCCESS`` included; the client's start-up excluded, as for the raw variants).
+Every variant uses the same client settings (upload checksums on or off, ``--no-upload-checksums``).
+
+Usage: python -m benchmarks.ceiling [--servers null,rclone] [--sizes 1MiB] [--items 256] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks._runner import RESULTS, environment
+from benchmarks._servers import s3_servers
+from benchmarks._spec import human_bytes, parse_size
+from lighter_sink import Sink
+
+
+async def _raw_s3fs(root: str, options: dict[str, Any], payloads: list[bytes], tasks: int, checksums: bool) -> float:
+    import s3fs
+
+    config: dict[str, Any] = {"max_pool_connections": tasks + 4}
+    if not checksums:
+        config["request_checksum_calculation"] = "when_required"
+    fs = s3fs.S3FileSystem(asynchronous=True, skip_instance_cache=True, config_kwargs=config, **options)
+    client = await fs.set_session()
+    try:
+        todo = iter(enumerate(payloads))
+
+        async def worker() -> None:
+            for index, data in todo:
+                await fs._pipe_file(f"{root}/{index}.npy", data)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(tasks)))
+        return time.perf_counter() - started
+    finally:
+        await client.close()
+
+
+async def _raw_obstore(url: str, options: dict[str, Any], payloads: list[bytes], tasks: int, checksums: bool) -> float:
+    import obstore
+    from obstore.store import S3Store
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    config: dict[str, Any] = {"checksum_algorithm": "sha256"} if checksums else {}
+    store = S3Store(
+        bucket,
+        prefix=prefix,
+        endpoint=options["endpoint_url"],
+        access_key_id=options["key"],
+        secret_access_key=options["secret"],
+        region="us-east-1",
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+        **config,
+    )
+    todo = iter(enumerate(payloads))
+
+    async def worker() -> None:
+        for index, data in todo:
+            await obstore.put_async(store, f"{index}.npy", data)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    return time.perf_counter() - started
+
+
+def _sink(
+    url: str, options: dict[str, Any], values: torch.Tensor, *, tasks: int, backend: str, checksums: bool
+) -> float:
+    sink = Sink(url, storage_options=options, concurrency=tasks, backend=backend, upload_checksums=checksums)  # type: ignore[arg-type]
+    with sink:
+        sink.flush()  # the client is up and the url prepared: start the clock here, as for the raw clients
+        started = time.perf_counter()
+        for start in range(0, len(values), 8):
+            sink.put_batch(range(start, min(start + 8, len(values))), values[start : start + 8])
+    return time.perf_counter() - started
+
+
+def _variants(
+    server: Any, payloads: list[bytes], values: torch.Tensor, *, tasks: int, checksums: bool, has_obstore: bool
+) -> dict[str, Any]:
+    options = server.storage_options
+    variants: dict[str, Any] = {
+        "raw s3fs": lambda p: asyncio.run(_raw_s3fs(f"bench/{p}", options, payloads, tasks, checksums)),
+        "Sink (s3fs)": lambda p: _sink(
+            server.url(p), options, values, tasks=tasks, backend="fsspec", checksums=checksums
+        ),
+    }
+    if has_obstore:
+        variants["raw obstore"] = lambda p: asyncio.run(
+            _raw_obstore(server.url(p), options, payloads, tasks, checksums)
+        )
+        variants["Sink (obstore)"] = lambda p: _sink(
+            server.url(p), options, values, tasks=tasks, backend="obstore", checksums=checksums
+        )
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", default="null,rclone")
+    parser.add_argument("--sizes", nargs="+", default=["1MiB"])
+    parser.add_argument("--items", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--no-upload-checksums", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    checksums = not args.no_upload_checksums
+    try:
+        import obstore  # noqa: F401
+
+        has_obstore = True
+    except ImportError:
+        has_obstore = False
+    rows: list[dict[str, Any]] = []
+    with s3_servers(args.servers.split(",")) as servers:
+        for name, server in servers.items():
+            for size_text in args.sizes:
+                size = parse_size(size_text)
+                values = torch.randn(args.items, size // 4)
+                payloads = [bytes(memoryview(v.numpy())) for v in values]
+                times: dict[str, list[float]] = {}
+                variants = _variants(
+                    server, payloads, values, tasks=args.concurrency, checksums=checksums, has_obstore=has_obstore
+                )
+                for round_ in range(args.rounds):
+                    for variant, run in variants.items():
+                        prefix = f"ceiling-{round_}-{variant.replace(' ', '-').replace('(', '').replace(')', '')}"
+                        times.setdefault(variant, []).append(run(prefix))
+                        server.remove(prefix)
+                best = {variant: min(ts) for variant, ts in times.items()}
+                for variant, seconds in best.items():
+                    rows.append(
+                        {
+                            "server": name,
+                            "size": size_text,
+                            "variant": variant,
+                            "seconds": seconds,
+                            "median_seconds": statistics.median(times[variant]),
+                            "mib_per_s": args.items * size / seconds / 2**20,
+                            "objects_per_s": args.items / seconds,
+                            "vs_raw_s3fs": best["raw s3fs"] / seconds,
+                        }
+                    )
+    env = environment()
+    header = (
+        f"{args.items} objects per variant, concurrency {args.concurrency}, upload checksums "
+        f"{'on' if checksums else 'off'}, best of {args.rounds} alternating rounds"
+    )
+    lines = [
+        "# The sink against the raw concurrent-PUT ceiling",
+        "",
+        "{when} · {cpus} CPUs · s3fs {s3fs} · commit {commit} · `python -m benchmarks.ceiling`".format(
+            when=env["when"], cpus=env["cpus"], s3fs=env["versions"]["s3fs"], commit=env["commit"]
+        ),
+        "",
+        header,
+        "",
+        "| server | size | variant | objects/s | MiB/s | vs raw s3fs |",
+        "|---|---|---|--:|--:|--:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['server']} | {row['size']} | {row['variant']} | {row['objects_per_s']:.0f} | "
+            f"{row['mib_per_s']:.0f} | {row['vs_raw_s3fs']:.2f}x |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ceiling.md").write_text(text)
+    (args.out / "ceiling.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    print(f"wrote {args.out / 'ceiling.md'} ({human_bytes(args.items * parse_size(args.sizes[0]))} a variant)")
+
+
+if __name__ == "__main__":
+    main()
