@@ -3,6 +3,10 @@
 Both work from what the sink leaves under the url (``_SUCCESS``, ``_manifest.jsonl``, the objects) through the
 same stores the sink writes with, so every fsspec url and storage option the sink accepts works here too.
 Nothing is printed: the functions return results and the command line formats them.
+
+Records of formats without one object per prediction are rows: a row of the ``zarr`` array (its record's path
+is the row's chunk key; the row is read back through zarr and its raw values checksummed) or a row of a ``csv`` /
+``jsonl`` table (several records share the table's path; the table is parsed and each id's line checksummed).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import json
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -165,7 +169,7 @@ def verify(
     async def run() -> VerifyResult:
         store = await open_store(url, options, concurrency=concurrency, retry=_READ_RETRY)
         try:
-            return await _verify(store, concurrency, progress, progress_every)
+            return await _verify(store, options, concurrency, progress, progress_every)
         finally:
             await store.aclose()
 
@@ -214,7 +218,11 @@ async def _records(store: Store, manifest: bytes | None) -> list[Record]:
 
 
 async def _verify(
-    store: Store, concurrency: int, progress: ProgressCallback | None, progress_every: int
+    store: Store,
+    options: Mapping[str, Any],
+    concurrency: int,
+    progress: ProgressCallback | None,
+    progress_every: int,
 ) -> VerifyResult:
     started = time.perf_counter()
     problems: list[Problem] = []
@@ -252,7 +260,15 @@ async def _verify(
                 )
             )
 
-    checked, bytes_read, object_problems = await _check_objects(store, records, concurrency, progress, progress_every)
+    checks = _Checks(store, options)
+    try:
+        await checks.prepare(records, summary.get("format") if summary else None)
+        checked, bytes_read, object_problems = await _check_objects(
+            checks.check, records, concurrency, progress, progress_every
+        )
+    finally:
+        await checks.aclose()
+    object_problems += checks.problems
     object_problems.sort(key=lambda p: (id_order(p.id or ""), p.path))
     return VerifyResult(
         url=store.url,
@@ -266,7 +282,7 @@ async def _verify(
 
 
 async def _check_objects(
-    store: Store,
+    check: Callable[[Record], Awaitable[tuple[Problem | None, int]]],
     records: list[Record],
     concurrency: int,
     progress: ProgressCallback | None,
@@ -281,7 +297,7 @@ async def _check_objects(
         nonlocal done, bytes_read
         async with receive:
             async for record in receive:
-                problem, nbytes = await _check_one(store, record)
+                problem, nbytes = await check(record)
                 bytes_read += nbytes
                 if problem is not None:
                     problems.append(problem)
@@ -328,6 +344,152 @@ async def _check_one(store: Store, record: Record) -> tuple[Problem | None, int]
         detail = f"crc32 is {crc:08x}, the manifest says {expected_crc:08x}"
         return Problem("checksum", record.path, record.id, detail), len(data)
     return None, len(data)
+
+
+class _Checks:
+    """How each record is checked: as an object of its own, a row of the zarr array, or a row of a table."""
+
+    def __init__(self, store: Store, options: Mapping[str, Any]) -> None:
+        self._store = store
+        self._options = options
+        self._tables: dict[str, dict[str, list[tuple[int, int]]] | None] = {}
+        self._array: Any = None
+        self._array_missing = False
+        self._chunks: set[str] = set()
+        self._close_zarr: Callable[[], Awaitable[Any]] | None = None
+        #: problems found while preparing: rows of a table that no record lists, ids a table repeats
+        self.problems: list[Problem] = []
+
+    async def prepare(self, records: Sequence[Record], fmt: object) -> None:
+        from lighter_sink.formats._zarr import CHUNKS, METADATA
+
+        per_path = Counter(r.path for r in records)
+        tables = {
+            path
+            for path, count in per_path.items()
+            if count > 1 or (fmt in ("csv", "jsonl") and path.endswith((".csv", ".jsonl")))
+        }
+        for path in sorted(tables):
+            await self._load_table(path, fmt, [r.id for r in records if r.path == path])
+        # without a marker (an incomplete run) the format is unknown: zarr.json at the url says it is an array
+        has_metadata = fmt in ("zarr", None) and await self._store.exists(METADATA)
+        if has_metadata and any(r.path.startswith(CHUNKS + "/") for r in records):
+            await self._open_array()
+        elif fmt == "zarr" and records:
+            self._array_missing = True
+            self.problems.append(
+                Problem("missing", METADATA, None, "rows of a zarr array are recorded; zarr.json is absent")
+            )
+
+    async def _load_table(self, path: str, fmt: object, ids: Sequence[str]) -> None:
+        from lighter_sink.formats._table import CsvFormat, JsonlFormat, TableFormat
+
+        table: TableFormat = JsonlFormat() if fmt == "jsonl" or path.endswith(".jsonl") else CsvFormat()
+        try:
+            data = await self._store.get(path)
+        except FileNotFoundError:
+            # an uncommitted run: its rows are still in the per-rank parts the commit would have merged
+            self._tables[path] = await self._part_rows() if fmt is None else None
+            return
+        lines = data.splitlines(keepends=True)
+        if isinstance(table, CsvFormat):
+            lines = lines[1:]  # the header
+        rows: dict[str, list[tuple[int, int]]] = {}
+        for number, line in enumerate(lines, start=1):
+            try:
+                identifier = table.row_id(line)
+            except (ValueError, KeyError, TypeError, StopIteration) as exc:
+                self.problems.append(Problem("invalid", path, None, f"line {number} cannot be parsed: {exc!r}"))
+                continue
+            rows.setdefault(identifier, []).append((len(line), zlib.crc32(line)))
+        self._tables[path] = rows
+        listed = set(ids)
+        for identifier, found in rows.items():
+            if identifier not in listed:
+                self.problems.append(
+                    Problem("mismatch", path, identifier, "a row of the table the manifest does not list")
+                )
+            elif len(found) > 1:
+                self.problems.append(
+                    Problem("invalid", path, identifier, f"the table holds {len(found)} rows for this id")
+                )
+
+    async def _part_rows(self) -> dict[str, list[tuple[int, int]]] | None:
+        from lighter_sink.formats._table import PARTS_DIR
+
+        rows: dict[str, list[tuple[int, int]]] = {}
+        keys = [k for k in await self._store.list(PARTS_DIR) if k.endswith(".part")]
+        for key in keys:
+            _header, _, body = (await self._store.get(key)).partition(b"\n")
+            for raw in body.splitlines(keepends=True):
+                encoded_id, _, line = raw.partition(b"\t")
+                rows.setdefault(str(json.loads(encoded_id)), []).append((len(line), zlib.crc32(line)))
+        return rows if keys else None
+
+    async def _open_array(self) -> None:
+        from zarr.api.asynchronous import open_array
+        from zarr.storage import StorePath
+
+        from lighter_sink.formats._zarr import CHUNKS, open_zarr_store
+
+        zarr_store, self._close_zarr = await open_zarr_store(
+            self._store.url, self._options, retry=_READ_RETRY, read_only=True
+        )
+        self._array = await open_array(store=StorePath(zarr_store), zarr_format=3, mode="r")
+        # one listing instead of a request per row: a missing chunk reads back as fill values, not as an error
+        self._chunks = set(await self._store.list(CHUNKS))
+
+    async def check(self, record: Record) -> tuple[Problem | None, int]:
+        if record.path in self._tables:
+            return self._check_row(record)
+        if self._array is not None or self._array_missing:
+            from lighter_sink.formats._zarr import CHUNKS
+
+            if record.path.startswith(CHUNKS + "/"):
+                return await self._check_array_row(record)
+        return await _check_one(self._store, record)
+
+    def _check_row(self, record: Record) -> tuple[Problem | None, int]:
+        rows = self._tables[record.path]
+        if rows is None:
+            return Problem("missing", record.path, record.id, "the table holding this row is absent"), 0
+        found = rows.get(record.id)
+        if not found:
+            return Problem("missing", record.path, record.id, "recorded in the manifest but not in the table"), 0
+        # parts of an uncommitted run may also hold stale copies of a row: one copy must match
+        problems = [(_compare(record, nbytes, crc), nbytes) for nbytes, crc in found]
+        return next((p for p in problems if p[0] is None), problems[0])
+
+    async def _check_array_row(self, record: Record) -> tuple[Problem | None, int]:
+        from lighter_sink.formats._zarr import row_checksum
+
+        if self._array is None or record.path not in self._chunks:
+            return Problem("missing", record.path, record.id, "recorded in the manifest but the chunk is absent"), 0
+        if not record.id.isdigit() or int(record.id) >= self._array.shape[0]:
+            return Problem("invalid", record.path, record.id, f"not a row of an array of {self._array.shape[0]}"), 0
+        row = int(record.id)
+        try:
+            values = await self._array.getitem(slice(row, row + 1))
+        except OSError as exc:
+            return Problem("unreadable", record.path, record.id, f"{type(exc).__name__}: {exc}"), 0
+        nbytes, crc = row_checksum(values[0])
+        return _compare(record, nbytes, crc), nbytes
+
+    async def aclose(self) -> None:
+        if self._close_zarr is not None:
+            await self._close_zarr()
+
+
+def _compare(record: Record, nbytes: int, crc: int) -> Problem | None:
+    try:
+        expected_crc = int(record.crc32, 16)
+    except ValueError as exc:
+        return Problem("invalid", record.path, record.id, f"unusable record: {exc}")
+    if nbytes != record.nbytes:
+        return Problem("size", record.path, record.id, f"has {nbytes} bytes, the manifest says {record.nbytes}")
+    if crc != expected_crc:
+        return Problem("checksum", record.path, record.id, f"crc32 is {crc:08x}, the manifest says {expected_crc:08x}")
+    return None
 
 
 async def _inspect(store: Store) -> OutputInfo:

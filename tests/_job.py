@@ -1,7 +1,8 @@
 """A prediction job run as a real process by the distributed and crash tests.
 
 ``python tests/_job.py URL --devices 2`` runs Lightning's ``ddp`` strategy on the CPU (gloo): Lightning starts
-rank 1 by running this script again. Options make a rank fail, or kill the process hard mid-run.
+rank 1 by running this script again. Options make a rank fail, or kill the process hard mid-run; ``--format``
+picks the sink's format, and ``--summarise`` makes the model return ``[mean, max]`` per image (for tables).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from lighter_sink._demo import DemoModel, SyntheticImages
 
 
 class JobModel(DemoModel):
-    def __init__(self, fail_rank: int | None, fail_batch: int | None, exit_batch: int | None) -> None:
+    def __init__(
+        self, fail_rank: int | None, fail_batch: int | None, exit_batch: int | None, summarise: bool = False
+    ) -> None:
         super().__init__()
         self.fail_rank = fail_rank
         self.fail_batch = fail_batch
         self.exit_batch = exit_batch
+        self.summarise = summarise
         self.computed = 0
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
@@ -37,7 +41,13 @@ class JobModel(DemoModel):
         if self.fail_batch is not None and batch_idx == self.fail_batch and self.global_rank == self.fail_rank:
             raise RuntimeError(f"rank {self.global_rank} failed on purpose")
         self.computed += len(batch)
-        return super().predict_step(batch, batch_idx, dataloader_idx)
+        out = super().predict_step(batch, batch_idx, dataloader_idx)
+        return summarise(out) if self.summarise else out
+
+
+def summarise(images: torch.Tensor) -> torch.Tensor:
+    """``[mean, max]`` of each image: a small vector per sample, what a table holds."""
+    return torch.stack([images.mean(dim=(1, 2)), images.amax(dim=(1, 2))], dim=1)
 
 
 class Data(pl.LightningDataModule):
@@ -72,9 +82,13 @@ def main() -> None:
     parser.add_argument("--padding-sampler", action="store_true")
     parser.add_argument("--skip-done", action="store_true", help="compute only what remaining() returns")
     parser.add_argument("--report", help="file where rank 0 writes its sink statistics as JSON")
+    parser.add_argument("--format", default="npy", help="the sink's format (npy, zarr, csv, ...)")
+    parser.add_argument("--summarise", action="store_true", help="predict [mean, max] per image instead of images")
     args = parser.parse_args()
 
-    sink = PredictionSink(args.url, mode=args.mode, storage_options=_options(args), max_queue_bytes=64 * 2**10)
+    sink = PredictionSink(
+        args.url, format=args.format, mode=args.mode, storage_options=_options(args), max_queue_bytes=64 * 2**10
+    )
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -86,7 +100,7 @@ def main() -> None:
         enable_checkpointing=False,
         use_distributed_sampler=not args.padding_sampler,
     )
-    model = JobModel(args.fail_rank, args.fail_batch, args.exit_batch)
+    model = JobModel(args.fail_rank, args.fail_batch, args.exit_batch, args.summarise)
     trainer.predict(model, datamodule=Data(args), return_predictions=False)
     if args.report and trainer.is_global_zero:
         assert sink.sink is not None

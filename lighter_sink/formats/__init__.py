@@ -7,21 +7,27 @@ from lighter_sink.formats._base import Buffer, EncodedItem, Format, FormatWriter
 from lighter_sink.formats._function import FunctionFormat, WriterFunction
 from lighter_sink.formats._image import PngFormat
 from lighter_sink.formats._npy import NpyFormat
+from lighter_sink.formats._table import CsvFormat, JsonlFormat, TableFormat
 from lighter_sink.formats._text import TextFormat
 from lighter_sink.formats._torch import TorchFormat
+from lighter_sink.formats._zarr import ZarrFormat
 
 __all__ = [
     "Buffer",
+    "CsvFormat",
     "EncodedItem",
     "Format",
     "FormatWriter",
     "FunctionFormat",
+    "JsonlFormat",
     "NpyFormat",
     "PngFormat",
+    "TableFormat",
     "TextFormat",
     "TorchFormat",
     "WriterContext",
     "WriterFunction",
+    "ZarrFormat",
     "available_formats",
     "get_format",
     "register_format",
@@ -72,3 +78,6 @@ register_format("npy", NpyFormat())
 register_format("pt", TorchFormat())
 register_format("png", PngFormat())
 register_format("txt", TextFormat())
+register_format("zarr", ZarrFormat())
+register_format("csv", CsvFormat())
+register_format("jsonl", JsonlFormat())

@@ -1,0 +1,586 @@
+"""Tables of scalar and small-vector predictions: one CSV or JSON Lines file, one row per id, sorted by id.
+
+Layout under the url::
+
+    predictions.csv            (or predictions.jsonl) written by rank 0 at commit: readable by csv, pandas, json
+    _table_parts/rank-00000/   per-rank sorted runs of rows, written during the run, removed at commit
+
+Columns are ``id`` followed by the values: a scalar prediction gives one column ``value``, a vector of ``k``
+values gives ``value_0 .. value_{k-1}``. ``columns=[...]`` names them instead: a prediction is then a vector
+with one value per column, or a ``(len(columns), w)`` matrix whose rows become list cells (``[0.1, 0.9]``).
+Numbers are written in the shortest form that reads back to the same value at the prediction's precision
+(``0.3`` for a float32 0.3); JSON Lines write NaN and infinities as ``NaN`` and ``Infinity``, as Python's json
+module reads them. Ids that are counters are written as numbers, other ids as strings.
+
+Streaming: each rank keeps at most a few thousand encoded rows in memory; they go to a part object, sorted by
+id, every ``4096`` rows and at flush. A row is recorded in the manifest only once its part is stored, so a
+killed run never records a row it lost. At commit rank 0 merges the sorted parts (an external merge: at most 32
+objects are read at once, more parts are first merged into intermediate runs), keeps exactly the rows the
+manifest vouches for (same id, same CRC-32 of the line: rows of stale parts from an interrupted earlier run are
+left out, and a resumed run keeps the previous table's rows, reading that table whole), writes the table and
+then removes the parts.
+Locally the table is streamed to a temporary file that is renamed into place; on object stores, which have no
+append, rank 0 holds the finished table's bytes in memory for its single PUT (a bound: the table's size).
+
+Records: the manifest's ``path`` of a row is the table's file name, and ``nbytes``/``crc32`` are those of the
+row's encoded line, its newline included.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import io
+import json
+import os
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+import anyio.to_thread
+import torch
+
+from lighter_sink._errors import CommitError, ConfigurationError, PredictionError
+from lighter_sink.formats._base import Format, FormatWriter, WriterContext
+
+if TYPE_CHECKING:
+    from lighter_sink._manifest import Record
+
+__all__ = ["CsvFormat", "JsonlFormat", "TableFormat"]
+
+PARTS_DIR = "_table_parts"
+_PART_ROWS = 4096  # rows per part object and per intermediate run object
+_FAN_IN = 32  # objects merged at once: bounds rank 0's memory at commit
+_WRITE_BYTES = 1 << 20  # local output is written in pieces of this size
+_TEXT_DTYPES = {torch.bfloat16: torch.float32, torch.float8_e4m3fn: torch.float32, torch.float8_e5m2: torch.float32}
+_JSON_SPECIAL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity", "True": "true", "False": "false"}
+
+# (column names, cell width): width None means one number per cell, w a list of w numbers per cell
+Layout = tuple[tuple[str, ...], int | None]
+
+
+def _order(identifier: str) -> tuple[int, int, str]:
+    # as _manifest.id_order (imported lazily there: _manifest imports _store, which imports this package)
+    return (0, int(identifier), "") if identifier.isdigit() else (1, 0, identifier)
+
+
+def _csv_line(cells: Sequence[str]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(cells)
+    return out.getvalue()
+
+
+class TableFormat(Format):
+    """Base of :class:`CsvFormat` and :class:`JsonlFormat`: rows ``id, values...`` in one table at the url.
+
+    Args:
+        columns: names of the value columns (see the module docstring); by default ``value`` for scalar
+            predictions and ``value_0 .. value_{k-1}`` for vectors of ``k`` values.
+        filename: the table's name under the url; ``predictions.csv`` / ``predictions.jsonl`` by default.
+
+    Raises:
+        ConfigurationError: a column name is empty, repeated, ``id``, or contains a line break; the file name is
+            not a plain name.
+    """
+
+    per_item_objects = False
+    appendable = True
+    default_filename: ClassVar[str] = ""
+
+    def __init__(self, *, columns: Sequence[str] | None = None, filename: str | None = None) -> None:
+        if columns is not None:
+            if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+                raise ConfigurationError(f"columns must be a list of names, got {columns!r}")
+            names = tuple(columns)
+            if not names or len(set(names)) != len(names) or any(not c or c == "id" for c in names):
+                raise ConfigurationError(f"columns must be distinct, non-empty names other than 'id', got {names!r}")
+            if any("\n" in c or "\r" in c for c in names):
+                raise ConfigurationError(f"column names cannot contain line breaks, got {names!r}")
+            columns = names
+        self.columns: tuple[str, ...] | None = columns
+        filename = self.default_filename if filename is None else filename
+        if not isinstance(filename, str) or not filename or "/" in filename or filename.startswith((".", "_")):
+            raise ConfigurationError(
+                f"filename must be a plain file name (no '/', not starting with '.' or '_'), got {filename!r}"
+            )
+        self.filename = filename
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} columns={self.columns!r} filename={self.filename!r}>"
+
+    def layout(self, shape: tuple[int, ...]) -> Layout:
+        """The columns a prediction of ``shape`` fills.
+
+        Raises:
+            PredictionError: the shape does not fit the columns (the message says what fits).
+        """
+        if self.columns is None:
+            if len(shape) == 0:
+                return ("value",), None
+            if len(shape) == 1:
+                return tuple(f"value_{i}" for i in range(shape[0])), None
+            raise PredictionError(
+                f"format {self.name!r} stores scalar or vector predictions (one row of values per id), got shape "
+                f"{shape}; name columns=[...] for (columns, width) matrices, or use format='zarr' or 'npy'"
+            )
+        count = len(self.columns)
+        if (len(shape) == 0 and count == 1) or shape == (count,):
+            return self.columns, None
+        if len(shape) == 2 and shape[0] == count:
+            return self.columns, shape[1]
+        raise PredictionError(
+            f"format {self.name!r} has {count} columns {list(self.columns)}: a prediction must be a vector of {count} "
+            f"values or a ({count}, width) matrix, got shape {shape}"
+        )
+
+    def check(self, value: torch.Tensor) -> None:
+        super().check(value)
+        if value.is_complex() or value.is_quantized:
+            raise PredictionError(
+                f"format {self.name!r} stores real numbers and booleans, got {value.dtype}; take .real or .abs() "
+                "first, or use format='npy'"
+            )
+        self.layout(tuple(value.shape))
+
+    def header(self, columns: Sequence[str]) -> bytes:
+        """The table's first bytes before any row (the CSV header line; nothing for JSON Lines)."""
+        raise NotImplementedError
+
+    def lines(self, ids: Sequence[str], cells: Sequence[Sequence[str]], layout: Layout, dtype: str) -> list[bytes]:
+        """Encode rows; ``cells`` holds each value as text, lists already bracketed."""
+        raise NotImplementedError
+
+    def row_id(self, line: bytes) -> str:
+        """The id of an encoded row (to read a table back)."""
+        raise NotImplementedError
+
+    def columns_of(self, first_lines: Sequence[bytes]) -> tuple[str, ...]:
+        """The value columns of a stored table, from its header (CSV) or first row (JSON Lines)."""
+        raise NotImplementedError
+
+    def open_writer(self, context: WriterContext) -> FormatWriter:
+        return _TableWriter(self, context)
+
+
+class CsvFormat(TableFormat):
+    """One CSV table with a header line ``id,<columns>``; see :class:`TableFormat` and the module docstring."""
+
+    name = "csv"
+    extension = ".csv"
+    default_filename = "predictions.csv"
+
+    def header(self, columns: Sequence[str]) -> bytes:
+        return _csv_line(["id", *columns]).encode()
+
+    def lines(self, ids: Sequence[str], cells: Sequence[Sequence[str]], layout: Layout, dtype: str) -> list[bytes]:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        lines = []
+        for identifier, row in zip(ids, cells, strict=True):
+            out.seek(0)
+            out.truncate()
+            writer.writerow([identifier, *row])
+            lines.append(out.getvalue().encode())
+        return lines
+
+    def row_id(self, line: bytes) -> str:
+        return next(csv.reader([line.decode()]))[0]
+
+    def columns_of(self, first_lines: Sequence[bytes]) -> tuple[str, ...]:
+        return tuple(next(csv.reader([first_lines[0].decode()]))[1:]) if first_lines else ()
+
+
+class JsonlFormat(TableFormat):
+    """One JSON Lines table, an object ``{"id": ..., "<column>": ...}`` per line; see :class:`TableFormat`."""
+
+    name = "jsonl"
+    extension = ".jsonl"
+    default_filename = "predictions.jsonl"
+
+    def header(self, columns: Sequence[str]) -> bytes:
+        return b""
+
+    def lines(self, ids: Sequence[str], cells: Sequence[Sequence[str]], layout: Layout, dtype: str) -> list[bytes]:
+        keys = [json.dumps(c) + ": " for c in layout[0]]
+        special = dtype == "bool" or "float" in dtype  # NaN, infinities and booleans are spelled differently
+        lines = []
+        for identifier, row in zip(ids, cells, strict=True):
+            values = [_json_number(v) for v in row] if special else row
+            fields = ", ".join(k + v for k, v in zip(keys, values, strict=True))
+            lines.append(f'{{"id": {_json_id(identifier)}, {fields}}}\n'.encode())
+        return lines
+
+    def row_id(self, line: bytes) -> str:
+        return str(json.loads(line)["id"])
+
+    def columns_of(self, first_lines: Sequence[bytes]) -> tuple[str, ...]:
+        return tuple(json.loads(first_lines[0]))[1:] if first_lines else ()
+
+
+def _json_id(identifier: str) -> str:
+    return identifier if identifier.isdigit() and str(int(identifier)) == identifier else json.dumps(identifier)
+
+
+def _json_number(text: str) -> str:
+    if text.startswith("["):
+        return "[" + ", ".join(_JSON_SPECIAL.get(v, v) for v in text[1:-1].split(", ")) + "]"
+    return _JSON_SPECIAL.get(text, text)
+
+
+def _cells(samples: Sequence[torch.Tensor], layout: Layout) -> tuple[list[list[str]], str]:
+    """Every value of a batch as text, one list of cells per sample, and the dtype's name."""
+    block = torch.stack(list(samples))
+    dtype = str(block.dtype).removeprefix("torch.")
+    if block.dtype in _TEXT_DTYPES:
+        block = block.to(_TEXT_DTYPES[block.dtype])
+    # numpy's float-to-text is the shortest repr that reads back to the same value at the array's precision
+    text = block.numpy().astype(str)
+    count = len(samples)
+    columns, width = layout
+    if width is None:
+        return text.reshape(count, len(columns)).tolist(), dtype
+    rows = text.reshape(count, len(columns), width).tolist()
+    return [["[" + ", ".join(cell) + "]" for cell in row] for row in rows], dtype
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    order: tuple[int, int, str]
+    id: str
+    line: bytes  # the table's line, newline included
+
+    def part_line(self) -> bytes:
+        return json.dumps(self.id).encode() + b"\t" + self.line
+
+
+def _part_rows(data: bytes) -> list[_Row]:
+    rows = []
+    for raw in data.splitlines(keepends=True):
+        encoded_id, _, line = raw.partition(b"\t")
+        identifier = json.loads(encoded_id)
+        rows.append(_Row(_order(identifier), identifier, line))
+    return rows
+
+
+class _Reader:
+    """One sorted run of rows, loaded one stored object at a time."""
+
+    def __init__(self, loaders: Sequence[Callable[[], Awaitable[list[_Row]]]]) -> None:
+        self._loaders = list(loaders)
+        self._rows: list[_Row] = []
+        self._next = 0
+
+    async def next(self) -> _Row | None:
+        while self._next >= len(self._rows):
+            if not self._loaders:
+                return None
+            self._rows = await self._loaders.pop(0)()
+            self._next = 0
+        row = self._rows[self._next]
+        self._next += 1
+        return row
+
+
+async def _merge(readers: Sequence[_Reader], emit: Callable[[_Row], Awaitable[None]]) -> None:
+    heap: list[tuple[tuple[int, int, str], int, _Row]] = []
+    for index, reader in enumerate(readers):
+        row = await reader.next()
+        if row is not None:
+            heap.append((row.order, index, row))
+    heapq.heapify(heap)
+    while heap:
+        _, index, row = heap[0]
+        await emit(row)
+        following = await readers[index].next()
+        if following is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (following.order, index, following))
+
+
+class _TableWriter(FormatWriter):
+    def __init__(self, fmt: TableFormat, context: WriterContext) -> None:
+        self._format = fmt
+        self._context = context
+        self._layout: Layout | None = None
+        self._pending: list[tuple[_Row, Record]] = []
+        self._sequence = 0
+        self._token = f"{time.time_ns():x}-{uuid.uuid4().hex[:6]}"
+
+    # ------------------------------------------------------------------ during the run
+
+    async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> list[Record]:
+        if not ids:
+            return []
+        layout = self._layout
+        for identifier, sample in zip(ids, samples, strict=True):
+            try:
+                got = self._format.layout(tuple(sample.shape))
+            except PredictionError as exc:
+                raise PredictionError(f"prediction {identifier!r}: {exc}") from None
+            if layout is None:
+                layout = self._layout = got
+            elif got != layout:
+                raise PredictionError(
+                    f"prediction {identifier!r} has shape {tuple(sample.shape)}, which fills columns {list(got[0])}"
+                    f"{_width(got)}; the table's rows have columns {list(layout[0])}{_width(layout)}, set by the "
+                    "first prediction"
+                )
+        assert layout is not None
+        rows = await anyio.to_thread.run_sync(self._encode, ids, samples, layout)
+        self._pending.extend(rows)
+        if len(self._pending) < _PART_ROWS:
+            return []
+        # Records go to the manifest only once their rows are stored: a killed run never records a lost row.
+        pending, self._pending = self._pending, []
+        await self._put_part(pending)
+        return [record for _, record in pending]
+
+    def _encode(self, ids: Sequence[str], samples: Sequence[torch.Tensor], layout: Layout) -> list[tuple[_Row, Record]]:
+        from lighter_sink._manifest import Record
+
+        cells, dtype = _cells(samples, layout)
+        lines = self._format.lines(ids, cells, layout, dtype)
+        shape = tuple(samples[0].shape)
+        filename = self._format.filename
+        return [
+            (_Row(_order(i), i, line), Record(i, filename, len(line), f"{zlib.crc32(line):08x}", shape, dtype))
+            for i, line in zip(ids, lines, strict=True)
+        ]
+
+    async def _put_part(self, pending: list[tuple[_Row, Record]]) -> None:
+        assert self._layout is not None
+        pending.sort(key=lambda item: item[0].order)
+        self._sequence += 1
+        key = f"{PARTS_DIR}/rank-{self._context.rank:05d}/{self._token}-{self._sequence:06d}.part"
+        header = json.dumps({"columns": self._layout[0], "width": self._layout[1]}).encode() + b"\n"
+        # one buffer: a local write passes its buffers to writev, which takes at most IOV_MAX of them
+        await self._context.store.put(key, [header + b"".join(row.part_line() for row, _ in pending)])
+
+    async def flush(self) -> None:
+        from lighter_sink._manifest import encode_records, part_key
+
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        await self._put_part(pending)
+        # flush() returns no records to the sink: this rank records these rows in a manifest part of its own
+        records = [record for _, record in pending]
+        key = part_key(self._context.rank, f"{self._token}-table", self._sequence)
+        await self._context.store.put(key, [encode_records(records)])
+
+    # ------------------------------------------------------------------ commit, on rank 0
+
+    async def commit(self, records: Mapping[str, Record]) -> None:
+        store = self._context.store
+        filename = self._format.filename
+        wanted = {r.id: r.crc32 for r in records.values() if r.path == filename}
+        merge = _Merge(self._format, store, wanted, self._token)
+        readers = [merge.part_reader(key) for key in await store.list(PARTS_DIR) if key.endswith(".part")]
+        if self._context.mode == "resume" and wanted:
+            readers.append(merge.table_reader())
+        level = 0
+        while len(readers) > _FAN_IN:
+            level += 1
+            groups = [readers[i : i + _FAN_IN] for i in range(0, len(readers), _FAN_IN)]
+            readers = [await merge.spill(group, f"{level}-{i:06d}") for i, group in enumerate(groups)]
+        output = _LocalOutput(store, filename) if store.is_local else _MemoryOutput(store, filename)
+        try:
+            await merge.write_table(readers, output)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await output.discard()
+            raise
+        await output.finish()
+        await store.delete_prefix(PARTS_DIR)
+
+
+def _width(layout: Layout) -> str:
+    return "" if layout[1] is None else f" with {layout[1]} values per cell"
+
+
+class _Merge:
+    """The commit's external merge: sorted runs in, one table out, only rows the manifest vouches for."""
+
+    def __init__(self, fmt: TableFormat, store: Any, wanted: Mapping[str, str], token: str) -> None:
+        self._format = fmt
+        self._store = store
+        self._wanted = wanted
+        self._token = token
+        self._columns: tuple[str, ...] | None = None
+
+    def _keep(self, rows: list[_Row], columns: tuple[str, ...], where: str) -> list[_Row]:
+        wanted = self._wanted
+        kept = [r for r in rows if wanted.get(r.id) == f"{zlib.crc32(r.line):08x}"]
+        if kept:
+            if self._columns is None:
+                self._columns = columns
+            elif columns != self._columns:
+                raise CommitError(
+                    f"{where} holds rows with columns {list(columns)}, others have {list(self._columns)}: "
+                    "ranks (or the resumed run) stored predictions of different shapes"
+                )
+        return kept
+
+    def part_reader(self, key: str) -> _Reader:
+        async def load() -> list[_Row]:
+            data = await self._store.get(key)
+            header, _, body = data.partition(b"\n")
+            columns = tuple(json.loads(header)["columns"])
+            return self._keep(_part_rows(body), columns, key)
+
+        return _Reader([load])
+
+    def table_reader(self) -> _Reader:
+        """The table a previous run committed (resume keeps its recorded rows); read whole, like its parts."""
+        fmt = self._format
+
+        async def load() -> list[_Row]:
+            try:
+                data = await self._store.get(fmt.filename)
+            except FileNotFoundError:
+                return []
+            lines = data.splitlines(keepends=True)
+            if isinstance(fmt, CsvFormat):
+                columns, lines = fmt.columns_of(lines[:1]), lines[1:]
+            else:
+                columns = fmt.columns_of(lines[:1])
+            rows = []
+            for line in lines:
+                identifier = fmt.row_id(line)
+                rows.append(_Row(_order(identifier), identifier, line))
+            rows.sort(key=lambda r: r.order)
+            return self._keep(rows, columns, fmt.filename)
+
+        return _Reader([load])
+
+    async def spill(self, readers: Sequence[_Reader], name: str) -> _Reader:
+        """Merge ``readers`` into an intermediate run of objects of ``_PART_ROWS`` rows; return its reader."""
+        keys: list[str] = []
+        buffer: list[bytes] = []
+
+        async def put() -> None:
+            key = f"{PARTS_DIR}/merge-{self._token}/{name}-{len(keys):06d}.run"
+            await self._store.put(key, [b"".join(buffer)])
+            keys.append(key)
+            buffer.clear()
+
+        async def emit(row: _Row) -> None:
+            buffer.append(row.part_line())
+            if len(buffer) >= _PART_ROWS:
+                await put()
+
+        await _merge(readers, emit)
+        if buffer:
+            await put()
+
+        def loader(key: str) -> Callable[[], Awaitable[list[_Row]]]:
+            async def load() -> list[_Row]:
+                return _part_rows(await self._store.get(key))
+
+            return load
+
+        return _Reader([loader(k) for k in keys])
+
+    async def write_table(self, readers: Sequence[_Reader], output: _Output) -> None:
+        remaining = dict(self._wanted)
+        started = False
+
+        async def emit(row: _Row) -> None:
+            nonlocal started
+            if remaining.pop(row.id, None) is None:
+                return  # a second copy of a row already written (an earlier run's part, or its table)
+            if not started:
+                started = True
+                await output.write(self._format.header(self._columns or ()))
+            await output.write(row.line)
+
+        await _merge(readers, emit)
+        if not started:
+            await output.write(self._format.header(self._format.columns or ()))
+        if remaining:
+            some = ", ".join(repr(i) for i in sorted(remaining, key=_order)[:5])
+            raise CommitError(
+                f"{len(remaining)} rows recorded in the manifest are in no table part (for example {some}); "
+                f"{self._format.filename} was not written"
+            )
+
+
+class _Output:
+    async def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def finish(self) -> None:
+        raise NotImplementedError
+
+    async def discard(self) -> None:
+        raise NotImplementedError
+
+
+class _MemoryOutput(_Output):
+    """Object stores: one PUT of the whole table (no append, no rename)."""
+
+    def __init__(self, store: Any, key: str) -> None:
+        self._store = store
+        self._key = key
+        self._pieces: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        self._pieces.append(data)
+
+    async def finish(self) -> None:
+        await self._store.put(self._key, [b"".join(self._pieces)])
+        self._pieces = []
+
+    async def discard(self) -> None:
+        self._pieces = []
+
+
+class _LocalOutput(_Output):
+    """A local directory: streamed to a hidden temporary file, renamed into place when complete."""
+
+    def __init__(self, store: Any, key: str) -> None:
+        self._path = os.path.join(store.root, key)
+        # the sink's temporary-name pattern (.{name}.{pid}.{n}.tmp), which resume sweeps after a crash
+        self._temp = os.path.join(store.root, f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        self._file: Any = None
+        self._pieces: list[bytes] = []
+        self._size = 0
+
+    async def write(self, data: bytes) -> None:
+        self._pieces.append(data)
+        self._size += len(data)
+        if self._size >= _WRITE_BYTES:
+            await self._spill()
+
+    async def _spill(self) -> None:
+        pieces, self._pieces, self._size = self._pieces, [], 0
+
+        def write() -> None:
+            if self._file is None:
+                self._file = open(self._temp, "wb")  # noqa: SIM115 - closed in finish() or discard()
+            self._file.writelines(pieces)
+
+        await anyio.to_thread.run_sync(write)
+
+    async def finish(self) -> None:
+        await self._spill()
+
+        def close() -> None:
+            self._file.close()
+            os.replace(self._temp, self._path)
+
+        await anyio.to_thread.run_sync(close)
+
+    async def discard(self) -> None:
+        def remove() -> None:
+            if self._file is not None:
+                self._file.close()
+            if os.path.exists(self._temp):
+                os.unlink(self._temp)
+
+        await anyio.to_thread.run_sync(remove)

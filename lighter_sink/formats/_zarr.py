@@ -1,0 +1,400 @@
+"""Zarr v3 arrays: every prediction becomes one row of a single array, readable with ``zarr.open_array(url)``.
+
+Layout: ``{url}`` is a Zarr v3 array of shape ``(N, *item_shape)``; row ``i`` holds identifier ``i``. ``N`` is the
+number of samples of the run (the predict dataset's length, or ``Sink(num_samples=)``); the item shape and dtype
+are those of the first prediction. Ids must be integers in ``[0, N)``. ``_manifest.jsonl``, ``_parts/`` and
+``_SUCCESS`` sit beside ``zarr.json``; zarr ignores them. Consolidated metadata is not written: it goes stale
+as soon as a later run changes the array.
+
+Chunking: one chunk per row, ``chunks=(1, *item_shape)``. Ranks' counter ids interleave (rank ``r`` of ``W`` writes
+rows ``r, r + W, ...``) and several workers of one rank write at once, so any chunk spanning two rows would be
+read, modified and written back by two writers concurrently, and one of the updates would be lost. With one row
+per chunk every write replaces a whole chunk that no one else touches, and needs no lock. ``write_empty_chunks``
+is on: a row that happens to equal the fill value is stored too, so a resumed run can never mistake it for a row
+that was never written.
+
+Sharding (many rows in one stored object) is not the default for the same reason: the inner chunks of a shard
+are written by reading, patching and rewriting the shard, so concurrent writers of one shard lose rows. It is
+safe only when a single writer owns each whole shard, e.g. one rank that buffers ``rows_per_shard`` consecutive
+rows and writes them in one call, with ids assigned in contiguous blocks per rank instead of interleaved.
+
+Creation: every rank may need the array before rank 0 has seen a prediction, so each rank writes ``zarr.json``
+when its first prediction arrives. The metadata depends only on ``N``, the first prediction's shape and dtype
+and the format's options, so every rank writes the same bytes and the writes are idempotent (one atomic PUT or
+rename each). With ``mode="resume"`` an existing compatible array is kept as it is, and an incompatible one is an
+error. With ``mode="overwrite"`` a stale ``zarr.json`` is simply replaced; stale rows are removed at commit: rank
+0, after every rank flushed, deletes every chunk under ``c/`` that no manifest record vouches for. Deleting them
+before the run would race with the other ranks' first writes, since the writer hook has no barrier of its own.
+
+Records: the manifest's ``path`` of a row is its chunk key relative to the url (``c/17/0/0``); ``nbytes`` and
+``crc32`` are those of the row's raw values as little-endian, C-ordered bytes, not of the stored (compressed)
+chunk, so that ``lighter-sink verify`` checks what a reader gets back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import shutil
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+import torch
+
+from lighter_sink._errors import CommitError, ConfigurationError, IdentifierError, PredictionError
+from lighter_sink.formats._base import Format, FormatWriter, WriterContext
+
+if TYPE_CHECKING:
+    from zarr.abc.store import Store as ZarrStore
+    from zarr.core.array import AsyncArray
+
+    from lighter_sink._manifest import Record
+    from lighter_sink._store import RetryPolicy
+
+__all__ = ["ZarrFormat", "open_zarr_store", "row_checksum"]
+
+METADATA = "zarr.json"
+CHUNKS = "c"
+# Rows per zarr write call: one call is one attempt of the sink's retry policy, and its timeout applies to it.
+_ROWS_PER_WRITE = 64
+# dtypes numpy (hence zarr) cannot represent
+_UNSUPPORTED = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+def require_zarr() -> None:
+    """Raise :class:`ImportError` naming the extra to install when zarr is missing."""
+    try:
+        import zarr  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("format 'zarr' needs the zarr package (3.x): pip install 'lighter-sink[zarr]'") from exc
+
+
+def row_checksum(row: np.ndarray[Any, Any]) -> tuple[int, int]:
+    """``(nbytes, crc32)`` of one row's values as little-endian, C-ordered bytes (what the manifest records)."""
+    data = np.ascontiguousarray(row, dtype=row.dtype.newbyteorder("<"))
+    return data.nbytes, zlib.crc32(data.reshape(-1).view(np.uint8).data if data.size else b"")
+
+
+async def open_zarr_store(
+    url: str, storage_options: Mapping[str, Any], *, retry: RetryPolicy | None = None, read_only: bool = False
+) -> tuple[ZarrStore, Callable[[], Any]]:
+    """A zarr store for ``url`` and a coroutine function that releases it. Must run on the loop that uses it.
+
+    Local paths get zarr's ``LocalStore`` (atomic writes through a temporary name); other urls an
+    ``FsspecStore`` over an async filesystem created on the running loop (an async fsspec instance belongs to
+    the loop that made it), configured as the sink's own store is (see ``_store._s3_options``).
+    """
+    require_zarr()
+    import fsspec
+    from fsspec.core import url_to_fs
+    from zarr.storage import FsspecStore, LocalStore
+
+    from lighter_sink._store import RetryPolicy, _s3_options, is_local_url, local_path, protocol_of
+
+    if is_local_url(url):
+        local = LocalStore(local_path(url), read_only=read_only)
+
+        async def close_local() -> None:
+            local.close()
+
+        return local, close_local
+    options = dict(storage_options)
+    protocol = protocol_of(url)
+    cls = fsspec.get_filesystem_class(protocol)
+    fs: Any
+    if getattr(cls, "async_impl", False):
+        if protocol in ("s3", "s3a"):
+            options = _s3_options(options, 16, retry or RetryPolicy(), upload_checksums=True)
+        fs, root = url_to_fs(
+            url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **options
+        )
+        if protocol in ("s3", "s3a"):
+            fs.retries = 1  # the sink's retry policy decides, not s3fs's own loop
+            await fs.set_session()
+    else:
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        sync_fs, root = await anyio.to_thread.run_sync(lambda: url_to_fs(url, **options))
+        fs = AsyncFileSystemWrapper(sync_fs)
+    remote = FsspecStore(fs, path=root.rstrip("/"), read_only=read_only)
+
+    async def close_remote() -> None:
+        remote.close()
+        # as the sink's store does: s3fs closes an asynchronous client only when told, on the loop that owns it
+        creator = getattr(fs, "_s3creator", None)
+        if creator is not None:
+            await creator.__aexit__(None, None, None)
+            fs._s3creator = None
+            fs._s3 = None
+        session = getattr(fs, "_session", None)  # gcsfs and other aiohttp-based filesystems
+        close = getattr(session, "close", None)
+        if close is not None and not getattr(session, "closed", True):
+            await close()
+
+    return remote, close_remote
+
+
+def _parse_row(identifier: str, num_samples: int) -> int:
+    if not identifier.isdigit() or str(int(identifier)) != identifier or int(identifier) >= num_samples:
+        raise IdentifierError(
+            f"format 'zarr' stores identifier i in row i of an array of {num_samples} rows; got id {identifier!r}, "
+            f"expected an integer in [0, {num_samples}) (use the default counter ids, or an npy/pt format for "
+            "other ids)"
+        )
+    return int(identifier)
+
+
+def _progressions(rows: Sequence[int]) -> list[tuple[int, int, list[int]]]:
+    """Split rows (in batch order) into runs ``start, start + step, ...``: each run is one zarr slice write.
+
+    Returns ``(start, step, positions)`` per run, ``positions`` indexing ``rows``.
+    """
+    runs: list[tuple[int, int, list[int]]] = []
+    position = 0
+    while position < len(rows):
+        start = rows[position]
+        step = rows[position + 1] - start if position + 1 < len(rows) else 1
+        if step <= 0:
+            runs.append((start, 1, [position]))
+            position += 1
+            continue
+        end = position + 1
+        while end < len(rows) and end - position < _ROWS_PER_WRITE and rows[end] - rows[end - 1] == step:
+            end += 1
+        runs.append((start, step, list(range(position, end))))
+        position = end
+    return runs
+
+
+class ZarrFormat(Format):
+    """All predictions in one Zarr v3 array at the url; row ``i`` holds identifier ``i`` (see the module docstring).
+
+    Args:
+        compressors: zarr's ``compressors`` argument of ``create_array``: ``"auto"`` (zstd), ``None`` for raw
+            chunks, or codecs.
+
+    Raises:
+        ImportError: at open, when zarr is not installed (``pip install 'lighter-sink[zarr]'``).
+    """
+
+    name = "zarr"
+    extension = ""
+    per_item_objects = False
+    needs_num_samples = True
+    appendable = True
+
+    def __init__(self, *, compressors: Any = "auto") -> None:
+        self.compressors = compressors
+
+    def check(self, value: torch.Tensor) -> None:
+        super().check(value)
+        if value.dtype in _UNSUPPORTED or value.is_quantized:
+            raise PredictionError(
+                f"format 'zarr' cannot store dtype {value.dtype}: numpy and zarr have no such type; "
+                "cast the prediction (for example .float())"
+            )
+
+    def open_writer(self, context: WriterContext) -> FormatWriter:
+        require_zarr()
+        if context.num_samples is None:
+            raise ConfigurationError("format 'zarr' needs the number of samples (num_samples=)")
+        return _ZarrWriter(self, context, context.num_samples)
+
+
+class _ZarrWriter(FormatWriter):
+    def __init__(self, fmt: ZarrFormat, context: WriterContext, num_samples: int) -> None:
+        self._format = fmt
+        self._context = context
+        self._num_samples = num_samples
+        self._lock = anyio.Lock()
+        self._store: ZarrStore | None = None
+        self._close_store: Callable[[], Any] | None = None
+        self._array: AsyncArray[Any] | None = None
+
+    # ------------------------------------------------------------------ the array
+
+    async def _zarr_store(self) -> ZarrStore:
+        if self._store is None:
+            retry = getattr(self._context.store, "retry", None)
+            self._store, self._close_store = await open_zarr_store(
+                self._context.url, self._context.storage_options, retry=retry
+            )
+        return self._store
+
+    async def _metadata_for(self, sample: torch.Tensor) -> Any:
+        """The metadata this run's array has, computed without touching storage (a scratch in-memory store)."""
+        from zarr.api.asynchronous import create_array
+        from zarr.storage import MemoryStore
+
+        item_shape = tuple(sample.shape)
+        scratch = await create_array(
+            MemoryStore(),
+            shape=(self._num_samples, *item_shape),
+            chunks=(1, *(max(1, d) for d in item_shape)),
+            dtype=sample.numpy().dtype,
+            compressors=self._format.compressors,
+        )
+        return scratch.metadata
+
+    async def _open(self, sample: torch.Tensor) -> AsyncArray[Any]:
+        async with self._lock:
+            if self._array is None:
+                self._array = await self._create(sample)
+            return self._array
+
+    async def _create(self, sample: torch.Tensor) -> AsyncArray[Any]:
+        from zarr.core.array import AsyncArray
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.storage import StorePath
+
+        store = await self._zarr_store()
+        path = StorePath(store)
+        metadata = await self._metadata_for(sample)
+        existing = await _existing_array(path) if self._context.mode == "resume" else None
+        if existing is not None:
+            _check_compatible(existing.metadata, metadata, self._context.url)
+            metadata = existing.metadata  # keep the stored codecs: rows already written use them
+        else:
+            # Same inputs on every rank, same bytes: ranks writing it concurrently agree (see the module docstring).
+            buffers = metadata.to_buffer_dict(default_buffer_prototype())
+            for key, buffer in buffers.items():
+                await self._retrying(key, functools.partial((path / key).set, buffer))
+        return AsyncArray(metadata=metadata, store_path=path, config={"write_empty_chunks": True})
+
+    async def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
+        # the sink's store applies its timeout and retries transient errors (and counts them in the stats)
+        return await self._context.store._retrying(what, call)
+
+    # ------------------------------------------------------------------ FormatWriter
+
+    async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> list[Record]:
+        from lighter_sink._manifest import Record
+
+        rows = [_parse_row(i, self._num_samples) for i in ids]
+        if not rows:
+            return []
+        array = await self._open(samples[0])
+        item_shape = tuple(array.metadata.shape[1:])
+        dtype = _numpy_dtype(array)
+        for identifier, sample in zip(ids, samples, strict=True):
+            _check_sample(identifier, sample, item_shape, dtype)
+        records: list[Record] = []
+        for start, step, positions in _progressions(rows):
+            block, sums = await anyio.to_thread.run_sync(_stack, [samples[p] for p in positions])
+            selection = slice(start, start + step * (len(positions) - 1) + 1, step)
+            keys = [array.metadata.encode_chunk_key((rows[p],) + (0,) * len(item_shape)) for p in positions]
+            write = functools.partial(array.setitem, selection, block)
+            try:
+                await self._retrying(f"row {ids[positions[0]]}", write)
+            except (FileExistsError, NotADirectoryError, IsADirectoryError):
+                from lighter_sink._store import is_local_url, local_path
+
+                if not is_local_url(self._context.url):
+                    raise
+                await anyio.to_thread.run_sync(_clear_stale_paths, local_path(self._context.url), keys)
+                await self._retrying(f"row {ids[positions[0]]}", write)
+            for position, key, (nbytes, crc) in zip(positions, keys, sums, strict=True):
+                records.append(Record(ids[position], key, nbytes, f"{crc:08x}", item_shape, str(dtype)))
+        return records
+
+    async def commit(self, records: Mapping[str, Record]) -> None:
+        """Check that every rank wrote the same array, then delete the chunks no record vouches for."""
+        from zarr.storage import StorePath
+
+        store = self._context.store
+        rows = [r for r in records.values() if r.path.startswith(CHUNKS + "/")]
+        if not rows:
+            # nothing stored by this run nor kept from an earlier one: leave no stale array behind either
+            await store.delete([METADATA])
+            await store.delete_prefix(CHUNKS)
+            return
+        stored = await _existing_array(StorePath(await self._zarr_store()))
+        if stored is None:
+            raise CommitError(f"{len(rows)} rows are recorded but {self._context.url} holds no zarr.json")
+        item_shape = tuple(stored.metadata.shape[1:])
+        dtype = str(_numpy_dtype(stored))
+        if self._array is not None and _layout(stored.metadata) != _layout(self._array.metadata):
+            raise CommitError(
+                f"{self._context.url}/zarr.json no longer describes the array rank 0 wrote (shape "
+                f"{tuple(self._array.metadata.shape)}): did ranks see predictions of different shapes or dtypes?"
+            )
+        for record in rows:
+            if tuple(record.shape) != item_shape or record.dtype != dtype:
+                raise CommitError(
+                    f"row {record.id!r} was written with shape {tuple(record.shape)} and dtype {record.dtype}, but "
+                    f"the array holds rows of shape {item_shape} and dtype {dtype}: ranks saw different predictions"
+                )
+        recorded = {r.path for r in rows}
+        stale = [key for key in await store.list(CHUNKS) if key not in recorded]
+        await store.delete(stale)
+
+    async def aclose(self) -> None:
+        if self._close_store is not None:
+            close, self._close_store = self._close_store, None
+            with contextlib.suppress(Exception):
+                await close()
+
+
+async def _existing_array(path: Any) -> AsyncArray[Any] | None:
+    from zarr.api.asynchronous import open_array
+
+    if not await (path / METADATA).exists():
+        return None
+    return await open_array(store=path, zarr_format=3, mode="r")
+
+
+def _numpy_dtype(array: AsyncArray[Any]) -> np.dtype[Any]:
+    return np.dtype(array.dtype)
+
+
+def _layout(metadata: Any) -> tuple[Any, ...]:
+    return tuple(metadata.shape), str(metadata.data_type), tuple(metadata.chunks)
+
+
+def _check_compatible(existing: Any, wanted: Any, url: str) -> None:
+    if _layout(existing) != _layout(wanted):
+        raise PredictionError(
+            f"mode='resume' found an array at {url} of shape {tuple(existing.shape)}, dtype {existing.data_type} "
+            f"and chunks {tuple(existing.chunks)}; this run's predictions make shape {tuple(wanted.shape)}, dtype "
+            f"{wanted.data_type} and chunks {tuple(wanted.chunks)}: use mode='overwrite' to replace it"
+        )
+
+
+def _check_sample(identifier: str, sample: torch.Tensor, item_shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    shape = tuple(sample.shape)
+    got = sample.numpy().dtype if sample.dtype not in _UNSUPPORTED else sample.dtype
+    if shape != item_shape or got != dtype:
+        raise PredictionError(
+            f"prediction {identifier!r} has shape {shape} and dtype {got}, but the zarr array holds rows of shape "
+            f"{item_shape} and dtype {dtype} (set by the first prediction): every prediction must have the same "
+            "shape and dtype"
+        )
+
+
+def _clear_stale_paths(root: str, keys: Sequence[str]) -> None:
+    """Remove the chunks of a stale local array of another dimensionality that stand where ``keys`` go.
+
+    A file ``c/0/0`` (a 1-d item array's chunk) blocks the directory ``c/0/0/`` that a 2-d item array needs, and
+    the other way round. This run's chunk keys all have one depth, so what blocks them is never this run's.
+    """
+    for key in keys:
+        parts = key.split("/")
+        for depth in range(1, len(parts)):
+            prefix = os.path.join(root, *parts[:depth])
+            if os.path.isfile(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(prefix)
+        full = os.path.join(root, *parts)
+        if os.path.isdir(full):
+            shutil.rmtree(full, ignore_errors=True)
+
+
+def _stack(samples: Sequence[torch.Tensor]) -> tuple[np.ndarray[Any, Any], list[tuple[int, int]]]:
+    block = np.stack([s.numpy() for s in samples])
+    return block, [row_checksum(row) for row in block]

@@ -1,0 +1,392 @@
+"""The zarr array and the csv/jsonl tables: through Trainer.predict, to S3, across two DDP ranks, and their edges."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from lighter_sink import ConfigurationError, IdentifierError, PredictionError, PredictionSink, Sink, WriteError
+from lighter_sink._demo import DemoModel, SyntheticImages
+from lighter_sink._verify import verify
+from lighter_sink.formats import CsvFormat, JsonlFormat, _table, available_formats
+from lighter_sink.lighter import CsvWriter
+from tests.conftest import S3Server
+
+JOB = Path(__file__).with_name("_job.py")
+
+
+def _trainer(sink: PredictionSink) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=[sink],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+
+
+def _expected(n: int, size: int) -> torch.Tensor:
+    data = SyntheticImages(n, size=size)
+    with torch.no_grad():
+        return DemoModel().eval()(torch.stack([data[i] for i in range(n)]))
+
+
+def _summary(images: torch.Tensor) -> torch.Tensor:
+    return torch.stack([images.mean(dim=(1, 2)), images.amax(dim=(1, 2))], dim=1)
+
+
+class _Summarising(DemoModel):
+    def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return _summary(self(batch))
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _manifest(url: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (url / "_manifest.jsonl").read_text().splitlines()]
+
+
+def test_zarr_csv_and_jsonl_are_registered() -> None:
+    assert {"zarr", "csv", "jsonl"} <= set(available_formats())
+
+
+# ---------------------------------------------------------------------- zarr
+
+
+def test_zarr_through_trainer_predict(tmp_path: Path) -> None:
+    out = tmp_path / "preds"
+    sink = PredictionSink(out, format="zarr")
+    _trainer(sink).predict(
+        DemoModel(), DataLoader(SyntheticImages(500, size=16), batch_size=32), return_predictions=False
+    )
+    array = zarr.open_array(str(out), mode="r")
+    assert array.shape == (500, 16, 16)
+    assert array.chunks == (1, 16, 16)
+    np.testing.assert_allclose(array[:], _expected(500, 16).numpy(), rtol=1e-5, atol=1e-6)
+    records = _manifest(out)
+    assert [r["id"] for r in records] == [str(i) for i in range(500)]
+    assert records[17] == {**records[17], "path": "c/17/0/0", "nbytes": 16 * 16 * 4, "shape": [16, 16]}
+    assert json.loads((out / "_SUCCESS").read_text())["count"] == 500
+    assert verify(str(out)).ok
+
+
+@pytest.mark.s3
+def test_zarr_to_s3(s3_server: S3Server, s3_bucket: str) -> None:
+    url = f"s3://{s3_bucket}/run/preds"
+    sink = PredictionSink(url, format="zarr", storage_options=s3_server.storage_options)
+    _trainer(sink).predict(
+        DemoModel(), DataLoader(SyntheticImages(500, size=16), batch_size=50), return_predictions=False
+    )
+    array = zarr.open_array(url, mode="r", storage_options=s3_server.storage_options)
+    assert array.shape == (500, 16, 16)
+    np.testing.assert_allclose(array[:], _expected(500, 16).numpy(), rtol=1e-5, atol=1e-6)
+    success = s3_server.client().get_object(Bucket=s3_bucket, Key="run/preds/_SUCCESS")["Body"].read()
+    assert json.loads(success)["count"] == 500
+    result = verify(url, s3_server.storage_options)
+    assert result.ok, result.problems[:3]
+
+
+def test_zarr_stores_rows_equal_to_the_fill_value(tmp_path: Path) -> None:
+    with Sink(tmp_path, format="zarr", num_samples=3) as sink:
+        sink.put_batch([0, 1, 2], torch.zeros(3, 2, dtype=torch.int32))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["0", "1", "2"]  # no row left implicit
+
+
+def test_zarr_scalar_predictions_make_a_vector(tmp_path: Path) -> None:
+    values = torch.arange(10, dtype=torch.float64) / 3
+    with Sink(tmp_path, format="zarr", num_samples=10) as sink:
+        sink.put_batch(range(10), values)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path), mode="r")[:], values.numpy())
+    assert _manifest(tmp_path)[3]["path"] == "c/3"
+
+
+@pytest.mark.parametrize("identifier", ["10", "case-1", "007"])
+def test_zarr_refuses_ids_that_are_not_rows(tmp_path: Path, identifier: str) -> None:
+    with pytest.raises(WriteError) as info, Sink(tmp_path, format="zarr", num_samples=10) as sink:
+        sink.put(identifier, torch.ones(2))
+    assert isinstance(info.value.__cause__, IdentifierError)
+    assert repr(identifier) in str(info.value)
+    assert "[0, 10)" in str(info.value)
+
+
+def test_zarr_names_the_id_and_both_shapes_of_a_mismatch(tmp_path: Path) -> None:
+    with pytest.raises(WriteError) as info, Sink(tmp_path, format="zarr", num_samples=4) as sink:
+        sink.put_batch([0, 1], torch.ones(2, 3))
+        sink.flush()
+        sink.put(2, torch.ones(4, dtype=torch.float64))
+    assert isinstance(info.value.__cause__, PredictionError)
+    message = str(info.value)
+    assert "'2'" in message
+    assert "(4,)" in message and "float64" in message
+    assert "(3,)" in message and "float32" in message
+
+
+def test_zarr_needs_the_number_of_samples(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="num_samples"):
+        Sink(tmp_path, format="zarr")
+
+
+def test_zarr_overwrite_replaces_a_stale_array(tmp_path: Path) -> None:
+    with Sink(tmp_path, format="zarr", num_samples=8) as sink:
+        sink.put_batch(range(8), torch.full((8, 2), 7, dtype=torch.int64))
+    with Sink(tmp_path, format="zarr", num_samples=6) as sink:
+        sink.put_batch(range(3), torch.ones(3, 2, 2))
+    array = zarr.open_array(str(tmp_path), mode="r")
+    assert (array.shape, array.dtype) == ((6, 2, 2), np.dtype("float32"))
+    np.testing.assert_array_equal(array[:3], np.ones((3, 2, 2)))
+    np.testing.assert_array_equal(array[3:], np.zeros((3, 2, 2)))  # never written in this run: the fill value
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["0", "1", "2"]  # stale rows removed
+    assert verify(str(tmp_path)).ok
+
+
+def test_zarr_resume_refuses_an_incompatible_array(tmp_path: Path) -> None:
+    with Sink(tmp_path, format="zarr", num_samples=4) as sink:
+        sink.put_batch(range(2), torch.ones(2, 3))
+    with (
+        pytest.raises(WriteError, match="mode='overwrite'"),
+        Sink(tmp_path, format="zarr", num_samples=4, mode="resume") as sink,
+    ):
+        sink.put_batch(range(2, 4), torch.ones(2, 5))
+
+
+def test_verify_reads_zarr_rows_back(tmp_path: Path) -> None:
+    with Sink(tmp_path, format="zarr", num_samples=6) as sink:
+        sink.put_batch(range(6), torch.arange(36, dtype=torch.float32).reshape(6, 6))
+    (tmp_path / "c" / "4" / "0").write_bytes((tmp_path / "c" / "1" / "0").read_bytes())  # a row in the wrong place
+    (tmp_path / "c" / "2" / "0").unlink()
+    problems = {(p.id, p.kind) for p in verify(str(tmp_path)).problems}
+    assert problems == {("2", "missing"), ("4", "checksum")}
+
+
+# ---------------------------------------------------------------------- tables
+
+
+def test_csv_through_trainer_predict(tmp_path: Path) -> None:
+    sink = PredictionSink(tmp_path, format="csv")
+    _trainer(sink).predict(
+        _Summarising(), DataLoader(SyntheticImages(300, size=8), batch_size=32), return_predictions=False
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_SUCCESS", "_manifest.jsonl", "predictions.csv"]
+    rows = _csv_rows(tmp_path / "predictions.csv")
+    assert [int(r["id"]) for r in rows] == list(range(300))  # one row per id, sorted
+    stored = np.array([[float(r["value_0"]), float(r["value_1"])] for r in rows], dtype=np.float32)
+    np.testing.assert_allclose(stored, _summary(_expected(300, 8)).numpy(), rtol=1e-5, atol=1e-6)
+    records = _manifest(tmp_path)
+    assert {r["path"] for r in records} == {"predictions.csv"}
+    lines = (tmp_path / "predictions.csv").read_bytes().splitlines(keepends=True)
+    assert records[5]["nbytes"] == len(lines[6])
+    assert verify(str(tmp_path)).ok
+
+
+def test_float32_values_read_back_exactly(tmp_path: Path) -> None:
+    values = torch.tensor([0.3, 1 / 3, 1e-10, 123456789.0, float("nan"), float("inf")], dtype=torch.float32)
+    with Sink(tmp_path, format="csv") as sink:
+        sink.put_batch(range(6), values)
+    rows = _csv_rows(tmp_path / "predictions.csv")
+    assert rows[0] == {"id": "0", "value": "0.3"}
+    np.testing.assert_array_equal(np.array([r["value"] for r in rows], dtype=np.float32), values.numpy())
+
+
+def test_jsonl_rows_are_json_objects(tmp_path: Path) -> None:
+    with Sink(tmp_path, format="jsonl") as sink:
+        sink.put_batch(["b", "a", 3], torch.tensor([[1, 2], [3, 4], [5, 6]]))
+        sink.put("c", torch.tensor([float("nan"), 1.5]).double())
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [3, "a", "b", "c"]  # counters first, as numbers
+    assert json.loads(lines[1]) == {"id": "a", "value_0": 3.0, "value_1": 4.0}
+    assert np.isnan(json.loads(lines[3])["value_0"])
+    assert verify(str(tmp_path)).ok
+
+
+@pytest.mark.parametrize("fmt", [CsvFormat(columns=["p", "q"]), JsonlFormat(columns=["p", "q"])])
+def test_named_columns_and_list_cells(tmp_path: Path, fmt: Any) -> None:
+    with Sink(tmp_path, format=fmt) as sink:
+        sink.put_batch([0, 1], torch.tensor([[[0.25, 0.75], [1.0, 0.0]], [[0.5, 0.5], [0.0, 1.0]]]))
+    if fmt.name == "csv":
+        rows = _csv_rows(tmp_path / "predictions.csv")
+        assert rows[0] == {"id": "0", "p": "[0.25, 0.75]", "q": "[1.0, 0.0]"}
+    else:
+        lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+        assert json.loads(lines[1]) == {"id": 1, "p": [0.5, 0.5], "q": [0.0, 1.0]}
+
+
+def test_table_arguments_and_shapes_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="other than 'id'"):
+        CsvFormat(columns=["id", "x"])
+    with pytest.raises(ConfigurationError, match="plain file name"):
+        CsvFormat(filename="sub/table.csv")
+    with pytest.raises(PredictionError, match=r"scalar or vector.*zarr"):
+        CsvFormat().check(torch.ones(2, 2))
+    with pytest.raises(PredictionError, match="2 columns"):
+        CsvFormat(columns=["a", "b"]).check(torch.ones(3))
+
+
+def test_a_big_table_is_merged_in_several_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_table, "_PART_ROWS", 16)
+    monkeypatch.setattr(_table, "_FAN_IN", 3)
+    values = torch.randn(400)
+    order = torch.randperm(400, generator=torch.Generator().manual_seed(0))
+    with Sink(tmp_path, format="csv", concurrency=4) as sink:
+        for start in range(0, 400, 9):
+            chosen = order[start : start + 9]
+            sink.put_batch(chosen.tolist(), values[chosen])
+    rows = _csv_rows(tmp_path / "predictions.csv")
+    assert [int(r["id"]) for r in rows] == list(range(400))
+    np.testing.assert_array_equal(np.array([r["value"] for r in rows], dtype=np.float32), values.numpy())
+    assert not (tmp_path / "_table_parts").exists()
+
+
+def test_stale_parts_of_an_interrupted_run_are_left_out(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), Sink(tmp_path, format="csv") as sink:
+        sink.put_batch(range(10), torch.full((10,), 9.0))
+        sink.flush()
+        raise RuntimeError("killed")
+    with Sink(tmp_path, format="csv") as sink:  # overwrite: a new run with fewer, different rows
+        sink.put_batch(range(4), torch.ones(4))
+    rows = _csv_rows(tmp_path / "predictions.csv")
+    assert rows == [{"id": str(i), "value": "1.0"} for i in range(4)]
+    assert verify(str(tmp_path)).ok
+
+
+def test_resume_keeps_the_rows_of_the_committed_table(tmp_path: Path) -> None:
+    with Sink(tmp_path, format="jsonl") as sink:
+        sink.put_batch(range(0, 10, 2), torch.arange(0, 10, 2))
+    with Sink(tmp_path, format="jsonl", mode="resume") as sink:
+        sink.put_batch(range(10), torch.arange(10))
+        assert sink.stats.skipped == 5
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"id": i, "value": i} for i in range(10)]
+    assert verify(str(tmp_path)).ok
+
+
+def test_verify_parses_table_rows(tmp_path: Path) -> None:
+    with Sink(tmp_path, format="csv") as sink:
+        sink.put_batch(range(5), torch.arange(5))
+    table = tmp_path / "predictions.csv"
+    table.write_text(table.read_text().replace("3,3\n", "3,8\n").replace("4,4\n", "") + "9,9\n")
+    problems = {(p.id, p.kind) for p in verify(str(tmp_path)).problems}
+    assert problems == {("3", "checksum"), ("4", "missing"), ("9", "mismatch")}
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "csv", "jsonl"])
+def test_verify_checks_the_rows_of_an_uncommitted_run(tmp_path: Path, fmt: str) -> None:
+    with pytest.raises(RuntimeError), Sink(tmp_path, format=fmt, num_samples=20) as sink:
+        sink.put_batch(range(12), torch.arange(12.0))
+        sink.flush()
+        raise RuntimeError("killed")
+    result = verify(str(tmp_path))
+    assert result.records == result.checked == 12
+    assert [p.kind for p in result.problems] == ["incomplete"]  # rows found where the run left them
+
+
+class _Outputs(DemoModel):
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        images, labels = batch
+        scores = self(images).mean(dim=(1, 2))
+        return {"id": [f"case-{int(i):03d}" for i in labels], "pred": scores, "target": labels, "extra": "ignored"}
+
+
+class _Labelled(SyntheticImages):
+    def __getitem__(self, index: int) -> Any:  # type: ignore[override]
+        return super().__getitem__(index), index
+
+
+def test_csv_writer_is_lighters_drop_in(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "scores.csv"
+    writer = CsvWriter(path, keys=["id", "pred", "target"])
+    assert writer.path == str(path)
+    _trainer(writer).predict(_Outputs(), DataLoader(_Labelled(40, size=8), batch_size=16), return_predictions=False)
+    rows = _csv_rows(path)
+    assert list(rows[0]) == ["id", "pred", "target"]
+    assert [r["id"] for r in rows] == [f"case-{i:03d}" for i in range(40)]
+    assert [float(r["target"]) for r in rows] == list(range(40))
+    expected = _expected(40, 8).mean(dim=(1, 2)).numpy()
+    np.testing.assert_allclose(np.array([r["pred"] for r in rows], dtype=np.float32), expected, rtol=1e-5, atol=1e-6)
+    assert (path.parent / "_SUCCESS").exists()
+
+
+def test_csv_writer_explains_missing_keys_and_text_values(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="besides 'id'"):
+        CsvWriter(tmp_path / "p.csv", keys=["id"])
+    writer = CsvWriter(tmp_path / "p.csv", keys=["pred", "nope"])
+    with pytest.raises(PredictionError, match=r"\['nope'\] are not in"):
+        _trainer(writer).predict(_Outputs(), DataLoader(_Labelled(4, size=8), batch_size=2), return_predictions=False)
+    writer = CsvWriter(tmp_path / "p.csv", keys=["pred", "id2"])
+
+    class Named(_Outputs):
+        def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+            return {**super().predict_step(batch, batch_idx), "id2": ["a", "b"]}
+
+    with pytest.raises(PredictionError, match="'id2' must hold numbers"):
+        _trainer(writer).predict(Named(), DataLoader(_Labelled(4, size=8), batch_size=2), return_predictions=False)
+
+
+@pytest.mark.s3
+def test_csv_writer_to_s3(s3_server: S3Server, s3_bucket: str) -> None:
+    writer = CsvWriter(
+        f"s3://{s3_bucket}/run/table.csv", keys=["pred", "target"], storage_options=s3_server.storage_options
+    )
+    _trainer(writer).predict(_Outputs(), DataLoader(_Labelled(30, size=8), batch_size=8), return_predictions=False)
+    client = s3_server.client()
+    text = client.get_object(Bucket=s3_bucket, Key="run/table.csv")["Body"].read().decode()
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [int(r["id"]) for r in rows] == list(range(30))
+    assert [float(r["target"]) for r in rows] == list(range(30))
+    listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="run/")["Contents"]
+    assert not [o["Key"] for o in listed if "_table_parts" in o["Key"]]
+    assert verify(f"s3://{s3_bucket}/run", s3_server.storage_options).ok
+
+
+# ---------------------------------------------------------------------- two DDP ranks
+
+
+def _run_job(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(JOB), url, "--devices", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_table(tmp_path: Path) -> None:
+    out = tmp_path / "table"
+    result = _run_job(str(out), "--n", "301", "--format", "csv", "--summarise")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _csv_rows(out / "predictions.csv")
+    assert [int(r["id"]) for r in rows] == list(range(301))
+    stored = np.array([[float(r["value_0"]), float(r["value_1"])] for r in rows], dtype=np.float32)
+    np.testing.assert_allclose(stored, _summary(_expected(301, 8)).numpy(), rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "_SUCCESS").read_text())["world_size"] == 2
+    assert not (out / "_table_parts").exists()
+    assert verify(str(out)).ok
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_zarr_array(tmp_path: Path) -> None:
+    out = tmp_path / "array"
+    result = _run_job(str(out), "--n", "301", "--format", "zarr")
+    assert result.returncode == 0, result.stderr[-3000:]
+    array = zarr.open_array(str(out), mode="r")
+    assert array.shape == (301, 8, 8)
+    np.testing.assert_allclose(array[:], _expected(301, 8).numpy(), rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "_SUCCESS").read_text())["count"] == 301
+    assert verify(str(out)).ok
