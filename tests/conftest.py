@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 
 # Dummy credentials for the loopback server; set before botocore reads the environment.
@@ -43,30 +45,27 @@ class S3Server:
         return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """moto's S3 server on a free loopback port, in its own process; stopped when the session ends."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-u", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+@contextlib.contextmanager
+def running_process(command: list[str], ready: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server in its own process until the block ends; yield once it printed ``ready``.
+
+    Its output is read until that line (no polling, no sleeps) and then drained for the rest of its life, so
+    that a full pipe never blocks the server. The process is stopped however the block ends.
+    """
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    drain: subprocess.Popen[bytes] | None = None
     try:
         assert process.stdout is not None
-        # Werkzeug announces the listening socket once it is bound: read until then (no polling, no sleeps).
         seen = []
         for raw in process.stdout:
-            line = raw.decode(errors="replace")
-            seen.append(line)
-            if "Running on" in line:
+            seen.append(raw.decode(errors="replace"))
+            if ready in seen[-1]:
                 break
         else:
-            raise RuntimeError(f"moto server exited before listening: {''.join(seen)}")
-        # Keep draining its output so the pipe never fills and blocks the server.
+            raise RuntimeError(f"{command[0]} exited before it was ready: {''.join(seen)}")
         drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=subprocess.DEVNULL)
         process.stdout.close()  # cat holds its own copy
-        yield S3Server(f"http://127.0.0.1:{port}", process)
+        yield process
     finally:
         process.terminate()
         try:
@@ -74,7 +73,31 @@ def s3_server() -> Iterator[S3Server]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    drain.wait(timeout=10)
+        if drain is not None:
+            drain.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server on a free loopback port, in its own process; stopped when the session ends."""
+    port = free_port()
+    command = [sys.executable, "-u", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    # Werkzeug announces the listening socket once it is bound.
+    with running_process(command, "Running on") as process:
+        yield S3Server(f"http://127.0.0.1:{port}", process)
+
+
+def quiet_trainer(*callbacks: pl.Callback) -> pl.Trainer:
+    """A CPU Trainer with nothing but the given callbacks: no logger, bar, summary or checkpoints."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
 
 
 @pytest.fixture

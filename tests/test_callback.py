@@ -14,18 +14,7 @@ from lighter_sink import FormatNotFoundError, PredictionError, PredictionSink, W
 from lighter_sink._demo import DemoModel, SyntheticImages
 from tests import _faulty
 from tests.conftest import S3Server
-
-
-def _trainer(sink: PredictionSink) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=[sink],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+from tests.conftest import quiet_trainer as _trainer
 
 
 def _expected(n: int, size: int = 64) -> torch.Tensor:

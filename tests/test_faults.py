@@ -21,7 +21,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -31,20 +30,9 @@ from lighter_sink import DestinationError, IdentifierError, PredictionError, Pre
 from lighter_sink._demo import DemoModel, SyntheticImages
 from tests._proxy import FaultProxy
 from tests.conftest import S3Server, free_port
+from tests.conftest import quiet_trainer as _trainer
 
 JOB = Path(__file__).with_name("_fault_job.py")
-
-
-def _trainer(*callbacks: pl.Callback) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=list(callbacks),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
 
 
 def _expected(n: int, size: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -22,20 +21,9 @@ from lighter_sink._verify import verify
 from lighter_sink.formats import CsvFormat, JsonlFormat, _table, available_formats
 from lighter_sink.lighter import CsvWriter
 from tests.conftest import S3Server
+from tests.conftest import quiet_trainer as _trainer
 
 JOB = Path(__file__).with_name("_job.py")
-
-
-def _trainer(sink: PredictionSink) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=[sink],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
 
 
 def _expected(n: int, size: int) -> torch.Tensor:

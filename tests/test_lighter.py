@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from lighter_sink import ConfigurationError, FormatNotFoundError, PredictionSink
 from lighter_sink.formats import get_format
 from lighter_sink.lighter import FileWriter
+from tests.conftest import quiet_trainer as _trainer
 
 # ---------------------------------------------------------------- Lighter 0.1's writers, as a reference
 # What lighter/callbacks/writer/file.py did, synchronously and locally (torchvision's PNG encoder replaced by
@@ -91,18 +92,6 @@ class _Cases(Dataset[dict[str, Any]]):
 class _System(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return {"pred": batch["input"].flip(-1), "name": batch["id"]}
-
-
-def _trainer(callback: pl.Callback) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
 
 
 def _predict(callback: pl.Callback, dataset: _Cases) -> list[dict[str, Any]]:
