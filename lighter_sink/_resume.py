@@ -9,6 +9,7 @@ from fsspec.core import url_to_fs
 from torch.utils.data import Dataset, Subset
 
 from lighter_sink._ids import KeyTemplate
+from lighter_sink._manifest import MANIFEST, PARTS, decode_records
 from lighter_sink._store import is_local_url, local_path
 from lighter_sink.formats import Format, get_format
 
@@ -63,5 +64,12 @@ def remaining(
     except FileNotFoundError:
         found = []
     stored = {path[len(root) + 1 :] for path in found if path.startswith(root + "/")}
-    missing = [i for i in range(total) if template.render(i) + fmt.extension not in stored]
+    if fmt.per_item_objects:
+        missing = [i for i in range(total) if template.render(i) + fmt.extension not in stored]
+    else:
+        # rows of an array or a table: what the manifest and its parts record
+        recorded: set[str] = set()
+        for name in sorted(k for k in stored if k == MANIFEST or (k.startswith(PARTS + "/") and k.endswith(".jsonl"))):
+            recorded.update(record.id for record in decode_records(fs.cat_file(f"{root}/{name}")))
+        missing = [i for i in range(total) if str(i) not in recorded]
     return RemainingSubset(dataset, missing)

@@ -306,3 +306,15 @@ def test_resume_skips_stored_ids_and_records_unrecorded_objects(tmp_path: Path) 
     assert records[6]["shape"] == [1]
     assert not list(tmp_path.glob(".*.tmp"))
     assert json.loads((tmp_path / "_SUCCESS").read_text())["count"] == 10
+
+
+def test_remaining_reads_the_manifest_for_row_formats(tmp_path: Path) -> None:
+    from lighter_sink import remaining
+
+    with Sink(tmp_path / "t", format="csv") as sink:
+        sink.put_batch(range(0, 10, 2), torch.arange(5.0))
+    todo = remaining(str(tmp_path / "t"), list(range(10)), format="csv")  # type: ignore[arg-type]
+    assert list(todo.indices) == [1, 3, 5, 7, 9]
+    with Sink(tmp_path / "n") as sink:
+        sink.put_batch([0, 3], torch.ones(2, 1))
+    assert list(remaining(str(tmp_path / "n"), list(range(5))).indices) == [1, 2, 4]  # type: ignore[arg-type]
