@@ -364,6 +364,23 @@ _temp_counter = itertools.count()
 _DIR_FDS = 256  # directory descriptors a local store keeps open at most
 
 
+_SMALL = 64 * 2**10  # below this, one joined write beats a gathered one
+
+
+def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:
+    """Write every buffer to ``fd``, in order, whatever the kernel accepts per call."""
+    if len(buffers) > 1 and sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers) <= _SMALL:
+        buffers = (b"".join(buffers),)
+    pending = [memoryview(b).cast("B") for b in buffers]
+    while pending:
+        written = os.writev(fd, pending) if len(pending) > 1 else os.write(fd, pending[0])
+        while pending and written >= pending[0].nbytes:
+            written -= pending[0].nbytes
+            pending.pop(0)
+        if pending and written:
+            pending[0] = pending[0][written:]
+
+
 def _is_temporary(name: str) -> bool:
     """Names of :class:`_LocalStore`'s temporary files: ``.{name}.{pid}.{n}.tmp``."""
     return name.startswith(".") and name.endswith(".tmp")
@@ -415,25 +432,20 @@ class _LocalStore(Store):
         return fd
 
     def _write(self, key: str, buffers: Sequence[Buffer]) -> None:
-        directory, name = os.path.split(os.path.join(self._root, key))
+        if "/" in key:
+            directory, name = os.path.split(os.path.join(self._root, key))
+        else:
+            directory, name = self._root, key
         dir_fd = self._directory_fd(directory)
+        # A hidden temporary name in the same directory: rename is atomic only within one filesystem.
+        temp = f".{name}.{self._pid}.{next(_temp_counter)}.tmp"
         if dir_fd is None:
             name = os.path.join(directory, name)
-        # A hidden temporary name in the same directory: rename is atomic only within one filesystem.
-        temp = f".{os.path.basename(name)}.{self._pid}.{next(_temp_counter)}.tmp"
-        if dir_fd is None:
             temp = os.path.join(directory, temp)
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
         try:
             try:
-                pending = [memoryview(b).cast("B") for b in buffers]
-                while pending:
-                    written = os.writev(fd, pending)
-                    while pending and written >= pending[0].nbytes:
-                        written -= pending[0].nbytes
-                        pending.pop(0)
-                    if pending and written:
-                        pending[0] = pending[0][written:]
+                _write_all(fd, buffers)
             finally:
                 os.close(fd)
             os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
