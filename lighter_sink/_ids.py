@@ -30,11 +30,6 @@ class RankCounter:
         self.world_size = world_size
         self._next = rank
 
-    @property
-    def next_id(self) -> int:
-        """The id the next sample will get."""
-        return self._next
-
     def take(self, count: int) -> range:
         """Reserve ``count`` consecutive ids of this rank and return them."""
         if count < 0:
@@ -42,9 +37,6 @@ class RankCounter:
         start = self._next
         self._next += count * self.world_size
         return range(start, self._next, self.world_size)
-
-    def reset(self) -> None:
-        self._next = self.rank
 
 
 def validate_identifier(identifier: object) -> str:
