@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(BIN)/lighter-sink demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check lighter_sink tests benchmarks
-	$(BIN)/ruff format --check lighter_sink tests benchmarks
+	$(BIN)/ruff check lighter_sink tests benchmarks examples
+	$(BIN)/ruff format --check lighter_sink tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
