@@ -17,7 +17,7 @@ from lighter_sink._errors import ConfigurationError, DestinationError, Predictio
 from lighter_sink._ids import RankCounter, validate_identifiers
 from lighter_sink._resume import RemainingSubset
 from lighter_sink._sink import DEFAULT_CONCURRENCY, DEFAULT_MAX_QUEUE_BYTES, Backend, Mode, Sink, _num_samples
-from lighter_sink._store import is_local_url, local_path
+from lighter_sink._store import check_local_destination, is_local_url, local_path
 from lighter_sink.formats import Format, get_format
 
 __all__ = ["PredictionSink"]
@@ -126,12 +126,7 @@ class PredictionSink(Callback):
         if is_local_url(url):
             path = local_path(url)
             if trainer.is_global_zero:
-                if os.path.exists(path) and not os.path.isdir(path):
-                    raise DestinationError(f"{url} is a regular file; expected a directory (or a new path)")
-                try:
-                    os.makedirs(path, exist_ok=True)
-                except OSError as exc:
-                    raise DestinationError(f"cannot create the directory {path}: {exc.strerror}") from exc
+                check_local_destination(path)
             strategy.barrier("lighter_sink.setup")
             if not os.path.isdir(path):
                 raise DestinationError(

@@ -55,7 +55,7 @@ from lighter_sink._manifest import (
     write_success,
 )
 from lighter_sink._staging import HostBatch, stage
-from lighter_sink._store import RetryPolicy, Store, is_local_url, local_path, open_store
+from lighter_sink._store import RetryPolicy, Store, check_local_destination, is_local_url, local_path, open_store
 from lighter_sink._version import __version__
 from lighter_sink.formats import Buffer, Format, FormatWriter, WriterContext, get_format
 
@@ -242,6 +242,13 @@ class _Engine:
         # model computes its first batches. Refusing a url (mode="error"), resuming and several ranks need
         # the answer first.
         self._deferred_open = self.world_size == 1 and self.mode == "overwrite"
+        if self._deferred_open and is_local_url(self.url):
+            try:
+                check_local_destination(local_path(self.url))  # microseconds: a bad path fails right here
+            except BaseException:
+                self._shutdown(abort=True)
+                self.state = SinkState.ABORTED
+                raise
         if self._deferred_open:
             self._service, _ = self._portal.start_task(self._serve)
             self.state = SinkState.RUNNING
@@ -480,10 +487,6 @@ class _Engine:
     # ------------------------------------------------------------------ the event loop's side
 
     async def _aopen(self) -> None:
-        if is_local_url(self.url) and self.rank == 0:
-            path = local_path(self.url)
-            if os.path.exists(path) and not os.path.isdir(path):
-                raise DestinationError(f"{self.url} is a regular file; expected a directory (or a new path)")
         self._part_lock = anyio.Lock()
         self._loop = asyncio.get_running_loop()
         self._store = await open_store(
@@ -518,13 +521,7 @@ class _Engine:
         store = self._store
         assert store is not None
         if store.is_local:
-            path = local_path(self.url)
-            try:
-                await anyio.to_thread.run_sync(lambda: os.makedirs(path, exist_ok=True))
-            except OSError as exc:
-                raise DestinationError(f"cannot create the directory {path}: {exc.strerror}") from exc
-            if not os.access(path, os.W_OK | os.X_OK):
-                raise DestinationError(f"the directory {path} is not writable")
+            await anyio.to_thread.run_sync(check_local_destination, local_path(self.url))
         if self.mode == "error":
             existing = await store.list()
             if existing:

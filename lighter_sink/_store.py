@@ -27,6 +27,7 @@ import anyio.to_thread
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
+from lighter_sink._errors import DestinationError
 from lighter_sink.formats import Buffer
 
 __all__ = ["RetryPolicy", "Store", "is_transient", "open_store"]
@@ -547,6 +548,18 @@ class _LocalStore(Store):
             return sorted(keys)
 
         return await anyio.to_thread.run_sync(walk, limiter=self._limiter)
+
+
+def check_local_destination(path: str) -> None:
+    """Refuse a local destination that is a regular file or cannot be created and written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DestinationError(f"{path} is a regular file; expected a directory (or a new path)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise DestinationError(f"cannot create the directory {path}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DestinationError(f"the directory {path} is not writable")
 
 
 def protocol_of(url: str) -> str:
