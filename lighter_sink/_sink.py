@@ -231,52 +231,42 @@ class _Engine:
     # ------------------------------------------------------------------ lifecycle
 
     def open(self) -> None:
-        all_ok = self.all_ok or _default_all_ok(self.world_size)
-        self.all_ok = all_ok
+        self.all_ok = self.all_ok or _default_all_ok(self.world_size)
         self._opened_at = time.perf_counter()
         self._portal_cm = start_blocking_portal(backend="asyncio")
         self._portal = self._portal_cm.__enter__()
-        self._loop = self._portal.call(asyncio.get_running_loop)
+        try:
+            self._start(self._portal, self.all_ok)
+        except BaseException:
+            self._shutdown(abort=True)
+            self.state = SinkState.ABORTED
+            raise
+        self.state = SinkState.RUNNING
+
+    def _start(self, portal: BlockingPortal, all_ok: Callable[[bool], bool]) -> None:
+        self._loop = portal.call(asyncio.get_running_loop)
         # A single process overwriting needs no agreement and no answer before compute starts: the store is
         # created (a client's start-up costs a few hundred milliseconds on S3) and the url prepared while the
         # model computes its first batches. Refusing a url (mode="error"), resuming and several ranks need
         # the answer first.
         self._deferred_open = self.world_size == 1 and self.mode == "overwrite"
-        if self._deferred_open and is_local_url(self.url):
-            try:
-                check_local_destination(local_path(self.url))  # microseconds: a bad path fails right here
-            except BaseException:
-                self._shutdown(abort=True)
-                self.state = SinkState.ABORTED
-                raise
         if self._deferred_open:
-            self._service, _ = self._portal.start_task(self._serve)
-            self.state = SinkState.RUNNING
-            return
-        error: BaseException | None = None
-        try:
-            self._portal.call(self._aopen)
-            if self.rank == 0:
-                self._portal.call(self._prepare_destination)
-        except BaseException as exc:
-            error = exc
-        # Nobody writes before rank 0 removed a stale marker; nobody runs if any rank could not open.
-        agreed = all_ok(error is None)
-        if error is not None or not agreed:
-            self._shutdown(abort=True)
-            self.state = SinkState.ABORTED
-            if error is not None:
-                raise error
-            raise DestinationError(f"another rank could not open {self.url}; see its error")
-        if self.mode == "resume":
+            if is_local_url(self.url):
+                check_local_destination(local_path(self.url))  # microseconds: a bad path fails right here
+        else:
+            error: BaseException | None = None
             try:
-                self._portal.call(self._scan_stored)
-            except BaseException:
-                self._shutdown(abort=True)
-                self.state = SinkState.ABORTED
-                raise
-        self._service, _ = self._portal.start_task(self._serve)
-        self.state = SinkState.RUNNING
+                portal.call(self._aopen)
+                if self.rank == 0:
+                    portal.call(self._prepare_destination)
+            except BaseException as exc:
+                error = exc
+            # Nobody writes before rank 0 removed a stale marker; nobody runs if any rank could not open.
+            if not all_ok(error is None) or error is not None:
+                raise error or DestinationError(f"another rank could not open {self.url}; see its error")
+            if self.mode == "resume":
+                portal.call(self._scan_stored)
+        self._service, _ = portal.start_task(self._serve)
 
     def abort(self) -> None:
         if self.state in (SinkState.RUNNING, SinkState.COMMITTING):
