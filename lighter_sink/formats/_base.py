@@ -76,6 +76,16 @@ class FormatWriter:
         """Release resources; called on every rank, after a commit or an abort."""
 
 
+# dtypes numpy has no type for: torch stores them (format "pt"), numpy-based formats refuse them up front
+NON_NUMPY_DTYPES = frozenset({torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2})
+
+
+def require_numpy_dtype(value: torch.Tensor, message: str) -> None:
+    """Raise :class:`PredictionError` with ``message`` (``{dtype}`` filled in) when numpy cannot hold ``value``."""
+    if value.dtype in NON_NUMPY_DTYPES or value.is_quantized:
+        raise PredictionError(message.format(dtype=value.dtype))
+
+
 class Format:
     """Base class of formats; subclass it and register the instance with :func:`register_format`.
 

@@ -10,13 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lighter_sink._errors import PredictionError
-from lighter_sink.formats._base import EncodedItem, Format
+from lighter_sink.formats._base import EncodedItem, Format, require_numpy_dtype
 
 __all__ = ["NpyFormat"]
-
-# dtypes numpy cannot represent; .pt stores them.
-_UNSUPPORTED = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
 
 
 @functools.lru_cache(maxsize=256)
@@ -47,11 +43,11 @@ class NpyFormat(Format):
 
     def check(self, value: torch.Tensor) -> None:
         super().check(value)
-        if value.dtype in _UNSUPPORTED or value.is_quantized:
-            raise PredictionError(
-                f"format 'npy' cannot store dtype {value.dtype}: numpy has no such type; "
-                "cast the prediction (for example .float()) or use format='pt'"
-            )
+        require_numpy_dtype(
+            value,
+            "format 'npy' cannot store dtype {dtype}: numpy has no such type; "
+            "cast the prediction (for example .float()) or use format='pt'",
+        )
 
     def encode_rows(self, batch: torch.Tensor) -> list[EncodedItem]:
         # One numpy conversion and one header for the whole batch; each row is a view of the batch's memory.

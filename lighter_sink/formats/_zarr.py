@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from lighter_sink._errors import CommitError, ConfigurationError, IdentifierError, PredictionError
-from lighter_sink.formats._base import Format, FormatWriter, WriterContext
+from lighter_sink.formats._base import NON_NUMPY_DTYPES, Format, FormatWriter, WriterContext, require_numpy_dtype
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store as ZarrStore
@@ -63,8 +63,6 @@ METADATA = "zarr.json"
 CHUNKS = "c"
 # Rows per zarr write call: one call is one attempt of the sink's retry policy, and its timeout applies to it.
 _ROWS_PER_WRITE = 64
-# dtypes numpy (hence zarr) cannot represent
-_UNSUPPORTED = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
 
 
 def require_zarr() -> None:
@@ -194,11 +192,11 @@ class ZarrFormat(Format):
 
     def check(self, value: torch.Tensor) -> None:
         super().check(value)
-        if value.dtype in _UNSUPPORTED or value.is_quantized:
-            raise PredictionError(
-                f"format 'zarr' cannot store dtype {value.dtype}: numpy and zarr have no such type; "
-                "cast the prediction (for example .float())"
-            )
+        require_numpy_dtype(
+            value,
+            "format 'zarr' cannot store dtype {dtype}: numpy and zarr have no such type; "
+            "cast the prediction (for example .float())",
+        )
 
     def open_writer(self, context: WriterContext) -> FormatWriter:
         require_zarr()
@@ -368,7 +366,7 @@ def _check_compatible(existing: Any, wanted: Any, url: str) -> None:
 
 def _check_sample(identifier: str, sample: torch.Tensor, item_shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
     shape = tuple(sample.shape)
-    got = sample.numpy().dtype if sample.dtype not in _UNSUPPORTED else sample.dtype
+    got = sample.numpy().dtype if sample.dtype not in NON_NUMPY_DTYPES else sample.dtype
     if shape != item_shape or got != dtype:
         raise PredictionError(
             f"prediction {identifier!r} has shape {shape} and dtype {got}, but the zarr array holds rows of shape "
