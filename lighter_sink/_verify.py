@@ -23,6 +23,7 @@ import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from lighter_sink._checksum import crc32
 from lighter_sink._errors import IdentifierError
 from lighter_sink._ids import validate_identifier
 from lighter_sink._manifest import MANIFEST, SUCCESS, Record, decode_records, id_order, read_records
@@ -318,7 +319,7 @@ async def _check_objects(
 
 
 def _crc32(data: bytes) -> int:
-    return zlib.crc32(data)
+    return crc32(data, 0)
 
 
 async def _check_one(store: Store, record: Record) -> tuple[Problem | None, int]:

@@ -38,7 +38,6 @@ import contextlib
 import functools
 import os
 import shutil
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +46,7 @@ import anyio.to_thread
 import numpy as np
 import torch
 
+from lighter_sink._checksum import crc32
 from lighter_sink._errors import CommitError, ConfigurationError, IdentifierError, PredictionError
 from lighter_sink.formats._base import NON_NUMPY_DTYPES, Format, FormatWriter, WriterContext, require_numpy_dtype
 
@@ -76,7 +76,7 @@ def require_zarr() -> None:
 def row_checksum(row: np.ndarray[Any, Any]) -> tuple[int, int]:
     """``(nbytes, crc32)`` of one row's values as little-endian, C-ordered bytes (what the manifest records)."""
     data = np.ascontiguousarray(row, dtype=row.dtype.newbyteorder("<"))
-    return data.nbytes, zlib.crc32(data.reshape(-1).view(np.uint8).data if data.size else b"")
+    return data.nbytes, crc32(data.reshape(-1).view(np.uint8).data if data.size else b"", 0)
 
 
 async def open_zarr_store(
