@@ -35,7 +35,7 @@ class _ObstoreStore(Store):
         super().__init__(url, RetryPolicy(attempts=1, timeout=retry.timeout))
         self._store = store
 
-    async def _put_once(self, key: str, buffers: Sequence[Buffer]) -> None:
+    async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
         import obstore
 
         data = buffers[0] if len(buffers) == 1 else b"".join(buffers)

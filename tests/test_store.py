@@ -1,6 +1,9 @@
+import base64
 import errno
 import io
+import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -158,3 +161,44 @@ def test_obstore_backend_refuses_other_urls_and_unknown_options() -> None:
         pass
     with pytest.raises(ConfigurationError, match="backend must be one of"):
         Sink("memory://x", backend="rust")  # type: ignore[arg-type]
+
+
+@pytest.mark.s3
+def test_s3_uploads_carry_the_manifest_crc32_as_their_checksum(s3_server: S3Server, s3_bucket: str) -> None:
+    """The CRC-32 the sink computes for the manifest is the upload checksum the server verifies and keeps."""
+    url = f"s3://{s3_bucket}/crc"
+    values = torch.randn(6, 70_000)  # above the size from which bodies are copied outside the GIL
+    with Sink(url, storage_options=s3_server.storage_options) as sink:
+        sink.put_batch(range(6), values)
+    client = s3_server.client()
+    manifest = [
+        json.loads(line) for line in client.get_object(Bucket=s3_bucket, Key="crc/_manifest.jsonl")["Body"].iter_lines()
+    ]
+    assert len(manifest) == 6
+    for entry in manifest:
+        head = client.head_object(Bucket=s3_bucket, Key=f"crc/{entry['path']}", ChecksumMode="ENABLED")
+        assert base64.b64decode(head["ChecksumCRC32"]) == int(entry["crc32"], 16).to_bytes(4, "big")
+        body = client.get_object(Bucket=s3_bucket, Key=f"crc/{entry['path']}")["Body"].read()
+        np.testing.assert_array_equal(np.load(io.BytesIO(body)), values[int(entry["id"])].numpy())
+
+
+@pytest.mark.s3
+@pytest.mark.anyio
+async def test_s3_upload_checksum_is_the_callers_not_recomputed(s3_server: S3Server, s3_bucket: str) -> None:
+    """A given CRC-32 goes out as it is: botocore, seeing the header, computes none of its own."""
+    store = await open_store(f"s3://{s3_bucket}/sent", s3_server.storage_options, retry=RetryPolicy(attempts=1))
+    wrong = zlib.crc32(b"payload") ^ 1
+    try:
+        refused: BaseException | None = None
+        try:
+            await store.put("x.bin", [b"payload"], crc32=wrong)
+        except Exception as exc:  # a server that verifies checksums (S3, MinIO) refuses the body
+            refused = exc
+        if refused is not None:
+            assert "checksum" in str(refused).lower() or "digest" in str(refused).lower()
+            assert await store.list() == []
+        else:  # moto keeps what it was sent: the wrong value proves it was ours
+            head = s3_server.client().head_object(Bucket=s3_bucket, Key="sent/x.bin", ChecksumMode="ENABLED")
+            assert base64.b64decode(head["ChecksumCRC32"]) == wrong.to_bytes(4, "big")
+    finally:
+        await store.aclose()
