@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 import warnings
-import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -28,11 +27,13 @@ from typing import Any, Literal, Self
 
 import anyio
 import anyio.to_thread
+import numpy as np
 import torch
 from anyio.abc import TaskStatus
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from lighter_sink._checksum import crc32
 from lighter_sink._errors import (
     CommitError,
     ConfigurationError,
@@ -72,6 +73,8 @@ DEFAULT_CONCURRENCY = 16
 # Consecutive queued batches one worker takes at once: tiny predictions then cost one thread hop per group.
 _GROUP_ITEMS = 1024
 _GROUP_BYTES = 8 * 2**20
+# Workers that encode groups for object stores (CPU work in threads; the uploaders give the concurrency).
+_ENCODERS = 2
 # Records per manifest part: a killed run loses at most this many records (the objects stay, resume re-lists).
 _PART_RECORDS = 1024
 _LATENCY_SAMPLES = 4096
@@ -155,6 +158,8 @@ def _default_all_ok(world_size: int) -> Callable[[bool], bool]:
 
 
 _Encoded = tuple[str, Record, tuple[Buffer, ...]]
+# Objects of a group left unwritten because an earlier write failed: neither stored nor counted as failures.
+_NOT_WRITTEN = Exception("not written: an earlier write failed")
 
 
 @dataclass(slots=True)
@@ -162,6 +167,17 @@ class _Batch:
     ids: list[str]
     keys: list[str]  # object keys without the extension
     host: HostBatch
+
+
+@dataclass(slots=True, eq=False)
+class _Upload:
+    """A group whose objects the uploaders store one by one; the last one to finish settles the group."""
+
+    group: Sequence[_Batch]
+    encoded: list[_Encoded]
+    errors: list[BaseException | None]
+    left: int
+    started: float
 
 
 class _Engine:
@@ -557,7 +573,7 @@ class _Engine:
                 continue
             data = await store.get(path)
             shape, dtype = await anyio.to_thread.run_sync(self.format.describe, data)
-            self._records.append(Record(identifier, path, len(data), f"{zlib.crc32(data):08x}", shape, dtype))
+            self._records.append(Record(identifier, path, len(data), f"{crc32(data, 0):08x}", shape, dtype))
         await self._write_part()
 
     async def _serve(self, *, task_status: TaskStatus[None]) -> None:
@@ -579,9 +595,26 @@ class _Engine:
                     self._fail(exc, [])
                 finally:
                     self._opened.set()
-            async with anyio.create_task_group() as tg:
-                for _ in range(self.concurrency):
-                    tg.start_soon(self._worker, receive.clone())
+            try:
+                async with anyio.create_task_group() as tg:
+                    store = self._store
+                    if self._writer is None and store is not None and store.write_many is None:
+                        # Object stores: a few workers encode groups off the loop and hand each object to a
+                        # fixed pool of `concurrency` uploaders (no task, no queueing under a timeout per object).
+                        upload_send, upload_receive = anyio.create_memory_object_stream[tuple[_Upload, int]](0)
+                        with upload_send, upload_receive:
+                            for _ in range(self.concurrency):
+                                tg.start_soon(self._uploader, store, upload_receive.clone())
+                            for _ in range(min(self.concurrency, _ENCODERS)):
+                                tg.start_soon(self._worker, receive.clone(), upload_send.clone())
+                    else:
+                        for _ in range(self.concurrency):
+                            tg.start_soon(self._worker, receive.clone(), None)
+            finally:
+                # Cancelled (abort): what was queued will never be written; wake any put waiting for room.
+                with self._cond:
+                    self._held_bytes = self._pending = 0
+                    self._cond.notify_all()
 
     def _hand_over(self) -> None:
         with self._cond:
@@ -603,17 +636,71 @@ class _Engine:
         if group:
             self._send.send_nowait(group)
 
-    async def _worker(self, receive: MemoryObjectReceiveStream[list[_Batch]]) -> None:
-        async with receive:
+    async def _worker(
+        self,
+        receive: MemoryObjectReceiveStream[list[_Batch]],
+        uploads: MemoryObjectSendStream[tuple[_Upload, int]] | None,
+    ) -> None:
+        async with receive, contextlib.AsyncExitStack() as stack:
+            if uploads is not None:
+                await stack.enter_async_context(uploads)
             async for group in receive:
+                handed_over = False
                 try:
                     if self._error is None:
-                        await self._write_group(group)
+                        if uploads is None:
+                            await self._write_group(group)
+                        else:
+                            encoded = await anyio.to_thread.run_sync(self._encode, group, True)
+                            upload = _Upload(group, encoded, [None] * len(encoded), len(encoded), time.perf_counter())
+                            handed_over = bool(encoded)  # from here on, the upload of its last object releases it
+                            for index in range(len(encoded)):
+                                await uploads.send((upload, index))
                 except Exception as exc:
                     self._fail(exc, [i for b in group for i in b.ids])
                 finally:
-                    for batch in group:
-                        self._release(batch.host.nbytes)
+                    if not handed_over:
+                        for batch in group:
+                            self._release(batch.host.nbytes)
+
+    async def _uploader(self, store: Store, receive: MemoryObjectReceiveStream[tuple[_Upload, int]]) -> None:
+        async with receive:
+            async for upload, index in receive:
+                path, record, buffers = upload.encoded[index]
+                if self._error is None:
+                    try:
+                        await store.put(path, buffers, int(record.crc32, 16))  # the upload checksum, where sent
+                    except Exception as exc:
+                        upload.errors[index] = exc
+                else:
+                    upload.errors[index] = _NOT_WRITTEN
+                upload.left -= 1
+                if not upload.left:
+                    await self._uploaded(upload)
+
+    async def _uploaded(self, upload: _Upload) -> None:
+        """Every object of a group was tried: record what was stored, report what failed, free its bytes."""
+        try:
+            self._latencies.append(time.perf_counter() - upload.started)
+            await self._settle(upload.encoded, upload.errors)
+        except Exception as exc:
+            self._fail(exc, [i for b in upload.group for i in b.ids])
+        finally:
+            for batch in upload.group:
+                self._release(batch.host.nbytes)
+
+    async def _settle(self, encoded: Sequence[_Encoded], errors: Sequence[BaseException | None]) -> None:
+        stored = [record for (_, record, _), error in zip(encoded, errors, strict=True) if error is None]
+        self._items += len(stored)
+        self._bytes += sum(r.nbytes for r in stored)
+        self._records.extend(stored)
+        failed = [
+            (record.id, e) for (_, record, _), e in zip(encoded, errors, strict=True) if e not in (None, _NOT_WRITTEN)
+        ]
+        if failed:
+            self._fail(failed[0][1], [i for i, _ in failed])
+        elif len(self._records) >= _PART_RECORDS:
+            await self._write_part()
 
     def _encode(self, group: Sequence[_Batch], contiguous: bool = False) -> list[_Encoded]:
         out = []
@@ -625,11 +712,13 @@ class _Engine:
             for identifier, key, item in zip(batch.ids, batch.keys, encoded, strict=True):
                 crc = 0
                 for buffer in item.buffers:
-                    crc = zlib.crc32(buffer, crc)
+                    crc = crc32(buffer, crc)
                 path = key + extension
                 record = Record(identifier, path, item.nbytes, f"{crc:08x}", item.shape, item.dtype)
                 # one body for object stores, joined here on a worker thread rather than on the event loop
-                buffers = (b"".join(item.buffers),) if contiguous and len(item.buffers) > 1 else item.buffers
+                buffers = (
+                    (_joined(item.buffers, item.nbytes),) if contiguous and len(item.buffers) > 1 else item.buffers
+                )
                 out.append((path, record, buffers))
         return out
 
@@ -654,27 +743,17 @@ class _Engine:
         assert store is not None
         started = time.perf_counter()
         write_many = store.write_many
-        if write_many is not None:
-            # Encode and write in the same worker thread: one hop per group instead of two.
-            def encode_and_write() -> tuple[list[_Encoded], list[BaseException | None]]:
-                encoded = self._encode(group)
-                return encoded, write_many([(path, buffers) for path, _, buffers in encoded])
+        assert write_many is not None, "stores without write_many go through the uploaders"
+        # Encode and write in the same worker thread: one hop per group instead of two.
 
-            encoded, errors = await anyio.to_thread.run_sync(encode_and_write, limiter=store.limiter)
-            errors = await store.retry_failed([(path, buffers) for path, _, buffers in encoded], errors)
-        else:
-            encoded = await anyio.to_thread.run_sync(self._encode, group, store.contiguous_writes)
-            errors = await store.put_many([(path, buffers) for path, _, buffers in encoded])
+        def encode_and_write() -> tuple[list[_Encoded], list[BaseException | None]]:
+            encoded = self._encode(group)
+            return encoded, write_many([(path, buffers) for path, _, buffers in encoded])
+
+        encoded, errors = await anyio.to_thread.run_sync(encode_and_write, limiter=store.limiter)
+        errors = await store.retry_failed([(path, buffers) for path, _, buffers in encoded], errors)
         self._latencies.append(time.perf_counter() - started)
-        stored = [record for (_, record, _), error in zip(encoded, errors, strict=True) if error is None]
-        self._items += len(stored)
-        self._bytes += sum(r.nbytes for r in stored)
-        self._records.extend(stored)
-        failed = [(record.id, error) for (_, record, _), error in zip(encoded, errors, strict=True) if error]
-        if failed:
-            self._fail(failed[0][1], [i for i, _ in failed])
-        elif len(self._records) >= _PART_RECORDS:
-            await self._write_part()
+        await self._settle(encoded, errors)
 
     async def _write_part(self) -> None:
         assert self._part_lock is not None
@@ -956,6 +1035,27 @@ class Sink:
     def abort(self) -> None:
         """Stop the workers without committing. Safe to call in any state, and more than once."""
         self._engine.abort()
+
+
+_GIL_FREE_COPY = 64 * 2**10
+
+
+def _joined(buffers: Sequence[Buffer], nbytes: int) -> Buffer:
+    """The buffers as one ``bytearray`` (a body botocore and aiohttp send as it is, without a further copy).
+
+    Large bodies are copied by numpy, which releases the GIL while it copies (``bytes.join`` holds it for
+    anything but ``bytes`` parts), so the event loop keeps running while a worker builds the next body.
+    """
+    if nbytes < _GIL_FREE_COPY:
+        return bytearray().join(buffers)
+    body = bytearray(nbytes)
+    view = np.frombuffer(body, dtype=np.uint8)
+    position = 0
+    for buffer in buffers:
+        part = np.frombuffer(buffer, dtype=np.uint8)
+        view[position : position + part.size] = part
+        position += part.size
+    return body
 
 
 def _num_samples(values: object) -> int:

@@ -26,9 +26,21 @@ class Plan:
     files: dict[str, Any] = field(default_factory=dict)  # what the filesystem stores, by path
     writes: int = 0
     failures: int = 0
+    in_flight: int = 0
+    most_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_write(self, path: str) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            self._write(path)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _write(self, path: str) -> None:
         self.started.release()
         if self.gate is not None and not self.gate.wait(timeout=60):
             raise TimeoutError("the test never opened the gate")

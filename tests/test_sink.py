@@ -189,6 +189,20 @@ def test_backpressure_blocks_put_until_a_write_completes() -> None:
     assert sink.state is SinkState.COMMITTED
 
 
+def test_object_store_writes_in_flight_are_bounded_by_concurrency() -> None:
+    gate = threading.Event()
+    plan = _faulty.Plan(gate=gate)
+    with Sink("faulty://flight", storage_options=_faulty.options(plan), concurrency=3) as sink:
+        for i in range(12):
+            sink.put(i, torch.full((4,), float(i)))
+        for _ in range(3):  # three uploads start and are held by the gate
+            assert plan.started.acquire(timeout=30)
+        gate.set()
+    assert plan.most_in_flight == 3
+    assert sink.stats.items == 12
+    np.testing.assert_array_equal(np.load(io.BytesIO(_faulty.read(plan, "/flight/11.npy"))), [11.0] * 4)
+
+
 def test_a_failed_write_is_raised_on_flush_put_and_close() -> None:
     plan = _faulty.Plan(fail=PermissionError(13, "denied by the test"))
     sink = Sink("faulty://fail", storage_options=_faulty.options(plan), retries=3).open()
