@@ -651,7 +651,8 @@ class _Engine:
                         if uploads is None:
                             await self._write_group(group)
                         else:
-                            encoded = await anyio.to_thread.run_sync(self._encode, group, True)
+                            contiguous = self._store is not None and self._store.contiguous_writes
+                            encoded = await anyio.to_thread.run_sync(self._encode, group, contiguous)
                             upload = _Upload(group, encoded, [None] * len(encoded), len(encoded), time.perf_counter())
                             handed_over = bool(encoded)  # from here on, the upload of its last object releases it
                             for index in range(len(encoded)):
