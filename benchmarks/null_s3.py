@@ -43,6 +43,8 @@ def _kept(key: str) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive and 100-continue, as S3 clients expect
+    # Headers and body go out in two writes: without TCP_NODELAY the body waits for a delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
     server: _NullServer
 
     def log_message(self, format: str, *args: object) -> None:
