@@ -601,12 +601,17 @@ class _Engine:
                     if self._writer is None and store is not None and store.write_many is None:
                         # Object stores: a few workers encode groups off the loop and hand each object to a
                         # fixed pool of `concurrency` uploaders (no task, no queueing under a timeout per object).
-                        upload_send, upload_receive = anyio.create_memory_object_stream[tuple[_Upload, int]](0)
-                        with upload_send, upload_receive:
-                            for _ in range(self.concurrency):
-                                tg.start_soon(self._uploader, store, upload_receive.clone())
+                        # An asyncio queue, not an anyio stream: the loop is asyncio by design, and anyio's
+                        # checkpoints and events (each looking up the running library) were a quarter of the
+                        # loop's time on tiny objects. Bounded to one: encoders run at most one object ahead.
+                        uploads: asyncio.Queue[tuple[_Upload, int] | None] = asyncio.Queue(1)
+                        for _ in range(self.concurrency):
+                            tg.start_soon(self._uploader, store, uploads)
+                        async with anyio.create_task_group() as encoders:
                             for _ in range(min(self.concurrency, _ENCODERS)):
-                                tg.start_soon(self._worker, receive.clone(), upload_send.clone())
+                                encoders.start_soon(self._worker, receive.clone(), uploads)
+                        for _ in range(self.concurrency):
+                            await uploads.put(None)  # every group was handed over: the uploaders finish
                     else:
                         for _ in range(self.concurrency):
                             tg.start_soon(self._worker, receive.clone(), None)
@@ -639,11 +644,9 @@ class _Engine:
     async def _worker(
         self,
         receive: MemoryObjectReceiveStream[list[_Batch]],
-        uploads: MemoryObjectSendStream[tuple[_Upload, int]] | None,
+        uploads: asyncio.Queue[tuple[_Upload, int] | None] | None,
     ) -> None:
-        async with receive, contextlib.AsyncExitStack() as stack:
-            if uploads is not None:
-                await stack.enter_async_context(uploads)
+        async with receive:
             async for group in receive:
                 handed_over = False
                 try:
@@ -656,7 +659,7 @@ class _Engine:
                             upload = _Upload(group, encoded, [None] * len(encoded), len(encoded), time.perf_counter())
                             handed_over = bool(encoded)  # from here on, the upload of its last object releases it
                             for index in range(len(encoded)):
-                                await uploads.send((upload, index))
+                                await uploads.put((upload, index))
                 except Exception as exc:
                     self._fail(exc, [i for b in group for i in b.ids])
                 finally:
@@ -664,20 +667,20 @@ class _Engine:
                         for batch in group:
                             self._release(batch.host.nbytes)
 
-    async def _uploader(self, store: Store, receive: MemoryObjectReceiveStream[tuple[_Upload, int]]) -> None:
-        async with receive:
-            async for upload, index in receive:
-                path, record, buffers = upload.encoded[index]
-                if self._error is None:
-                    try:
-                        await store.put(path, buffers, int(record.crc32, 16))  # the upload checksum, where sent
-                    except Exception as exc:
-                        upload.errors[index] = exc
-                else:
-                    upload.errors[index] = _NOT_WRITTEN
-                upload.left -= 1
-                if not upload.left:
-                    await self._uploaded(upload)
+    async def _uploader(self, store: Store, uploads: asyncio.Queue[tuple[_Upload, int] | None]) -> None:
+        while (job := await uploads.get()) is not None:
+            upload, index = job
+            path, record, buffers = upload.encoded[index]
+            if self._error is None:
+                try:
+                    await store.put(path, buffers, int(record.crc32, 16))  # the upload checksum, where sent
+                except Exception as exc:
+                    upload.errors[index] = exc
+            else:
+                upload.errors[index] = _NOT_WRITTEN
+            upload.left -= 1
+            if not upload.left:
+                await self._uploaded(upload)
 
     async def _uploaded(self, upload: _Upload) -> None:
         """Every object of a group was tried: record what was stored, report what failed, free its bytes."""
@@ -716,10 +719,11 @@ class _Engine:
                     crc = crc32(buffer, crc)
                 path = key + extension
                 record = Record(identifier, path, item.nbytes, f"{crc:08x}", item.shape, item.dtype)
-                # one body for object stores, joined here on a worker thread rather than on the event loop
-                buffers = (
-                    (_joined(item.buffers, item.nbytes),) if contiguous and len(item.buffers) > 1 else item.buffers
-                )
+                # one body for object stores, joined here on a worker thread rather than on the event loop (small
+                # ones for every store: one small buffer costs any store less than two)
+                buffers = item.buffers
+                if len(buffers) > 1 and (contiguous or item.nbytes < _GIL_FREE_COPY):
+                    buffers = (_joined(buffers, item.nbytes),)
                 out.append((path, record, buffers))
         return out
 
