@@ -98,17 +98,49 @@ async def read_records(store: Store) -> dict[str, Record]:
     return records
 
 
+def _line_id_and_size(line: str) -> tuple[str, int]:
+    """The id and nbytes of a record line as :meth:`Record.to_json` writes it, without decoding the rest.
+
+    In ``{"id":<json string>,"path":...,"nbytes":N,...}`` the first ``,"path":`` ends the id (a quote inside a
+    JSON string is always escaped), and the first ``"nbytes":`` after the path starts the size (a path is a JSON
+    string too). Lines in any other layout are decoded whole.
+    """
+    end = line.find(',"path":', 6)
+    start = line.find('"nbytes":', end)
+    if not line.startswith('{"id":"') or end < 0 or start < 0 or line[end - 1] != '"':
+        record = Record.from_json(line)
+        return record.id, record.nbytes
+    start += 9
+    raw = line[6:end]
+    identifier = raw[1:-1] if "\\" not in raw else json.loads(raw)
+    return identifier, int(line[start : line.index(",", start)])
+
+
 async def merge_parts(store: Store) -> tuple[int, int]:
     """Write ``_manifest.jsonl`` from every part, sorted by id, then remove the parts it absorbed.
 
-    Returns the number of predictions and their bytes.
+    Works on the record lines as they are (an id and a size read from each, nothing re-encoded): a commit of a
+    million records costs seconds, not minutes. Returns the number of predictions and their bytes.
     """
     parts = [k for k in await store.list(PARTS) if k.endswith(".jsonl")]
-    records = await read_records(store)
-    ordered = [records[i] for i in sorted(records, key=id_order)]
-    await store.put(MANIFEST, [encode_records(ordered)])
+    lines: dict[str, tuple[str, int]] = {}  # id -> (line, nbytes); a later part wins over an earlier one
+    sources = [MANIFEST, *parts]
+    for key in sources:
+        try:
+            data = await store.get(key)
+        except FileNotFoundError:
+            continue
+        for line in data.decode().splitlines():
+            if line.strip():
+                identifier, nbytes = _line_id_and_size(line)
+                lines[identifier] = (line, nbytes)
+    numeric = sorted((i for i in lines if i.isdigit()), key=int)  # the order of id_order, without a key tuple
+    named = sorted(i for i in lines if not i.isdigit())
+    ordered = [lines[i] for i in (*numeric, *named)]
+    body = "".join(line + "\n" for line, _ in ordered).encode()
+    await store.put(MANIFEST, [body])
     await store.delete(parts)
-    return len(ordered), sum(r.nbytes for r in ordered)
+    return len(ordered), sum(nbytes for _, nbytes in ordered)
 
 
 async def write_success(store: Store, summary: Mapping[str, Any]) -> None:

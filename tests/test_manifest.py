@@ -1,0 +1,47 @@
+import json
+import os
+
+import pytest
+
+from lighter_sink._manifest import MANIFEST, Record, encode_records, merge_parts, part_key
+from lighter_sink._store import open_store
+
+
+def _record(identifier: str, nbytes: int, crc: str = "0000abcd") -> Record:
+    return Record(identifier, f"{identifier}.npy", nbytes, crc, (2, 3), "float32")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_merge_sorts_ids_keeps_the_latest_record_and_sums_sizes(tmp_path: os.PathLike[str]) -> None:
+    store = await open_store(str(tmp_path))
+    awkward = ['say "hi", ok', 'x,"path":"y"', "back\\slash", "ünï/cødé", "10", "9", "b", "a"]
+    first = [_record(i, n) for n, i in enumerate(awkward, start=1)]
+    await store.put(part_key(0, "t", 1), [encode_records(first)])
+    # a later part records "9" again (a rewrite): its record wins
+    await store.put(part_key(1, "t", 2), [encode_records([_record("9", 100, "ffffffff")])])
+    count, nbytes = await merge_parts(store)
+    lines = (await store.get(MANIFEST)).decode().splitlines()
+    ids = [json.loads(line)["id"] for line in lines]
+    assert ids == ["9", "10", "a", "b", "back\\slash", 'say "hi", ok', 'x,"path":"y"', "ünï/cødé"]
+    assert count == 8
+    assert nbytes == sum(n for n, i in enumerate(awkward, start=1) if i != "9") + 100
+    assert Record.from_json(lines[0]) == _record("9", 100, "ffffffff")
+    assert all(Record.from_json(line).to_json() == line for line in lines)  # lines pass through unchanged
+    assert await store.list("_parts") == []
+
+
+@pytest.mark.anyio
+async def test_merge_reads_lines_in_another_layout(tmp_path: os.PathLike[str]) -> None:
+    """A manifest line written by something else than Record.to_json (key order, spaces) still merges."""
+    store = await open_store(str(tmp_path))
+    foreign = json.dumps({"path": "3.npy", "id": "3", "crc32": "00000001", "nbytes": 7, "shape": [], "dtype": "u1"})
+    spaced = '{"id": "4","path":"4.npy","nbytes": 1,"crc32":"00000002","shape":[],"dtype":"u1"}'
+    await store.put(MANIFEST, [foreign.encode() + b"\n" + spaced.encode() + b"\n"])
+    await store.put(part_key(0, "t", 1), [encode_records([_record("1", 5)])])
+    assert await merge_parts(store) == (3, 13)
+    assert [json.loads(line)["id"] for line in (await store.get(MANIFEST)).decode().splitlines()] == ["1", "3", "4"]
