@@ -714,16 +714,16 @@ class _Engine:
             values = batch.host.ready()
             encoded = fmt.encode_rows(values) if isinstance(values, torch.Tensor) else fmt.encode_batch(values)
             for identifier, key, item in zip(batch.ids, batch.keys, encoded, strict=True):
-                crc = 0
-                for buffer in item.buffers:
-                    crc = crc32(buffer, crc)
-                path = key + extension
-                record = Record(identifier, path, item.nbytes, f"{crc:08x}", item.shape, item.dtype)
                 # one body for object stores, joined here on a worker thread rather than on the event loop (small
                 # ones for every store: one small buffer costs any store less than two)
                 buffers = item.buffers
                 if len(buffers) > 1 and (contiguous or item.nbytes < _GIL_FREE_COPY):
                     buffers = (_joined(buffers, item.nbytes),)
+                crc = 0
+                for buffer in buffers:
+                    crc = crc32(buffer, crc)
+                path = key + extension
+                record = Record(identifier, path, item.nbytes, f"{crc:08x}", item.shape, item.dtype)
                 out.append((path, record, buffers))
         return out
 

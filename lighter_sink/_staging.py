@@ -53,9 +53,12 @@ class HostBatch:
         return values.unbind(0) if isinstance(values, torch.Tensor) else values
 
 
-def _as_tensor(value: object, what: str) -> torch.Tensor:
+def _as_tensor(value: object, what: str | int) -> torch.Tensor:
+    """``value`` as a tensor; ``what`` names it in errors (an int: the prediction at that position)."""
     if isinstance(value, torch.Tensor):
         return value
+    if isinstance(what, int):
+        what = f"prediction {what}"
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise PredictionError(f"{what} is a numpy array of Python objects; expected numbers")
@@ -67,10 +70,11 @@ def _as_tensor(value: object, what: str) -> torch.Tensor:
 
 
 def _to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    tensor = tensor.detach()
-    if tensor.device.type == "cpu":
+    if tensor.requires_grad:  # (detach makes a new tensor object: skipped when there is no graph to drop)
+        tensor = tensor.detach()
+    if tensor.is_cpu:
         return tensor, None
-    if tensor.device.type == "cuda":
+    if tensor.is_cuda:
         stream = _side_stream(tensor.device)
         # The copy must see the producer's writes; the allocator must not recycle the source before it ran.
         stream.wait_stream(torch.cuda.current_stream(tensor.device))
@@ -94,11 +98,15 @@ def stage(values: object, count: int) -> HostBatch:
     if isinstance(values, list | tuple):
         if len(values) != count:
             raise PredictionError(f"got {len(values)} predictions for {count} ids; expected one per id")
-        tensors = [_as_tensor(v, f"prediction {i}") for i, v in enumerate(values)]
-        staged = [_to_host(t) for t in tensors]
-        events = [e for _, e in staged if e is not None]
-        hosts = [h for h, _ in staged]
-        nbytes = sum(h.nbytes for h in hosts)
+        hosts: list[torch.Tensor] = []
+        events: list[torch.cuda.Event] = []
+        nbytes = 0
+        for index, value in enumerate(values):  # (a plain loop: Sink.put comes through here once per sample)
+            host, event = _to_host(_as_tensor(value, index))
+            hosts.append(host)
+            nbytes += host.nbytes
+            if event is not None:
+                events.append(event)
         return HostBatch(hosts, count, nbytes, _waiter(events))
     tensor = _as_tensor(values, "the prediction batch")
     if tensor.ndim == 0:

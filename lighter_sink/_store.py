@@ -396,6 +396,11 @@ _SMALL = 64 * 2**10  # below this, one joined write beats a gathered one
 
 def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:
     """Write every buffer to ``fd``, in order, whatever the kernel accepts per call."""
+    if len(buffers) == 1 and isinstance(buffers[0], bytes | bytearray):  # the common case: one call
+        written = os.write(fd, buffers[0])
+        if written == len(buffers[0]):
+            return
+        buffers = (memoryview(buffers[0])[written:],)
     if len(buffers) > 1 and sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers) <= _SMALL:
         buffers = (b"".join(buffers),)
     pending = [memoryview(b).cast("B") for b in buffers]

@@ -18,9 +18,13 @@ __all__ = ["Buffer", "EncodedItem", "Format", "FormatWriter", "WriterContext"]
 Buffer = bytes | bytearray | memoryview
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EncodedItem:
-    """One prediction encoded: the buffers of its object in order (not joined, to avoid a copy)."""
+    """One prediction encoded: the buffers of its object in order (not joined, to avoid a copy).
+
+    (Not frozen: a frozen dataclass assigns every field through ``object.__setattr__``, and tiny predictions
+    create one of these each.)
+    """
 
     buffers: tuple[Buffer, ...]
     shape: tuple[int, ...]
@@ -30,7 +34,7 @@ class EncodedItem:
     def __post_init__(self) -> None:
         if self.nbytes < 0:
             size = sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in self.buffers)
-            object.__setattr__(self, "nbytes", size)
+            self.nbytes = size
 
 
 @dataclass(frozen=True, slots=True)
