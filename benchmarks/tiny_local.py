@@ -5,7 +5,9 @@ Side by side in one run (the machines are shared and noisy, so only ratios withi
   * put:        Sink.put, one call per prediction
   * put_batch:  Sink.put_batch, one call per batch of 64
 
-Usage: python -m benchmarks.tiny_local [-n 20000] [--repeat 3] [--json out.json]
+Usage: python -m benchmarks.tiny_local [-n 20000] [--repeat 3] [--dir PARENT] [--json out.json]
+
+``--dir /dev/shm`` writes to memory (tmpfs): the sink's own cost per prediction, without the disk's noise.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=20_000, help="predictions per run")
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant (the best is reported)")
+    parser.add_argument("--dir", type=Path, help="where to create the run's directories (default: the temp dir)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     values = torch.randn(args.n, 4)  # 16 bytes of data, 144-byte .npy files
@@ -58,7 +61,7 @@ def main() -> None:
     best = dict.fromkeys((name for name, _ in variants), float("inf"))
     # Variants interleaved, and directories removed only at the end: deleting tens of thousands of files
     # (with online discard on ext4) slows the file creations that follow it, which would skew the next variant.
-    root = Path(tempfile.mkdtemp(prefix="lighter-sink-bench-"))
+    root = Path(tempfile.mkdtemp(prefix="lighter-sink-bench-", dir=args.dir))
     try:
         for round_ in range(args.repeat):
             for name, run in variants:
@@ -68,11 +71,15 @@ def main() -> None:
     finally:
         shutil.rmtree(root)
     results = {name: args.n / seconds for name, seconds in best.items()}
-    print(f"{args.n} predictions of 4 float32 to local disk ({platform.node()}, {platform.processor() or 'cpu'}):")
+    print(
+        f"{args.n} predictions of 4 float32 under {root.parent} ({platform.node()}, {platform.processor() or 'cpu'}):"
+    )
     for name, rate in results.items():
         print(f"  {name:<22} {rate:>9,.0f} predictions/s   ({rate / results['raw np.save loop']:.2f}x raw)")
     if args.json:
-        args.json.write_text(json.dumps({"n": args.n, "predictions_per_second": results}, indent=2))
+        args.json.write_text(
+            json.dumps({"n": args.n, "directory": str(root.parent), "predictions_per_second": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":
