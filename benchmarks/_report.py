@@ -125,7 +125,9 @@ def overlap_markdown(data: dict[str, Any]) -> str:
         "",
         "Overlap efficiency = max(compute only, I/O only) / wall: 100% means writing cost nothing beyond the "
         "slower of the two (above 100%: noise in those references). Speedup = wall of (b) or (c) / wall of (d). "
-        "Wall times include the writer's flush and, for the sink, the manifest and `_SUCCESS` commit.",
+        "Wall times include the writer's flush and, for the sink, the manifest and `_SUCCESS` commit. I/O only on S3 "
+        "starts with creating the client (~0.3 s of botocore start-up in a fresh process), as each writer does "
+        "inside its own wall time; `python -m benchmarks.ceiling` compares steady-state rates without it.",
         "",
         "| storage | workload | compute s | I/O only s | (b) Lighter s | (c) BPW s | (d) sink s | (b) eff. | "
         "(c) eff. | (d) eff. | (d) vs (b) | (d) vs (c) |",

@@ -2,7 +2,8 @@
 
 For each storage and workload, each in a fresh process:
   (a) compute only       Trainer.predict with no writer
-  I/O only               raw writes of the same bytes at the same concurrency, no Lightning, no sink (the ceiling)
+  I/O only               raw writes of the same bytes at the same concurrency, no Lightning, no sink (the ceiling;
+                         on S3 from a fresh client, whose start-up every writer also pays)
   (b) Lighter-style      a callback that writes every prediction synchronously in on_predict_batch_end
   (c) BasePredictionWriter   Lightning's write_on_batch_end doing the same synchronous writes
   (d) PredictionSink     lighter-sink
