@@ -46,7 +46,7 @@ class PredictionSink(Callback):
         timeout: seconds one write attempt may take.
         mode: ``"overwrite"``, ``"resume"`` or ``"error"`` (see :class:`~lighter_sink.Sink`).
         backend: ``"fsspec"`` or ``"obstore"`` (S3 only, faster per request; see :class:`~lighter_sink.Sink`).
-        upload_checksums: let the storage client checksum upload bodies (see :class:`~lighter_sink.Sink`).
+        upload_checksums: have the server verify upload bodies (see :class:`~lighter_sink.Sink`).
         num_samples: samples in the run, for formats that size their output up front (``zarr``); by default
             the length of the (single) predict dataset.
         key: object key template, e.g. ``"{id:08d}"`` or ``"{hash:.2}/{id}"`` (see :class:`~lighter_sink.Sink`).

@@ -824,8 +824,9 @@ class Sink:
             object of an id is ``{url}/{key}{extension}``.
         backend: ``"fsspec"`` (any url) or ``"obstore"`` (S3 through the Rust object_store client: several
             times fewer CPU cycles per request; ``pip install 'lighter-sink[obstore]'``).
-        upload_checksums: let the storage client checksum each upload body (botocore's CRC32 on S3). Turning it
-            off saves CPU per byte; the manifest's crc32 still lets ``lighter-sink verify`` check every object.
+        upload_checksums: have the server verify each upload body. On S3 through s3fs the manifest's CRC-32 is
+            sent as the object's checksum (no extra client work); through obstore, obstore's SHA-256. Off, none
+            is sent; the manifest's crc32 still lets ``lighter-sink verify`` check every object.
         num_samples: number of samples in the run, for formats that size their output up front (``zarr``).
         rank: this process's rank; rank 0 prepares the url and commits.
         world_size: number of ranks writing to the url.

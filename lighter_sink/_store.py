@@ -616,7 +616,8 @@ def _s3_options(
     config.setdefault("max_pool_connections", max(10, concurrency + 4))
     # (botocore's max_attempts counts retries after the first try; total_max_attempts counts every try)
     config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
-    # botocore checksums every PUT body (CRC32) by default: a CPU cost per byte on the event loop's thread.
+    # botocore checksums every PUT body (CRC32) by default, a CPU cost per byte on the event loop's thread. The
+    # sink's own objects come with their CRC-32 and skip it; the rest (parts, manifest, marker) are small.
     config.setdefault("request_checksum_calculation", "when_supported" if upload_checksums else "when_required")
     if retry.timeout is not None:
         config.setdefault("connect_timeout", min(10.0, retry.timeout))
@@ -636,7 +637,8 @@ async def open_store(
     """Open the store for ``url``. Must run inside the event loop that will use the store.
 
     ``backend`` is ``"fsspec"`` (every protocol) or ``"obstore"`` (S3 only; see ``_obstore``).
-    ``upload_checksums`` lets the storage client checksum each upload body (botocore's CRC32 on S3).
+    ``upload_checksums`` has the server verify each upload body: on S3 through s3fs with the CRC-32 a caller
+    passes to :meth:`Store.put` (botocore computes its own CRC32 for bodies that come without one).
     """
     retry = retry or RetryPolicy()
     options = dict(storage_options or {})
