@@ -36,6 +36,7 @@ test: lint typecheck
 bench:
 	$(MAKE) install EXTRAS=dev,bench
 	$(BIN)/python -m benchmarks.overlap
+	$(BIN)/python -m benchmarks.ceiling --sizes 4KiB 1MiB --items 512
 	$(BIN)/python -m benchmarks.memory
 	$(BIN)/python -m benchmarks.tiny_local --json benchmarks/results/tiny_local.json
 

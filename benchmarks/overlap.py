@@ -36,9 +36,10 @@ from benchmarks._servers import S3_SERVERS, Server, s3_servers
 from benchmarks._spec import RunSpec, Workload, parse_workload
 
 STORAGES = ("local", *S3_SERVERS)
-# About 1 s of simulated accelerator time per workload; two rounds take about 6 minutes on 2 cores.
+# 2-4 s of simulated accelerator time per workload (64 batches for the per-batch stall percentiles), so that
+# fixed costs (a client's start-up, the commit) do not dominate; two rounds take about 15 minutes on 2 cores.
 FULL = {
-    "workloads": ["4KiB:1024:32:30", "1MiB:128:8:60", "16MiB:16:2:120"],
+    "workloads": ["4KiB:2048:32:30", "1MiB:512:8:60", "16MiB:16:2:120"],
     "model": "conv:192:8",
     "repeat": 2,
     "compute_per_storage": True,
