@@ -619,10 +619,27 @@ def _s3_options(
     # botocore checksums every PUT body (CRC32) by default, a CPU cost per byte on the event loop's thread. The
     # sink's own objects come with their CRC-32 and skip it; the rest (parts, manifest, marker) are small.
     config.setdefault("request_checksum_calculation", "when_supported" if upload_checksums else "when_required")
+    if upload_checksums and _is_https(options):
+        # botocore skips hashing a body for the signature over TLS only when it computed the checksum header
+        # itself; for a header the caller provides it would SHA-256 every body on the loop. Over TLS the signed
+        # CRC-32 header and TLS's own integrity make that hash redundant (what botocore does with its own
+        # checksums); plain http keeps the signed payload hash, as botocore does there.
+        s3_config = dict(config.get("s3") or {})
+        s3_config.setdefault("payload_signing_enabled", False)
+        config["s3"] = s3_config
     if retry.timeout is not None:
         config.setdefault("connect_timeout", min(10.0, retry.timeout))
         config.setdefault("read_timeout", retry.timeout)
     return {**options, "config_kwargs": config}
+
+
+def _is_https(options: Mapping[str, Any]) -> bool:
+    """Whether an s3fs client with these options talks TLS (AWS's default endpoints do)."""
+    client_kwargs = options.get("client_kwargs") or {}
+    endpoint = options.get("endpoint_url") or client_kwargs.get("endpoint_url")
+    if endpoint:
+        return str(endpoint).lower().startswith("https://")
+    return bool(options.get("use_ssl", client_kwargs.get("use_ssl", True)))
 
 
 async def open_store(

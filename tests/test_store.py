@@ -4,6 +4,7 @@ import io
 import json
 import os
 import zlib
+from typing import Any
 
 import numpy as np
 import pytest
@@ -202,3 +203,49 @@ async def test_s3_upload_checksum_is_the_callers_not_recomputed(s3_server: S3Ser
             assert base64.b64decode(head["ChecksumCRC32"]) == wrong.to_bytes(4, "big")
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "signed"),
+    [
+        ({}, False),  # AWS's own endpoints: TLS
+        ({"endpoint_url": "https://minio.example:9000"}, False),
+        ({"endpoint_url": "http://127.0.0.1:9000"}, True),  # plain http keeps the signed payload hash
+        ({"client_kwargs": {"use_ssl": False}}, True),
+    ],
+)
+def test_a_provided_checksum_spares_the_payload_hash_over_tls(options: dict[str, Any], signed: bool) -> None:
+    """With the sink's CRC-32 as the checksum header, botocore hashes no body for the signature over TLS."""
+    import botocore.session
+    from botocore.config import Config
+
+    from lighter_sink._store import _s3_options
+
+    config = _s3_options(options, 16, RetryPolicy(), upload_checksums=True)["config_kwargs"]
+    client_kwargs = options.get("client_kwargs", {})
+    client = botocore.session.get_session().create_client(
+        "s3",
+        region_name="us-east-1",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+        endpoint_url=options.get("endpoint_url"),
+        use_ssl=client_kwargs.get("use_ssl", True),
+        config=Config(**config),
+    )
+    sent: dict[str, Any] = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(request: Any, **_: Any) -> None:
+        sent.update(request.headers)
+        raise Captured  # the signed request is all this test needs: nothing goes on the wire
+
+    client.meta.events.register("before-send.s3.PutObject", capture)
+    body = b"x" * 100_000
+    crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+    with pytest.raises(Captured):
+        client.put_object(Bucket="b", Key="k", Body=body, ChecksumAlgorithm="CRC32", ChecksumCRC32=crc)
+    headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in sent.items()}
+    assert headers["x-amz-checksum-crc32"] == crc
+    assert (headers["x-amz-content-sha256"] != "UNSIGNED-PAYLOAD") is signed
