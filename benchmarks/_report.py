@@ -121,6 +121,7 @@ def overlap_markdown(data: dict[str, Any]) -> str:
         f"{env['when']} · {env['cpus']} CPUs · Python {env['python']} · torch {env['versions'].get('torch')} · "
         f"lightning {env['versions'].get('lightning')} · s3fs {env['versions'].get('s3fs')} · "
         f"commit {env.get('commit') or '?'} · concurrency {data['config']['concurrency']} · "
+        f"sink backend {data['config'].get('backend', 'fsspec')} · "
         f"best of {data['config']['repeat']} · `{' '.join(data['config']['command'])}`",
         "",
         "Overlap efficiency = max(compute only, I/O only) / wall: 100% means writing cost nothing beyond the "

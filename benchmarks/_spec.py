@@ -65,6 +65,7 @@ class RunSpec:
     workload: Workload
     storage_options: dict[str, Any] | None = None
     concurrency: int = 16
+    backend: str = "fsspec"  # the sink's S3 backend
     max_queue_bytes: int | None = None
     rss_every: int = 0  # sample the RSS every this many batches (0: never)
 

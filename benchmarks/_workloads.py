@@ -268,7 +268,11 @@ def _callback(spec: RunSpec) -> HookTimer:
     if spec.variant == "lightning":
         return TimedLightning(spec.url, spec.storage_options, rss_every=every)
     if spec.variant == "sink":
-        kwargs: dict[str, Any] = {"storage_options": spec.storage_options, "concurrency": spec.concurrency}
+        kwargs: dict[str, Any] = {
+            "storage_options": spec.storage_options,
+            "concurrency": spec.concurrency,
+            "backend": spec.backend,
+        }
         if spec.max_queue_bytes is not None:
             kwargs["max_queue_bytes"] = spec.max_queue_bytes
         return TimedSink(spec.url, rss_every=every, **kwargs)

@@ -146,7 +146,7 @@ def main() -> None:
                 )
                 for round_ in range(args.rounds):
                     for variant, run in variants.items():
-                        prefix = f"ceiling-{round_}-{variant.replace(' ', '-').replace('(', '').replace(')', '')}"
+                        prefix = f"ceiling-{size_text}-{round_}-{variant.replace(' ', '-').replace('(', '').replace(')', '')}"
                         result = run(prefix)
                         seconds, commit = result if isinstance(result, tuple) else (result, None)
                         times.setdefault(variant, []).append(seconds)

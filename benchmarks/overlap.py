@@ -60,6 +60,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", metavar="SPEC", help="conv:ITEMS:BATCH (the real CPU model), or 'none'")
     parser.add_argument("--model-storages", default="local,rclone", help="storages for the model workload")
     parser.add_argument("--concurrency", type=int, default=16, help="sink concurrency = raw-write tasks/threads")
+    parser.add_argument(
+        "--backend",
+        choices=("fsspec", "obstore"),
+        default="fsspec",
+        help="the sink's S3 backend (default: %(default)s)",
+    )
     parser.add_argument("--repeat", type=int, help="rounds (default 2, 1 with --quick); the fastest run is kept")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one run may take")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default: %(default)s)")
@@ -138,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                     url, options = server.url(prefix), server.storage_options
                 else:
                     url, options = str(local_root / prefix), None
-                spec = RunSpec(variant, storage, url, workload, options, concurrency=args.concurrency)
+                spec = RunSpec(
+                    variant, storage, url, workload, options, concurrency=args.concurrency, backend=args.backend
+                )
                 drop_dirty_pages()
                 result = run_isolated(spec, args.timeout)
                 if result.get("ok") and variant != "compute":
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": ["python", "-m", "benchmarks.overlap", *(argv if argv is not None else sys.argv[1:])],
             "storages": args.storages,
             "concurrency": args.concurrency,
+            "backend": args.backend,
             "repeat": args.repeat,
             "seconds": time.perf_counter() - started,
         },
