@@ -217,11 +217,12 @@ class PredictionSink(Callback):
         sink = self._sink
         if sink is None:
             return {}
-        stats = sink.stats
+        # (every half second from the predict loop's thread: the three figures, not a full stats snapshot)
+        queued, mb_per_second, stall = sink._engine.progress()
         return {
-            "queue": f"{100 * stats.queue_bytes / sink.max_queue_bytes:.0f}%",
-            "MB/s": f"{stats.mb_per_second:.1f}",
-            "stall": f"{stats.stall_seconds:.2f}s",
+            "queue": f"{100 * queued / sink.max_queue_bytes:.0f}%",
+            "MB/s": f"{mb_per_second:.1f}",
+            "stall": f"{stall:.2f}s",
         }
 
     def _show_progress(self, trainer: pl.Trainer) -> None:

@@ -451,6 +451,13 @@ class _Engine:
             "rank0_stats": stats.as_dict(),
         }
 
+    def progress(self) -> tuple[int, float, float]:
+        """Queued bytes, stored MB/s and stall seconds: what a progress bar shows, without sorting latencies."""
+        end = self._closed_at if self._closed_at is not None else time.perf_counter()
+        elapsed = (end - self._opened_at) if self._opened_at else 0.0
+        with self._cond:
+            return self._held_bytes, (self._bytes / 1e6 / elapsed if elapsed > 0 else 0.0), self._stall
+
     def stats(self) -> SinkStats:
         end = self._closed_at if self._closed_at is not None else time.perf_counter()
         latencies = list(self._latencies)
