@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -180,6 +180,24 @@ class _Upload:
     started: float
 
 
+# The caller's thread never blocks without a timeout: a signal (Ctrl-C) may be delivered to any thread, and a
+# main thread blocked in a lock is not woken by one that went elsewhere; waking up this often lets the
+# interpreter raise KeyboardInterrupt promptly.
+_WAKE_EVERY = 0.25
+T = TypeVar("T")
+
+
+def _result(future: Future[T]) -> T:
+    """``future.result()``, waited for in slices so that the calling thread stays interruptible."""
+    while True:
+        try:
+            return future.result(timeout=_WAKE_EVERY)
+        except TimeoutError:
+            if future.done():
+                raise  # the call itself raised TimeoutError
+            continue
+
+
 class _Engine:
     """Everything that runs: the portal thread, the outbox, the workers, the store and the counters.
 
@@ -260,7 +278,7 @@ class _Engine:
         self.state = SinkState.RUNNING
 
     def _start(self, portal: BlockingPortal, all_ok: Callable[[bool], bool]) -> None:
-        self._loop = portal.call(asyncio.get_running_loop)
+        self._loop = self._call(asyncio.get_running_loop)
         # A single process overwriting needs no agreement and no answer before compute starts: the store is
         # created (a client's start-up costs a few hundred milliseconds on S3) and the url prepared while the
         # model computes its first batches. Refusing a url (mode="error"), resuming and several ranks need
@@ -272,16 +290,16 @@ class _Engine:
         else:
             error: BaseException | None = None
             try:
-                portal.call(self._aopen)
+                self._call(self._aopen)
                 if self.rank == 0:
-                    portal.call(self._prepare_destination)
+                    self._call(self._prepare_destination)
             except BaseException as exc:
                 error = exc
             # Nobody writes before rank 0 removed a stale marker; nobody runs if any rank could not open.
             if not all_ok(error is None) or error is not None:
                 raise error or DestinationError(f"another rank could not open {self.url}; see its error")
             if self.mode == "resume":
-                portal.call(self._scan_stored)
+                self._call(self._scan_stored)
         self._service, _ = portal.start_task(self._serve)
 
     def abort(self) -> None:
@@ -289,6 +307,11 @@ class _Engine:
             self._shutdown(abort=True)
         if self.state is not SinkState.COMMITTED:
             self.state = SinkState.ABORTED
+
+    def _call(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Run ``func(*args)`` (a coroutine function or a plain one) on the loop and wait for its result."""
+        assert self._portal is not None
+        return _result(self._portal.start_task_soon(func, *args))
 
     def check_running(self, what: str) -> None:
         if self.state is not SinkState.RUNNING:
@@ -326,7 +349,7 @@ class _Engine:
             while self._error is None and self._held_bytes > 0 and self._held_bytes + nbytes > self.max_queue_bytes:
                 if waited_from is None:
                     waited_from = time.perf_counter()
-                self._cond.wait()
+                self._cond.wait(_WAKE_EVERY)
             if waited_from is not None:
                 self._stall += time.perf_counter() - waited_from
             self.raise_if_failed()
@@ -377,13 +400,13 @@ class _Engine:
     def wait_drained(self) -> None:
         with self._cond:
             while self._pending and self._error is None:
-                self._cond.wait()
+                self._cond.wait(_WAKE_EVERY)
         self.raise_if_failed()
 
     def flush(self) -> None:
         self.wait_drained()
         assert self._portal is not None
-        self._portal.call(self._flush_rank)
+        self._call(self._flush_rank)
 
     async def _wait_opened(self) -> None:
         if self._deferred_open:
@@ -416,7 +439,7 @@ class _Engine:
             commit_error: BaseException | None = None
             if self.rank == 0:
                 try:
-                    self.summary = self._portal.call(self._commit_rank0, self._summary_base())
+                    self.summary = self._call(self._commit_rank0, self._summary_base())
                 except Exception as exc:
                     commit_error = exc
             if not self.all_ok(commit_error is None):
@@ -482,12 +505,12 @@ class _Engine:
         if portal is None:
             return
         try:
-            portal.call(self._stop, abort)
+            self._call(self._stop, abort)
             if self._service is not None:
                 with contextlib.suppress(Exception):
-                    self._service.result()
+                    _result(self._service)
             with contextlib.suppress(Exception):
-                portal.call(self._aclose_store)
+                self._call(self._aclose_store)
         finally:
             with self._cond:
                 self._cond.notify_all()

@@ -2,7 +2,9 @@ import gc
 import io
 import json
 import os
+import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +189,46 @@ def test_backpressure_blocks_put_until_a_write_completes() -> None:
     assert stats.queue_high_water_bytes <= 1000
     assert stats.items == 3
     assert sink.state is SinkState.COMMITTED
+
+
+def test_a_put_waiting_for_room_stays_interruptible_when_the_signal_reaches_another_thread() -> None:
+    """Ctrl-C goes to any thread; a main thread blocked in a lock is not woken by one delivered elsewhere."""
+
+    class Interrupted(Exception):
+        pass
+
+    def on_sigint(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    gate = threading.Event()
+    plan = _faulty.Plan(gate=gate)
+    item = torch.zeros(100)  # 400 bytes
+    stop = threading.Event()
+    bystander = threading.Thread(target=stop.wait, args=(60,))
+    bystander.start()
+    safety = threading.Timer(20, gate.set)  # never hang the suite: the gate opens after 20 s whatever happens
+    safety.start()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    sink = Sink("faulty://sigint", storage_options=_faulty.options(plan), max_queue_bytes=1000, concurrency=1).open()
+    try:
+        sink.put(0, item)
+        assert plan.started.acquire(timeout=30)  # the only upload is held by the gate
+        sink.put(1, item)  # 800 bytes queued: the next put waits for room
+        assert bystander.ident is not None
+        kick = threading.Timer(0.2, signal.pthread_kill, args=(bystander.ident, signal.SIGINT))
+        started = time.monotonic()
+        kick.start()
+        with pytest.raises(Interrupted):
+            sink.put(2, item)
+        assert time.monotonic() - started < 5
+        kick.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        gate.set()
+        stop.set()
+        safety.cancel()
+        sink.abort()
+        bystander.join()
 
 
 def test_object_store_writes_in_flight_are_bounded_by_concurrency() -> None:
