@@ -504,6 +504,13 @@ class _Engine:
         portal = self._portal
         if portal is None:
             return
+        # A KeyboardInterrupt raised right after this thread took the lock, inside Condition.__enter__ and so
+        # before its `with` block began, leaves the lock held for good (a CPython limitation of Python-level
+        # __enter__); the loop's workers need it to wind down. Release what this thread holds; the lock is
+        # reentrant, and releasing one this thread does not hold raises RuntimeError.
+        with contextlib.suppress(RuntimeError):
+            while True:
+                self._cond.release()
         try:
             self._call(self._stop, abort)
             if self._service is not None:

@@ -231,6 +231,25 @@ def test_a_put_waiting_for_room_stays_interruptible_when_the_signal_reaches_anot
         bystander.join()
 
 
+def test_abort_winds_down_even_if_an_interrupt_left_the_queue_lock_held() -> None:
+    """KeyboardInterrupt just after a Python-level __enter__ took a lock leaves it held; abort must not hang."""
+    plan = _faulty.Plan()
+    sink = Sink("faulty://leak", storage_options=_faulty.options(plan), concurrency=2).open()
+    sink.put_batch(range(4), torch.ones(4, 3))
+    finished = threading.Event()
+
+    def interrupted_then_aborted() -> None:
+        sink._engine._cond.acquire()  # what the interrupted `with` left behind on the caller's thread
+        sink.abort()
+        finished.set()
+
+    caller = threading.Thread(target=interrupted_then_aborted, daemon=True)
+    caller.start()
+    assert finished.wait(timeout=30), "abort hung on the lock the caller's thread held"
+    caller.join()
+    assert sink.state is SinkState.ABORTED
+
+
 def test_object_store_writes_in_flight_are_bounded_by_concurrency() -> None:
     gate = threading.Event()
     plan = _faulty.Plan(gate=gate)
