@@ -10,7 +10,9 @@ the sink forgot to stop would keep the process alive past the test's bound.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import signal
 import sys
 import threading
 import time
@@ -58,6 +60,8 @@ def _chain(exc: BaseException) -> list[dict[str, str]]:
 
 
 def main() -> None:
+    # A test that gives up on this job sends SIGUSR1 first: every thread's stack goes to stderr, into its report.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = argparse.ArgumentParser()
     parser.add_argument("url")
     parser.add_argument("--storage-options", default="{}")

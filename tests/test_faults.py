@@ -7,6 +7,7 @@ directly, around the proxy. Runs that must show that the interpreter exits on it
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -91,10 +92,13 @@ class _Job:
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGUSR1)  # the job's faulthandler writes every thread's stack
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=2)  # (it does not exit on SIGUSR1: this only gives it time to write)
             pytest.fail(f"the job did not exit within {timeout} s; stderr: {self.stderr()}")
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")[-4000:]
+        return self.stderr_path.read_text(errors="replace")[-12000:]
 
     def close(self) -> None:
         if self.process.poll() is None:
