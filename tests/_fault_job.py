@@ -62,6 +62,9 @@ def _chain(exc: BaseException) -> list[dict[str, str]]:
 def main() -> None:
     # A test that gives up on this job sends SIGUSR1 first: every thread's stack goes to stderr, into its report.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Ctrl-C as in a terminal, whatever this process inherited: a shell starts background commands with SIGINT
+    # ignored, and Python keeps an inherited SIG_IGN (a suite launched with `&` then never saw KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("url")
     parser.add_argument("--storage-options", default="{}")
