@@ -12,8 +12,9 @@ single object whose presence says "complete".
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from lighter_sink._store import Store
@@ -83,18 +84,27 @@ def id_order(identifier: str) -> tuple[int, int, str]:
     return (0, int(identifier), "") if identifier.isdigit() else (1, 0, identifier)
 
 
+async def _recorded(store: Store, parts: list[str]) -> AsyncIterator[bytes]:
+    """The merged manifest's bytes (when there is one), then each of ``parts``': later records win."""
+    manifest: bytes | None = None
+    with contextlib.suppress(FileNotFoundError):
+        manifest = await store.get(MANIFEST)
+    if manifest is not None:
+        yield manifest
+    for key in parts:
+        yield await store.get(key)
+
+
+async def _part_keys(store: Store) -> list[str]:
+    return [k for k in await store.list(PARTS) if k.endswith(".jsonl")]
+
+
 async def read_records(store: Store) -> dict[str, Record]:
     """Every record of the merged manifest and of every part, by id; a later part wins over an earlier one."""
     records: dict[str, Record] = {}
-    try:
-        for record in decode_records(await store.get(MANIFEST)):
+    async for data in _recorded(store, await _part_keys(store)):
+        for record in decode_records(data):
             records[record.id] = record
-    except FileNotFoundError:
-        pass
-    for key in await store.list(PARTS):
-        if key.endswith(".jsonl"):
-            for record in decode_records(await store.get(key)):
-                records[record.id] = record
     return records
 
 
@@ -122,14 +132,9 @@ async def merge_parts(store: Store) -> tuple[int, int]:
     Works on the record lines as they are (an id and a size read from each, nothing re-encoded): a commit of a
     million records costs seconds, not minutes. Returns the number of predictions and their bytes.
     """
-    parts = [k for k in await store.list(PARTS) if k.endswith(".jsonl")]
+    parts = await _part_keys(store)
     lines: dict[str, tuple[str, int]] = {}  # id -> (line, nbytes); a later part wins over an earlier one
-    sources = [MANIFEST, *parts]
-    for key in sources:
-        try:
-            data = await store.get(key)
-        except FileNotFoundError:
-            continue
+    async for data in _recorded(store, parts):
         for line in data.decode().splitlines():
             if line.strip():
                 identifier, nbytes = _line_id_and_size(line)
