@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -130,3 +130,10 @@ def write_json(path: Path, data: Any) -> None:
     temp = path.with_suffix(path.suffix + ".tmp")
     temp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     temp.replace(path)
+
+
+def write_results(out: Path, data: dict[str, Any], markdown: str, plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """``out``.json (the figures), .md (``markdown``) and .png (``plot`` of the figures)."""
+    write_json(out.with_suffix(".json"), data)
+    out.with_suffix(".md").write_text(markdown)
+    plot(data, out.with_suffix(".png"))

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _report
-from benchmarks._runner import RESULTS, drop_dirty_pages, environment, exit_cleanly_on_signals, run_isolated, write_json
+from benchmarks._runner import (
+    RESULTS,
+    drop_dirty_pages,
+    environment,
+    exit_cleanly_on_signals,
+    run_isolated,
+    write_results,
+)
 from benchmarks._spec import RunSpec, Workload, human_bytes, parse_size
 
 SOAK = 100_000
@@ -95,10 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
     }
     out = args.out / args.name
-    write_json(out.with_suffix(".json"), data)
     markdown = _report.memory_markdown(data)
-    out.with_suffix(".md").write_text(markdown)
-    _report.memory_plot(data, out.with_suffix(".png"))
+    write_results(out, data, markdown, _report.memory_plot)
     print()
     print(markdown)
     print(f"{time.perf_counter() - started:.0f} s; wrote {out}.json, .md and .png")

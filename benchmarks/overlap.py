@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _report
-from benchmarks._runner import RESULTS, drop_dirty_pages, environment, exit_cleanly_on_signals, run_isolated, write_json
+from benchmarks._runner import (
+    RESULTS,
+    drop_dirty_pages,
+    environment,
+    exit_cleanly_on_signals,
+    run_isolated,
+    write_results,
+)
 from benchmarks._servers import S3_SERVERS, Server, s3_servers
 from benchmarks._spec import RunSpec, Workload, parse_workload
 
@@ -187,10 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         "errors": errors,
     }
     out = args.out / args.name
-    write_json(out.with_suffix(".json"), data)
     markdown = _report.overlap_markdown(data)
-    out.with_suffix(".md").write_text(markdown)
-    _report.overlap_plot(data, out.with_suffix(".png"))
+    write_results(out, data, markdown, _report.overlap_plot)
     print()
     print(markdown.split("\n## ")[0])
     print(f"{time.perf_counter() - started:.0f} s; wrote {out}.json, .md and .png")
