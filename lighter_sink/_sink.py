@@ -1,9 +1,10 @@
 """The framework-agnostic sink: lifecycle, a byte-bounded queue, the worker pool, errors and statistics.
 
 Threads: the caller's thread runs ``put``; one background thread runs an asyncio event loop through an anyio
-blocking portal, where worker tasks encode (in worker threads, off the loop) and write. The byte bound is kept
-on the caller's side with a condition variable, so ``put`` costs microseconds and blocks only while the queue
-is full, whatever the event loop is busy with.
+blocking portal, where worker tasks encode (in worker threads, off the loop) and write; a small waker thread
+wakes that loop for each hand-over, so that ``put`` makes no system call and never gives up the GIL. The byte
+bound is kept on the caller's side with a condition variable, so ``put`` costs microseconds and blocks only
+while the queue is full, whatever the event loop is busy with.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import enum
 import logging
 import math
 import os
+import queue
 import threading
 import time
 import uuid
@@ -245,6 +247,8 @@ class _Engine:
         # only append here, so one loop wake-up carries many batches and put never waits for the loop.
         self._outbox: list[_Batch] = []
         self._hand_over_scheduled = False
+        self._wakes: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._waker: threading.Thread | None = None
         self._part_seq = 0
         self._run_token = f"{time.time_ns():x}-{uuid.uuid4().hex[:6]}"
         self._opened_at = 0.0
@@ -301,6 +305,8 @@ class _Engine:
             if self.mode == "resume":
                 self._call(self._scan_stored)
         self._service, _ = portal.start_task(self._serve)
+        self._waker = threading.Thread(target=self._wake_loop, name="lighter-sink-waker", daemon=True)
+        self._waker.start()
 
     def abort(self) -> None:
         if self.state in (SinkState.RUNNING, SinkState.COMMITTING):
@@ -361,10 +367,18 @@ class _Engine:
             if self._hand_over_scheduled:
                 return
             self._hand_over_scheduled = True
-        assert self._loop is not None
-        # Not portal.start_task_soon: it waits for the loop to accept the task, a round trip that stalls the
-        # predict loop whenever the event loop is busy. call_soon_threadsafe only wakes the loop.
-        self._loop.call_soon_threadsafe(self._hand_over)
+        # The waker thread wakes the loop: the caller's thread never gives up the GIL here. Waking the loop
+        # itself (call_soon_threadsafe writes to a socket) releases the GIL for the system call, and on a busy
+        # machine the caller then waited milliseconds to get it back from the loop and the encoders.
+        self._wakes.put(True)
+
+    def _wake_loop(self) -> None:
+        """The waker thread: one event-loop wake-up per hand-over that ``submit`` scheduled."""
+        loop = self._loop
+        assert loop is not None
+        while self._wakes.get():
+            # Not portal.start_task_soon: it waits for the loop to accept the task. This only wakes the loop.
+            loop.call_soon_threadsafe(self._hand_over)
 
     def _release(self, nbytes: int) -> None:
         with self._cond:
@@ -512,6 +526,12 @@ class _Engine:
             while True:
                 self._cond.release()
         try:
+            waker, self._waker = self._waker, None
+            if waker is not None:
+                # Every hand-over scheduled so far reaches the loop before the stop does.
+                self._wakes.put(False)
+                while waker.is_alive():
+                    waker.join(_WAKE_EVERY)
             self._call(self._stop, abort)
             if self._service is not None:
                 with contextlib.suppress(Exception):

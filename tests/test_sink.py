@@ -1,6 +1,7 @@
 import gc
 import io
 import json
+import logging
 import os
 import signal
 import threading
@@ -248,6 +249,53 @@ def test_abort_winds_down_even_if_an_interrupt_left_the_queue_lock_held() -> Non
     assert finished.wait(timeout=30), "abort hung on the lock the caller's thread held"
     caller.join()
     assert sink.state is SinkState.ABORTED
+
+
+def test_put_never_wakes_the_event_loop_from_the_callers_thread() -> None:
+    """Waking the loop is a system call that gives up the GIL; the predict loop then waits to get it back."""
+    with Sink("memory://sink-test/waker") as sink:
+        loop = sink._engine._loop
+        assert loop is not None
+        wakers: list[str] = []
+        putting = threading.Event()
+        wake = loop.call_soon_threadsafe
+
+        def recording(*args: object) -> object:
+            caller = threading.current_thread() is threading.main_thread() and putting.is_set()
+            wakers.append("put" if caller else "elsewhere")
+            return wake(*args)  # type: ignore[arg-type]
+
+        loop.call_soon_threadsafe = recording  # type: ignore[method-assign]
+        for start in range(0, 64, 8):
+            putting.set()
+            sink.put_batch(range(start, start + 8), torch.ones(8, 2))
+            putting.clear()
+        sink.flush()
+        assert "elsewhere" in wakers, "the hand-over never went through call_soon_threadsafe"
+        assert "put" not in wakers
+    assert sink.stats.items == 64
+
+
+def test_commit_or_abort_right_after_put(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hand-overs on their way to the event loop reach it before the workers stop: all stored, or cleanly dropped."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    thread_errors: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)
+    for run in range(40):
+        sink = Sink(f"memory://sink-test/quick/{run}", format="pt").open()
+        for i in range(run % 5 + 1):
+            sink.put_batch([2 * i, 2 * i + 1], torch.ones(2, 1))
+        if run % 2:
+            sink.abort()
+            assert not fs.exists(f"/sink-test/quick/{run}/_SUCCESS")
+        else:
+            sink.close()
+            count = json.loads(fs.cat(f"/sink-test/quick/{run}/_SUCCESS"))["count"]
+            assert count == 2 * (run % 5 + 1), run
+    assert not thread_errors
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_object_store_writes_in_flight_are_bounded_by_concurrency() -> None:
