@@ -377,8 +377,12 @@ class _Engine:
         loop = self._loop
         assert loop is not None
         while self._wakes.get():
-            # Not portal.start_task_soon: it waits for the loop to accept the task. This only wakes the loop.
-            loop.call_soon_threadsafe(self._hand_over)
+            try:
+                # Not portal.start_task_soon: it waits for the loop to accept the task. This only wakes the loop.
+                loop.call_soon_threadsafe(self._hand_over)
+            except RuntimeError as exc:  # the loop is closed: nothing queued can be written any more
+                self._fail(exc, [])
+                return
 
     def _release(self, nbytes: int) -> None:
         with self._cond:

@@ -276,6 +276,26 @@ def test_put_never_wakes_the_event_loop_from_the_callers_thread() -> None:
     assert sink.stats.items == 64
 
 
+def test_an_event_loop_that_cannot_be_woken_fails_the_run_instead_of_hanging() -> None:
+    sink = Sink("memory://sink-test/closed-loop").open()
+    sink.flush()  # the store is open: from here on nothing but the waker calls into the loop from a thread
+    loop = sink._engine._loop
+    assert loop is not None
+
+    def closed(*args: object) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    loop.call_soon_threadsafe = closed  # type: ignore[method-assign,assignment]
+    try:
+        sink.put_batch(range(2), torch.ones(2, 2))
+        with pytest.raises(WriteError, match="Event loop is closed"):
+            sink.flush()
+    finally:
+        del loop.call_soon_threadsafe
+        sink.abort()
+    assert sink.state is SinkState.ABORTED
+
+
 def test_commit_or_abort_right_after_put(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Hand-overs on their way to the event loop reach it before the workers stop: all stored, or cleanly dropped."""
     import fsspec
