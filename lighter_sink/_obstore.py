@@ -11,6 +11,7 @@ obstore retries transient failures itself (5xx, throttling, connection errors) a
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ __all__ = ["open_obstore"]
 
 # s3fs's storage option names, mapped to obstore's S3 configuration keys.
 _S3_KEYS = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token"}
+# Credentials given outright (obstore's names, after the mapping above): the AWS SDK's chain is not consulted.
+_CREDENTIAL_KEYS = ("access_key_id", "secret_access_key", "skip_signature", "credential_provider")
 
 
 class _ObstoreStore(Store):
@@ -78,6 +81,36 @@ class _ObstoreStore(Store):
         return sorted(found)
 
 
+def _aws_sdk_credentials(profile: str | None) -> tuple[Any, str | None]:
+    """The AWS SDK's credential chain, which obstore lacks: ``~/.aws`` profiles, SSO, assumed roles.
+
+    Returns obstore's provider over a botocore session and that session's region, or ``(None, None)`` without
+    boto3 (obstore's provider module needs it) or when the chain finds nothing (obstore's own sources decide).
+
+    Raises:
+        ConfigurationError: ``profile`` names a profile that does not exist.
+    """
+    try:
+        import botocore.exceptions
+        import botocore.session
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:
+        if profile is not None:
+            raise ConfigurationError(
+                "backend='obstore' reads profiles through boto3: pip install 'lighter-sink[obstore]'"
+            ) from None
+        return None, None
+    try:
+        session = botocore.session.Session(profile=profile)
+        region = session.get_config_variable("region")
+        provider = Boto3CredentialProvider(session)
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise ConfigurationError(f"backend='obstore': {exc}") from None
+    except ValueError:  # botocore found no credentials
+        return None, None
+    return provider, region
+
+
 def open_obstore(url: str, options: Mapping[str, Any], retry: RetryPolicy, upload_checksums: bool) -> Store:
     """An obstore-backed store for an ``s3://bucket/prefix`` url.
 
@@ -114,6 +147,17 @@ def open_obstore(url: str, options: Mapping[str, Any], retry: RetryPolicy, uploa
             f"backend='obstore' does not understand client_kwargs {sorted(client_kwargs)}; "
             "pass obstore's own S3 configuration keys as storage options"
         )
+    profile = options.pop("profile", None)
+    given = any(key in config or key in options for key in _CREDENTIAL_KEYS)
+    if profile is not None and given:
+        raise ConfigurationError("backend='obstore': give either a profile or credentials, not both")
+    # (as in botocore, a named profile wins over the AWS_* variables)
+    if not given and (profile is not None or not os.environ.get("AWS_ACCESS_KEY_ID")):
+        provider, region = _aws_sdk_credentials(profile)
+        if provider is not None:
+            config["credential_provider"] = provider
+            if region and "region" not in config and "region" not in options:
+                config["region"] = region
     if upload_checksums:
         config.setdefault("checksum_algorithm", "sha256")  # object_store's only upload checksum
     config.update(options)  # obstore's own keys (region, virtual_hosted_style_request, ...) pass through

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -155,6 +156,55 @@ def test_obstore_backend_resumes_and_reports_missing_buckets(s3_server: S3Server
     with pytest.raises((DestinationError, WriteError), match="no-such-bucket"):  # noqa: SIM117
         with Sink("s3://no-such-bucket-obstore/r", storage_options=options, backend="obstore", retries=1) as sink:
             sink.put(0, torch.ones(1))
+
+
+@pytest.fixture
+def aws_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An AWS SDK profile in credential and config files of its own; no AWS_* credentials in the environment."""
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[sinktest]\naws_access_key_id = profile-key\naws_secret_access_key = profile-secret\n")
+    config = tmp_path / "config"
+    config.write_text("[profile sinktest]\nregion = eu-west-3\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_DEFAULT_REGION",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    return "sinktest"
+
+
+def test_obstore_backend_reads_aws_sdk_profiles(aws_profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lighter_sink._obstore import open_obstore
+    from lighter_sink._store import RetryPolicy
+
+    endpoint = {"endpoint_url": "http://127.0.0.1:9"}
+    store = open_obstore("s3://b/p", {**endpoint, "profile": aws_profile}, RetryPolicy(), True)
+    credentials = store._store.credential_provider()  # type: ignore[attr-defined]
+    assert (credentials["access_key_id"], credentials["secret_access_key"]) == ("profile-key", "profile-secret")
+    assert store._store.config["region"] == "eu-west-3"  # type: ignore[attr-defined]
+    monkeypatch.setenv("AWS_PROFILE", aws_profile)  # the SDK's default profile, as botocore reads it
+    store = open_obstore("s3://b/p", endpoint, RetryPolicy(), True)
+    assert store._store.credential_provider()["access_key_id"] == "profile-key"  # type: ignore[attr-defined]
+    # credentials given outright are used as they are
+    store = open_obstore("s3://b/p", {**endpoint, "key": "k", "secret": "s"}, RetryPolicy(), True)
+    assert store._store.credential_provider is None  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="either a profile or credentials"):
+        open_obstore("s3://b/p", {**endpoint, "profile": aws_profile, "key": "k"}, RetryPolicy(), True)
+    with pytest.raises(ConfigurationError, match="no-such-profile"):
+        open_obstore("s3://b/p", {**endpoint, "profile": "no-such-profile"}, RetryPolicy(), True)
+
+
+@pytest.mark.s3
+def test_obstore_backend_writes_with_a_profile(s3_server: S3Server, s3_bucket: str, aws_profile: str) -> None:
+    options = {"endpoint_url": s3_server.storage_options["endpoint_url"], "profile": aws_profile}
+    with Sink(f"s3://{s3_bucket}/profile", storage_options=options, backend="obstore") as sink:
+        sink.put_batch(range(3), torch.ones(3, 2))
+    assert sink.summary is not None and sink.summary["count"] == 3
 
 
 def test_obstore_backend_refuses_other_urls_and_unknown_options() -> None:
