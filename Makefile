@@ -36,7 +36,9 @@ test: lint typecheck
 bench:
 	$(MAKE) install EXTRAS=dev,bench
 	$(BIN)/python -m benchmarks.overlap
+	$(BIN)/python -m benchmarks.overlap --storages rclone,moto --workloads 1MiB:2048:8:60 --model none --repeat 1 --name overlap-long
 	$(BIN)/python -m benchmarks.ceiling --sizes 4KiB 1MiB --items 512
+	$(BIN)/python -m benchmarks.stall
 	$(BIN)/python -m benchmarks.memory
 	$(BIN)/python -m benchmarks.tiny_local --json benchmarks/results/tiny_local.json
 

@@ -1,0 +1,108 @@
+"""What the sink costs the predict loop's thread, per batch, while uploads run: the callback stall, measured apart.
+
+A loop that sleeps STEP ms (the host idles while a GPU computes), then puts a batch with ``Sink.put_batch``,
+against each storage in turn, all in one process (no Lightning: the sink alone). Reported per storage:
+
+  * put p50 / p99 / max, and how many puts took more than 2 ms: time the loop's thread spent in ``put_batch``;
+  * wake-up lateness (mean, p99): how late the loop's thread got going again after each sleep, beyond the
+    sleep itself: the wait to re-take the interpreter lock from the sink's threads, and for a core;
+  * the same lateness with no sink at all, first, as the reference.
+
+Usage: python -m benchmarks.stall [--storages null,rclone,moto] [--batches 400] [--size 4KiB] [--batch 32]
+       [--step-ms 30] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks._runner import environment, write_json
+from benchmarks._servers import S3_SERVERS, s3_servers
+from benchmarks._spec import parse_size
+from lighter_sink import Sink
+
+_SLOW = 0.002
+
+
+def _loop(batches: int, step: float, put: Callable[[int], None] | None) -> dict[str, float]:
+    stalls: list[float] = []
+    late: list[float] = []
+    for index in range(batches):
+        before = time.perf_counter()
+        time.sleep(step)
+        woke = time.perf_counter()
+        late.append(woke - before - step)
+        if put is not None:
+            put(index)
+            stalls.append(time.perf_counter() - woke)
+    late.sort()
+    figures = {"late_mean_ms": 1e3 * sum(late) / len(late), "late_p99_ms": 1e3 * late[int(0.99 * len(late))]}
+    if stalls:
+        stalls.sort()
+        figures |= {
+            "put_p50_ms": 1e3 * stalls[len(stalls) // 2],
+            "put_p99_ms": 1e3 * stalls[int(0.99 * len(stalls))],
+            "put_max_ms": 1e3 * stalls[-1],
+            "puts_over_2ms": sum(s > _SLOW for s in stalls),
+        }
+    return figures
+
+
+def _with_sink(url: str, options: dict[str, Any], args: argparse.Namespace, elements: int) -> dict[str, float]:
+    base = torch.randn(args.batch, elements)
+    with Sink(url, storage_options=options) as sink:
+
+        def put(index: int) -> None:
+            start = index * args.batch
+            sink.put_batch(range(start, start + args.batch), base)
+
+        return _loop(args.batches, args.step_ms / 1e3, put)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--storages", default="local," + ",".join(S3_SERVERS), help="local and S3 servers")
+    parser.add_argument("--batches", type=int, default=400)
+    parser.add_argument("--size", default="4KiB", help="bytes per prediction")
+    parser.add_argument("--batch", type=int, default=32, help="predictions per batch")
+    parser.add_argument("--step-ms", type=float, default=30.0, help="simulated accelerator time per batch")
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/stall.json"))
+    args = parser.parse_args()
+    storages = args.storages.split(",")
+    elements = max(1, parse_size(args.size) // 4)  # float32
+    results: dict[str, dict[str, float]] = {"no sink": _loop(args.batches, args.step_ms / 1e3, None)}
+    servers_wanted = [s for s in storages if s != "local"]
+    with s3_servers(servers_wanted) as servers, tempfile.TemporaryDirectory() as directory:
+        for storage in storages:
+            if storage == "local":
+                results[storage] = _with_sink(directory, {}, args, elements)
+            else:
+                server = servers[storage]
+                prefix = f"stall-{time.time_ns()}"
+                results[storage] = _with_sink(server.url(prefix), server.storage_options, args, elements)
+                server.remove(prefix)
+    print(
+        f"{args.batches} batches of {args.batch} x {args.size}, a put every {args.step_ms:g} ms "
+        "(lateness: how late the loop woke after each sleep)"
+    )
+    for name, figures in results.items():
+        line = f"  {name:8s} late mean {figures['late_mean_ms']:5.2f} ms  p99 {figures['late_p99_ms']:5.2f} ms"
+        if "put_p50_ms" in figures:
+            line += (
+                f"   put p50 {figures['put_p50_ms']:.2f}  p99 {figures['put_p99_ms']:.2f}"
+                f"  max {figures['put_max_ms']:.2f} ms  over 2 ms: {figures['puts_over_2ms']:.0f}"
+            )
+        print(line)
+    write_json(args.json, {"environment": environment(), "arguments": vars(args), "results": results})
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
