@@ -9,7 +9,7 @@ against each storage in turn, all in one process (no Lightning: the sink alone).
   * the same lateness with no sink at all, first, as the reference.
 
 Usage: python -m benchmarks.stall [--storages null,rclone,moto] [--batches 400] [--size 4KiB] [--batch 32]
-       [--step-ms 30] [--json out.json]
+       [--step-ms 30] [--backend fsspec|obstore] [--json out.json]
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def _loop(batches: int, step: float, put: Callable[[int], None] | None) -> dict[
 
 def _with_sink(url: str, options: dict[str, Any], args: argparse.Namespace, elements: int) -> dict[str, float]:
     base = torch.randn(args.batch, elements)
-    with Sink(url, storage_options=options) as sink:
+    backend = args.backend if "://" in url else "fsspec"
+    with Sink(url, storage_options=options, backend=backend) as sink:
 
         def put(index: int) -> None:
             start = index * args.batch
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--size", default="4KiB", help="bytes per prediction")
     parser.add_argument("--batch", type=int, default=32, help="predictions per batch")
     parser.add_argument("--step-ms", type=float, default=30.0, help="simulated accelerator time per batch")
+    parser.add_argument("--backend", choices=["fsspec", "obstore"], default="fsspec", help="the sink's S3 backend")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/stall.json"))
     args = parser.parse_args()
     storages = args.storages.split(",")
@@ -89,8 +91,8 @@ def main() -> None:
                 results[storage] = _with_sink(server.url(prefix), server.storage_options, args, elements)
                 server.remove(prefix)
     print(
-        f"{args.batches} batches of {args.batch} x {args.size}, a put every {args.step_ms:g} ms "
-        "(lateness: how late the loop woke after each sleep)"
+        f"{args.batches} batches of {args.batch} x {args.size}, a put every {args.step_ms:g} ms, S3 through "
+        f"{args.backend} (lateness: how late the loop woke after each sleep)"
     )
     for name, figures in results.items():
         line = f"  {name:8s} late mean {figures['late_mean_ms']:5.2f} ms  p99 {figures['late_p99_ms']:5.2f} ms"
