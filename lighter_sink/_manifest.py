@@ -84,6 +84,13 @@ def id_order(identifier: str) -> tuple[int, int, str]:
     return (0, int(identifier), "") if identifier.isdigit() else (1, 0, identifier)
 
 
+def sorted_ids(identifiers: Iterable[str]) -> list[str]:
+    """``identifiers`` in :func:`id_order`, sorted without building a key tuple per id (a million ids at commit)."""
+    identifiers = list(identifiers)
+    numeric = sorted((i for i in identifiers if i.isdigit()), key=int)
+    return numeric + sorted(i for i in identifiers if not i.isdigit())
+
+
 async def _recorded(store: Store, parts: list[str]) -> AsyncIterator[bytes]:
     """The merged manifest's bytes (when there is one), then each of ``parts``': later records win."""
     manifest: bytes | None = None
@@ -139,9 +146,7 @@ async def merge_parts(store: Store) -> tuple[int, int]:
             if line.strip():
                 identifier, nbytes = _line_id_and_size(line)
                 lines[identifier] = (line, nbytes)
-    numeric = sorted((i for i in lines if i.isdigit()), key=int)  # the order of id_order, without a key tuple
-    named = sorted(i for i in lines if not i.isdigit())
-    ordered = [lines[i] for i in (*numeric, *named)]
+    ordered = [lines[i] for i in sorted_ids(lines)]
     body = "".join(line + "\n" for line, _ in ordered).encode()
     await store.put(MANIFEST, [body])
     await store.delete(parts)

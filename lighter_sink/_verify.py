@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from lighter_sink._checksum import crc32
 from lighter_sink._errors import IdentifierError
 from lighter_sink._ids import validate_identifier
-from lighter_sink._manifest import MANIFEST, SUCCESS, Record, decode_records, id_order, read_records
+from lighter_sink._manifest import MANIFEST, SUCCESS, Record, decode_records, id_order, read_records, sorted_ids
 from lighter_sink._store import RetryPolicy, Store, open_store
 
 __all__ = ["OutputInfo", "Problem", "ProblemKind", "VerifyResult", "inspect_output", "verify"]
@@ -215,7 +215,7 @@ async def _records(store: Store, manifest: bytes | None) -> list[Record]:
         return decode_records(manifest)
     # No merged manifest (the run did not commit): the per-rank parts say what was stored so far.
     recorded = await read_records(store)
-    return [recorded[i] for i in sorted(recorded, key=id_order)]
+    return [recorded[i] for i in sorted_ids(recorded)]
 
 
 async def _verify(

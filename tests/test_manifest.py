@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from lighter_sink._manifest import MANIFEST, Record, encode_records, merge_parts, part_key
+from lighter_sink._manifest import MANIFEST, Record, encode_records, id_order, merge_parts, part_key, sorted_ids
 from lighter_sink._store import open_store
 
 
@@ -45,3 +45,9 @@ async def test_merge_reads_lines_in_another_layout(tmp_path: os.PathLike[str]) -
     await store.put(part_key(0, "t", 1), [encode_records([_record("1", 5)])])
     assert await merge_parts(store) == (3, 13)
     assert [json.loads(line)["id"] for line in (await store.get(MANIFEST)).decode().splitlines()] == ["1", "3", "4"]
+
+
+def test_sorted_ids_is_the_id_order() -> None:
+    ids = ["10", "b", "2", "a/1", "0", "007", "a", "100", "_x", "9"]
+    assert sorted_ids(ids) == sorted(ids, key=id_order)
+    assert sorted_ids(ids)[:4] == ["0", "2", "007", "9"]
