@@ -957,6 +957,7 @@ class Sink:
         self.upload_checksums = bool(upload_checksums)
         self.rank = rank
         self.world_size = world_size
+        self._checked: set[tuple[object, ...]] = set()
         self._engine = _Engine(self, dict(storage_options or {}), all_ok)
 
     def __repr__(self) -> str:
@@ -1062,14 +1063,36 @@ class Sink:
             ids = [ids[i] for i in write]
             keys = [keys[i] for i in write]
         host = stage(values, len(ids))
-        if isinstance(host.values, list):
-            for value in host.values:
-                self.format.check(value)
-        else:
-            self.format.check(host.values[0] if host.count else host.values)
+        self._check(host)
         if not unique:
             engine.claim(ids)  # only once the batch is accepted: a refused batch may be put again
         engine.submit(_Batch(ids, keys, host))
+
+    def _check(self, host: HostBatch) -> None:
+        """Have the format check each kind of sample (dtype, layout, shape) once per sink.
+
+        A batch is checked through its first row; later batches of the same kind are not checked again. This
+        keeps the caller's thread from making (and freeing) a row tensor per batch: torch gives up the GIL in
+        those calls, and while the sink's threads are busy getting it back cost the predict loop milliseconds.
+        """
+        checked = self._checked
+        if isinstance(host.values, list):
+            for value in host.values:
+                kind = (value.dtype, value.layout, value.shape)
+                if kind not in checked:
+                    self.format.check(value)
+                    self._remember(kind)
+            return
+        batch = host.values
+        kind = (batch.dtype, batch.layout, batch.shape[1:])
+        if kind not in checked:
+            self.format.check(batch[0])  # (a batch that gets here has a sample: empty ones return earlier)
+            self._remember(kind)
+
+    def _remember(self, kind: tuple[object, ...]) -> None:
+        if len(self._checked) >= _CHECKED_KINDS:  # predictions of ever-new shapes: start over, stay bounded
+            self._checked.clear()
+        self._checked.add(kind)
 
     def flush(self) -> None:
         """Wait until everything queued so far is stored and recorded in a manifest part.
@@ -1105,6 +1128,7 @@ class Sink:
 
 
 _GIL_FREE_COPY = 64 * 2**10
+_CHECKED_KINDS = 256
 
 
 def _joined(buffers: Sequence[Buffer], nbytes: int) -> Buffer:

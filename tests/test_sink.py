@@ -23,6 +23,7 @@ from lighter_sink import (
     SinkStateError,
     WriteError,
 )
+from lighter_sink.formats import NpyFormat
 from tests import _faulty
 
 
@@ -110,6 +111,42 @@ def test_bad_predictions_fail_on_the_callers_thread(tmp_path: Path) -> None:
         sink.put(0, torch.ones(1))
     assert [r["id"] for r in _manifest(tmp_path)] == ["0"]
     assert not (tmp_path.parent / "outside.npy").exists()
+
+
+def test_each_kind_of_sample_is_checked_once_and_a_bad_kind_every_time(tmp_path: Path) -> None:
+    class Counting(NpyFormat):
+        name = "npy_counting_test"
+
+        def __init__(self) -> None:
+            self.checked: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+        def check(self, value: torch.Tensor) -> None:
+            self.checked.append((value.dtype, tuple(value.shape)))
+            super().check(value)
+
+    fmt = Counting()
+    with Sink(tmp_path, format=fmt) as sink:
+        for start in range(0, 12, 4):
+            sink.put_batch(range(start, start + 4), torch.ones(4, 3))
+        sink.put_batch([12, 13], torch.ones(2, 3))  # fewer rows: the same kind of sample
+        sink.put_batch([14], torch.ones(1, 5))
+        sink.put_batch([15], torch.ones(1, 3, dtype=torch.float64))
+        for _ in range(2):  # a refused kind is never remembered as good
+            with pytest.raises(PredictionError, match="bfloat16"):
+                sink.put_batch([16], torch.ones(1, 3, dtype=torch.bfloat16))
+        sink.put(16, torch.ones(3))  # Sink.put's sample is of a kind its batches already showed
+        sink.put(17, torch.ones(3))
+        with pytest.raises(PredictionError, match="bfloat16"):
+            sink.put(18, torch.ones(3, dtype=torch.bfloat16))
+    assert fmt.checked == [
+        (torch.float32, (3,)),
+        (torch.float32, (5,)),
+        (torch.float64, (3,)),
+        (torch.bfloat16, (3,)),
+        (torch.bfloat16, (3,)),
+        (torch.bfloat16, (3,)),
+    ]
+    assert len(_manifest(tmp_path)) == 18
 
 
 def test_regular_file_as_destination(tmp_path: Path) -> None:

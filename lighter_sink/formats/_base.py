@@ -109,7 +109,9 @@ class Format:
     def check(self, value: torch.Tensor) -> None:
         """Raise :class:`PredictionError` when ``value`` (one sample or one batch) cannot be stored.
 
-        Called on the caller's thread before the value is queued, so bad input fails early and loudly.
+        Called on the caller's thread before the value is queued, so bad input fails early and loudly; the sink
+        calls it once per kind of sample (dtype, layout and shape), so a check sees the first sample of each kind
+        and should judge the kind, not the values.
         """
         if value.is_sparse or value.layout != torch.strided:
             raise PredictionError(f"format {self.name!r} stores dense tensors, got layout {value.layout}")
