@@ -54,10 +54,7 @@ class Server:
         if self.root is not None:
             shutil.rmtree(self.root / BUCKET / prefix, ignore_errors=True)
             return
-        import s3fs
-
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
-        with contextlib.suppress(FileNotFoundError):
+        with admin_fs(self) as fs, contextlib.suppress(FileNotFoundError):
             fs.rm(f"{BUCKET}/{prefix}", recursive=True)
 
 
@@ -187,10 +184,27 @@ def null_server() -> Iterator[Server]:
 
 
 def _make_bucket(server: Server) -> None:
+    with admin_fs(server) as fs:
+        fs.mkdir(BUCKET)
+
+
+@contextlib.contextmanager
+def admin_fs(server: Server) -> Iterator[Any]:
+    """A synchronous s3fs client for set-up and clean-up, closed on its own event loop when the block ends.
+
+    Left to the garbage collector, s3fs closes a client on the thread that happens to collect it; on a thread
+    that runs another event loop (the sink's) that fails with "attached to a different loop".
+    """
     import s3fs
+    from fsspec.asyn import sync
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
-    fs.mkdir(BUCKET)
+    try:
+        yield fs
+    finally:
+        creator = getattr(fs, "_s3creator", None)  # (set once the client connected)
+        if creator is not None:
+            sync(fs.loop, creator.__aexit__, None, None, None)
 
 
 STARTERS: dict[str, Callable[[], contextlib.AbstractContextManager[Server]]] = {

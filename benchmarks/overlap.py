@@ -22,7 +22,6 @@ Usage: python -m benchmarks.overlap [--quick] [--storages local,null,rclone,moto
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from benchmarks._runner import (
     run_isolated,
     write_results,
 )
-from benchmarks._servers import S3_SERVERS, Server, s3_servers
+from benchmarks._servers import S3_SERVERS, Server, admin_fs, s3_servers
 from benchmarks._spec import RunSpec, Workload, parse_workload
 
 STORAGES = ("local", *S3_SERVERS)
@@ -113,17 +112,12 @@ def _count_local(directory: Path) -> int:
     return sum(1 for p in directory.rglob("*.npy") if not p.name.startswith((".", "_"))) if directory.exists() else 0
 
 
-def _count_s3(server: Server, prefix: str, fs_cache: dict[str, Any]) -> int:
-    import s3fs
-
-    fs = fs_cache.get(server.name)
-    if fs is None:
-        fs = fs_cache[server.name] = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
-    fs.invalidate_cache()
-    try:
-        found = fs.find(server.url(prefix).removeprefix("s3://"))
-    except FileNotFoundError:
-        return 0
+def _count_s3(server: Server, prefix: str) -> int:
+    with admin_fs(server) as fs:
+        try:
+            found = fs.find(server.url(prefix).removeprefix("s3://"))
+        except FileNotFoundError:
+            return 0
     return sum(1 for p in found if p.endswith(".npy") and not p.rsplit("/", 1)[-1].startswith("_"))
 
 
@@ -140,7 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[dict[str, Any]] = []
     started = time.perf_counter()
     local_root = Path(tempfile.mkdtemp(prefix="lighter-sink-overlap-"))
-    fs_cache: dict[str, Any] = {}
     try:
         with exit_cleanly_on_signals(), s3_servers([s for s in args.storages if s != "local"]) as servers:
             print(f"servers up: {', '.join(f'{n} {s.endpoint}' for n, s in servers.items()) or 'none'}")
@@ -157,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 drop_dirty_pages()
                 result = run_isolated(spec, args.timeout)
                 if result.get("ok") and variant != "compute":
-                    found = _count_local(Path(url)) if server is None else _count_s3(server, prefix, fs_cache)
+                    found = _count_local(Path(url)) if server is None else _count_s3(server, prefix)
                     if found != workload.items:
                         result = {**result, "ok": False, "error": f"{found} objects stored, {workload.items} expected"}
                 if server is not None:
@@ -174,9 +167,6 @@ def main(argv: list[str] | None = None) -> int:
                         print(result["traceback"], file=sys.stderr)
     finally:
         shutil.rmtree(local_root, ignore_errors=True)
-        for fs in fs_cache.values():
-            with contextlib.suppress(Exception):
-                fs.invalidate_cache()
     described = {w.label: {**w.__dict__, "npy_bytes": w.npy_bytes, "describe": w.describe()} for w in workloads}
     data = {
         "environment": environment(),
