@@ -373,6 +373,13 @@ BAD_OUTPUTS = [
         id="float-ids",
     ),
     pytest.param(
+        lambda v, ids: {"pred": v, "name": torch.arange(len(v)) * 1j},
+        {"id_key": "name"},
+        PredictionError,
+        "must hold a 1-d integer tensor or a list, got torch.complex64",
+        id="complex-ids",
+    ),
+    pytest.param(
         lambda v, ids: v,
         {"id_key": "name"},
         PredictionError,
