@@ -39,6 +39,7 @@ bench:
 	$(BIN)/python -m benchmarks.overlap --storages rclone,moto --workloads 1MiB:2048:8:60 --model none --repeat 1 --name overlap-long
 	$(BIN)/python -m benchmarks.ceiling --sizes 4KiB 1MiB --items 512
 	$(BIN)/python -m benchmarks.stall
+	$(BIN)/python -m benchmarks.stall --size 1MiB --batch 8 --step-ms 60 --batches 200 --json benchmarks/results/stall-1mib.json
 	$(BIN)/python -m benchmarks.memory
 	$(BIN)/python -m benchmarks.tiny_local --json benchmarks/results/tiny_local.json
 
