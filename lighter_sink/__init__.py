@@ -1,6 +1,7 @@
 """lighter-sink: write predictions from PyTorch and Lightning inference to disk, S3 or GCS asynchronously."""
 
-from lighter_sink._callback import PredictionSink
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from lighter_sink._errors import (
     CommitError,
     ConfigurationError,
@@ -16,6 +17,24 @@ from lighter_sink._resume import RemainingSubset, remaining
 from lighter_sink._sink import Sink, SinkState, SinkStats
 from lighter_sink._version import __version__
 from lighter_sink.formats import Format, available_formats, get_format, register_format
+
+if _TYPE_CHECKING:
+    from lighter_sink._callback import PredictionSink
+
+
+def __getattr__(name: str) -> object:
+    # PredictionSink is imported on first use: Lightning takes seconds to import, and plain loops (Sink) and the
+    # command line have no need of it.
+    if name == "PredictionSink":
+        from lighter_sink._callback import PredictionSink
+
+        return PredictionSink
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "PredictionSink"})
+
 
 __all__ = [
     "CommitError",
