@@ -1152,6 +1152,8 @@ def _joined(buffers: Sequence[Buffer], nbytes: int) -> Buffer:
 def _num_samples(values: object) -> int:
     if isinstance(values, list | tuple):
         return len(values)
+    if isinstance(values, torch.Tensor) and values.is_nested:
+        return values.size(0)  # (a nested tensor has no shape; staging refuses it with the reason)
     shape = getattr(values, "shape", None)
     if shape is None:
         raise PredictionError(

@@ -98,6 +98,7 @@ def test_arguments_are_checked_at_construction(tmp_path: Path) -> None:
         Sink(tmp_path, rank=0, world_size=2).open()
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 def test_bad_predictions_fail_on_the_callers_thread(tmp_path: Path) -> None:
     with Sink(tmp_path) as sink:
         with pytest.raises(PredictionError, match="must be a torch.Tensor"):
@@ -108,6 +109,15 @@ def test_bad_predictions_fail_on_the_callers_thread(tmp_path: Path) -> None:
             sink.put(0, torch.ones(2, dtype=torch.bfloat16))
         with pytest.raises(IdentifierError, match=r"'\.\.'"):
             sink.put("../outside", torch.ones(1))
+        with pytest.raises(PredictionError, match=r"torch\.sparse_coo tensor; expected a dense one"):
+            sink.put(0, torch.ones(3).to_sparse())
+        with pytest.raises(PredictionError, match=r"torch\.sparse_csr tensor; expected a dense one"):
+            sink.put_batch([0, 1], torch.ones(2, 2).to_sparse_csr())
+        nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+        with pytest.raises(PredictionError, match="the prediction batch is a nested tensor; expected a dense one"):
+            sink.put_batch([0, 1], nested)
+        with pytest.raises(PredictionError, match="prediction 1 is a nested tensor"):
+            sink.put_batch([0, 1], [torch.ones(2), nested])
         sink.put(0, torch.ones(1))
     assert [r["id"] for r in _manifest(tmp_path)] == ["0"]
     assert not (tmp_path.parent / "outside.npy").exists()
