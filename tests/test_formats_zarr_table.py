@@ -202,6 +202,17 @@ def test_jsonl_rows_are_json_objects(tmp_path: Path) -> None:
     assert verify(str(tmp_path)).ok
 
 
+def test_ids_that_json_escapes_survive_the_merge(tmp_path: Path) -> None:
+    ids = ["plain", "naïve", 'say "hi"', "dataloader_0/7", "日本"]  # (ids hold no backslash or control character)
+    with Sink(tmp_path, format="jsonl") as sink:
+        sink.put_batch(ids, torch.arange(len(ids), dtype=torch.float32).unsqueeze(1))
+    lines = (tmp_path / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert {json.loads(line)["id"]: json.loads(line)["value_0"] for line in lines} == {
+        identifier: float(index) for index, identifier in enumerate(ids)
+    }
+    assert verify(str(tmp_path)).ok
+
+
 @pytest.mark.parametrize("fmt", [CsvFormat(columns=["p", "q"]), JsonlFormat(columns=["p", "q"])])
 def test_named_columns_and_list_cells(tmp_path: Path, fmt: Any) -> None:
     with Sink(tmp_path, format=fmt) as sink:

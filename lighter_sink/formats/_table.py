@@ -261,7 +261,8 @@ def _part_rows(data: bytes) -> list[_Row]:
     rows = []
     for raw in data.splitlines(keepends=True):
         encoded_id, _, line = raw.partition(b"\t")
-        identifier = json.loads(encoded_id)
+        # json.dumps wrote the id in ASCII: without a backslash its text is what lies between the quotes
+        identifier = json.loads(encoded_id) if b"\\" in encoded_id else encoded_id[1:-1].decode("ascii")
         rows.append(_Row(_order(identifier), identifier, line))
     return rows
 
