@@ -1069,22 +1069,22 @@ class Sink:
         engine.submit(_Batch(ids, keys, host))
 
     def _check(self, host: HostBatch) -> None:
-        """Have the format check each kind of sample (dtype, layout, shape) once per sink.
+        """Have the format check each kind of sample (dtype and shape; staging let only dense ones in) once per sink.
 
         A batch is checked through its first row; later batches of the same kind are not checked again. This
         keeps the caller's thread from making (and freeing) a row tensor per batch: torch gives up the GIL in
-        those calls, and while the sink's threads are busy getting it back cost the predict loop milliseconds.
+        those calls, and getting it back from the sink's busy threads cost the predict loop milliseconds.
         """
         checked = self._checked
         if isinstance(host.values, list):
             for value in host.values:
-                kind = (value.dtype, value.layout, value.shape)
+                kind = (value.dtype, value.shape)
                 if kind not in checked:
                     self.format.check(value)
                     self._remember(kind)
             return
         batch = host.values
-        kind = (batch.dtype, batch.layout, batch.shape[1:])
+        kind = (batch.dtype, batch.shape[1:])
         if kind not in checked:
             self.format.check(batch[0])  # (a batch that gets here has a sample: empty ones return earlier)
             self._remember(kind)

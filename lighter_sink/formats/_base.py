@@ -110,7 +110,7 @@ class Format:
         """Raise :class:`PredictionError` when ``value`` (one sample or one batch) cannot be stored.
 
         Called on the caller's thread before the value is queued, so bad input fails early and loudly; the sink
-        calls it once per kind of sample (dtype, layout and shape), so a check sees the first sample of each kind
+        calls it once per kind of sample (dtype and shape), so a check sees the first sample of each kind
         and should judge the kind, not the values.
         """
         if value.is_sparse or value.layout != torch.strided:
