@@ -140,17 +140,28 @@ async def merge_parts(store: Store) -> tuple[int, int]:
     million records costs seconds, not minutes. Returns the number of predictions and their bytes.
     """
     parts = await _part_keys(store)
-    lines: dict[str, tuple[str, int]] = {}  # id -> (line, nbytes); a later part wins over an earlier one
+    lines: dict[str, str] = {}  # id -> line; a later part wins over an earlier one
+    total = 0
     async for data in _recorded(store, parts):
         for line in data.decode().splitlines():
             if line.strip():
                 identifier, nbytes = _line_id_and_size(line)
-                lines[identifier] = (line, nbytes)
+                replaced = lines.get(identifier)
+                if replaced is not None:  # (rare: a rewrite, or a resumed run's record recorded again)
+                    total -= _line_id_and_size(replaced)[1]
+                lines[identifier] = line
+                total += nbytes
+    # One line per record is all the merge holds: no tuple per record, and the body is joined once ("" ends it
+    # with a newline) and encoded once.
     ordered = [lines[i] for i in sorted_ids(lines)]
-    body = "".join(line + "\n" for line, _ in ordered).encode()
+    count = len(ordered)
+    lines.clear()
+    ordered.append("")
+    body = "\n".join(ordered).encode()
+    del ordered
     await store.put(MANIFEST, [body])
     await store.delete(parts)
-    return len(ordered), sum(nbytes for _, nbytes in ordered)
+    return count, total
 
 
 async def write_success(store: Store, summary: Mapping[str, Any]) -> None:
