@@ -55,6 +55,8 @@ class HostBatch:
 
 def _as_tensor(value: object, what: str | int) -> torch.Tensor:
     """``value`` as a dense tensor; ``what`` names it in errors (an int: the prediction at that position)."""
+    if isinstance(value, torch.Tensor) and not value.is_nested and value.layout == torch.strided:
+        return value  # (the common case, once per sample for Sink.put: no name to build)
     if isinstance(what, int):
         what = f"prediction {what}"
     if isinstance(value, torch.Tensor):
@@ -63,9 +65,7 @@ def _as_tensor(value: object, what: str | int) -> torch.Tensor:
                 f"{what} is a nested tensor; expected a dense one: put its samples as a list of tensors, "
                 "or pad them into one tensor"
             )
-        if value.layout != torch.strided:
-            raise PredictionError(f"{what} is a {value.layout} tensor; expected a dense one: call .to_dense() first")
-        return value
+        raise PredictionError(f"{what} is a {value.layout} tensor; expected a dense one: call .to_dense() first")
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise PredictionError(f"{what} is a numpy array of Python objects; expected numbers")
