@@ -1,13 +1,8 @@
-"""The run's record: per-rank manifest parts written as the run goes, the merged manifest and ``_SUCCESS``.
+"""The run's record: manifest parts written as the run goes, the merged manifest and ``_SUCCESS``.
 
-Layout under the url (readers need no lighter-sink)::
-
-    _parts/rank-00000/<start>-000001.jsonl   one JSON record per line, written every few thousand predictions
-    _manifest.jsonl                          every record, sorted by id, merged by rank 0 at commit
-    _SUCCESS                                 JSON summary, written last, only when every rank succeeded
-
-Object stores have no rename and no append, so progress is recorded as new part objects, and the marker is the
-single object whose presence says "complete".
+Where each lives is :class:`~lighter_sink._commit.ControlKeys`' business (per output, parts per generation and
+run); this module reads and writes them through a store it is handed. Object stores have no rename and no append,
+so progress is recorded as new part objects, and the marker is the single object whose presence says "complete".
 """
 
 from __future__ import annotations
@@ -15,24 +10,25 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from lighter_sink._store import Store
+from lighter_sink._errors import CommitError
+
+if TYPE_CHECKING:
+    from lighter_sink._commit import ControlKeys
+    from lighter_sink._store import Store
 
 __all__ = [
     "MANIFEST",
-    "PARTS",
     "SUCCESS",
     "Record",
-    "clear_commit",
     "merge_parts",
-    "part_key",
+    "read_records",
     "write_success",
 ]
 
 MANIFEST = "_manifest.jsonl"
 SUCCESS = "_SUCCESS"
-PARTS = "_parts"
 CHECKSUM = "crc32"
 
 
@@ -67,10 +63,6 @@ class Record(NamedTuple):
         )
 
 
-def part_key(rank: int, run_token: str, sequence: int) -> str:
-    return f"{PARTS}/rank-{rank:05d}/{run_token}-{sequence:06d}.jsonl"
-
-
 def encode_records(records: Iterable[Record]) -> bytes:
     return "".join(r.to_json() + "\n" for r in records).encode()
 
@@ -91,25 +83,27 @@ def sorted_ids(identifiers: Iterable[str]) -> list[str]:
     return numeric + sorted(i for i in identifiers if not i.isdigit())
 
 
-async def _recorded(store: Store, parts: list[str]) -> AsyncIterator[bytes]:
-    """The merged manifest's bytes (when there is one), then each of ``parts``': later records win."""
+async def _recorded(store: Store, keys: ControlKeys, parts: list[str]) -> AsyncIterator[tuple[str, bytes]]:
+    """``(key, bytes)`` of the merged manifest (when there is one), then of each of ``parts``."""
     manifest: bytes | None = None
     with contextlib.suppress(FileNotFoundError):
-        manifest = await store.get(MANIFEST)
+        manifest = await store.get(keys.manifest)
     if manifest is not None:
-        yield manifest
+        yield keys.manifest, manifest
     for key in parts:
-        yield await store.get(key)
+        yield key, await store.get(key)
 
 
-async def _part_keys(store: Store) -> list[str]:
-    return [k for k in await store.list(PARTS) if k.endswith(".jsonl")]
+async def part_keys(store: Store, keys: ControlKeys, generation: str | None) -> list[str]:
+    """The manifest parts of ``generation`` (of every generation when ``None``)."""
+    prefix = keys.generation_parts(generation) if generation is not None else keys.parts
+    return [k for k in await store.list(prefix) if k.endswith(".jsonl")]
 
 
-async def read_records(store: Store) -> dict[str, Record]:
-    """Every record of the merged manifest and of every part, by id; a later part wins over an earlier one."""
+async def read_records(store: Store, keys: ControlKeys, generation: str | None) -> dict[str, Record]:
+    """Every record of the merged manifest and of ``generation``'s parts (every generation's when ``None``), by id."""
     records: dict[str, Record] = {}
-    async for data in _recorded(store, await _part_keys(store)):
+    async for _, data in _recorded(store, keys, await part_keys(store, keys, generation)):
         for record in decode_records(data):
             records[record.id] = record
     return records
@@ -133,22 +127,29 @@ def _line_id_and_size(line: str) -> tuple[str, int]:
     return identifier, int(line[start : line.index(",", start)])
 
 
-async def merge_parts(store: Store) -> tuple[int, int]:
-    """Write ``_manifest.jsonl`` from every part, sorted by id, then remove the parts it absorbed.
+async def merge_parts(store: Store, keys: ControlKeys, generation: str) -> tuple[int, int]:
+    """Write the manifest from the one there is and ``generation``'s parts, sorted by id; then remove the parts.
 
     Works on the record lines as they are (an id and a size read from each, nothing re-encoded): a commit of a
     million records costs seconds, not minutes. Returns the number of predictions and their bytes.
+
+    Raises:
+        CommitError: an id is recorded twice (put on two ranks, by a padding sampler say): which of the two
+            predictions is right cannot be known, and listing one would hide the other.
     """
-    parts = await _part_keys(store)
-    lines: dict[str, str] = {}  # id -> line; a later part wins over an earlier one
+    parts = await part_keys(store, keys, generation)
+    lines: dict[str, str] = {}  # id -> line
     total = 0
-    async for data in _recorded(store, parts):
+    async for source, data in _recorded(store, keys, parts):
         for line in data.decode().splitlines():
             if line.strip():
                 identifier, nbytes = _line_id_and_size(line)
-                replaced = lines.get(identifier)
-                if replaced is not None:  # (rare: a rewrite, or a resumed run's record recorded again)
-                    total -= _line_id_and_size(replaced)[1]
+                if identifier in lines:
+                    raise CommitError(
+                        f"the id {identifier!r} was recorded twice in {store.url} (again in {source}): ids must be "
+                        "unique across ranks; a padding DistributedSampler repeats samples: use Lightning's own "
+                        "sampler, or drop the repeated ids; nothing was committed"
+                    )
                 lines[identifier] = line
                 total += nbytes
     # One line per record is all the merge holds: no tuple per record, and the body is joined once ("" ends it
@@ -159,18 +160,10 @@ async def merge_parts(store: Store) -> tuple[int, int]:
     ordered.append("")
     body = "\n".join(ordered).encode()
     del ordered
-    await store.put(MANIFEST, [body])
+    await store.put(keys.manifest, [body])
     await store.delete(parts)
     return count, total
 
 
-async def write_success(store: Store, summary: Mapping[str, Any]) -> None:
-    await store.put(SUCCESS, [json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"])
-
-
-async def clear_commit(store: Store, *, manifest: bool = True) -> None:
-    """Remove the marker first (a stale marker must never vouch for a new run), then the manifest and parts."""
-    await store.delete([SUCCESS])
-    if manifest:
-        await store.delete([MANIFEST])
-        await store.delete_prefix(PARTS)
+async def write_success(store: Store, keys: ControlKeys, summary: Mapping[str, Any]) -> None:
+    await store.put(keys.success, [json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n"])

@@ -47,6 +47,16 @@ class _ObstoreStore(Store):
         else:  # (an iterable would otherwise become a multipart upload)
             await obstore.put_async(self._store, key, list(buffers), use_multipart=False)
 
+    async def create(self, key: str, data: bytes) -> bool:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        try:
+            await self._retrying(key, lambda: obstore.put_async(self._store, key, data, mode="create"))
+        except (AlreadyExistsError, PreconditionError):
+            return False
+        return True
+
     async def get(self, key: str) -> bytes:
         import obstore
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-from fsspec.core import url_to_fs
+import anyio
 from torch.utils.data import Dataset, Subset
 
+from lighter_sink._commit import ControlKeys, current_generation, orphan_records
 from lighter_sink._ids import KeyTemplate
-from lighter_sink._manifest import MANIFEST, PARTS, decode_records
-from lighter_sink._store import is_local_url, local_path
+from lighter_sink._manifest import read_records
+from lighter_sink._store import open_store
 from lighter_sink.formats import Format, get_format
 
 __all__ = ["RemainingSubset", "remaining"]
@@ -47,29 +48,25 @@ def remaining(
     Args:
         url: the sink's url.
         dataset: the full, sized dataset the first run predicted (unshuffled, one dataloader).
-        format: the sink's format (it decides the extension).
+        format: the sink's format (it decides the extension, and where a named table's records are).
         key: the sink's key template.
         storage_options: passed to fsspec.
     """
     fmt = get_format(format)
     template = KeyTemplate(key)
     total = len(dataset)  # type: ignore[arg-type]
-    if is_local_url(url):
-        fs, root = url_to_fs(local_path(url))
-    else:
-        fs, root = url_to_fs(url, **dict(storage_options or {}))
-    root = root.rstrip("/")
-    try:
-        found = fs.find(root, withdirs=False)
-    except FileNotFoundError:
-        found = []
-    stored = {path[len(root) + 1 :] for path in found if path.startswith(root + "/")}
-    if fmt.per_item_objects:
-        missing = [i for i in range(total) if template.render(i) + fmt.extension not in stored]
-    else:
-        # rows of an array or a table: what the manifest and its parts record
-        recorded: set[str] = set()
-        for name in sorted(k for k in stored if k == MANIFEST or (k.startswith(PARTS + "/") and k.endswith(".jsonl"))):
-            recorded.update(record.id for record in decode_records(fs.cat_file(f"{root}/{name}")))
-        missing = [i for i in range(total) if str(i) not in recorded]
-    return RemainingSubset(dataset, missing)
+    keys = ControlKeys(fmt.namespace)
+
+    async def stored() -> set[str]:
+        store = await open_store(url, dict(storage_options or {}))
+        try:
+            generation = await current_generation(store, keys)
+            ids = set(await read_records(store, keys, generation))
+            # what a killed run stored without recording it counts when the resumed sink can record it
+            ids.update(r.id for r in await orphan_records(store, keys, generation, fmt, template))
+        finally:
+            await store.aclose()
+        return ids
+
+    done = anyio.run(stored, backend="asyncio")
+    return RemainingSubset(dataset, [i for i in range(total) if str(i) not in done])

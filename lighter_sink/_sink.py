@@ -18,7 +18,6 @@ import os
 import queue
 import threading
 import time
-import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +35,20 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from lighter_sink._checksum import crc32
+from lighter_sink._commit import (
+    LEASE_SECONDS,
+    RENEW_SECONDS,
+    ControlKeys,
+    Lease,
+    acquire_lease,
+    check_lease,
+    current_generation,
+    new_token,
+    orphan_records,
+    owned_key,
+    read_lease,
+    renew_lease,
+)
 from lighter_sink._errors import (
     CommitError,
     ConfigurationError,
@@ -46,17 +59,7 @@ from lighter_sink._errors import (
     WriteError,
 )
 from lighter_sink._ids import KeyTemplate, validate_identifiers
-from lighter_sink._manifest import (
-    MANIFEST,
-    SUCCESS,
-    Record,
-    clear_commit,
-    encode_records,
-    merge_parts,
-    part_key,
-    read_records,
-    write_success,
-)
+from lighter_sink._manifest import Record, encode_records, merge_parts, read_records, write_success
 from lighter_sink._staging import HostBatch, stage
 from lighter_sink._store import RetryPolicy, Store, check_local_destination, is_local_url, local_path, open_store
 from lighter_sink._version import __version__
@@ -250,7 +253,12 @@ class _Engine:
         self._wakes: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._waker: threading.Thread | None = None
         self._part_seq = 0
-        self._run_token = f"{time.time_ns():x}-{uuid.uuid4().hex[:6]}"
+        self.keys = ControlKeys(self.format.namespace)
+        self._run = new_token()
+        self._generation: str | None = None  # known once the output is prepared (rank 0) or joined (the others)
+        self._lease: Lease | None = None  # rank 0's, while it holds the output
+        self._lease_lock: anyio.Lock | None = None
+        self._lease_scope: anyio.CancelScope | None = None
         self._opened_at = 0.0
         self._closed_at: float | None = None
         self._portal_cm: contextlib.AbstractContextManager[BlockingPortal] | None = None
@@ -302,17 +310,24 @@ class _Engine:
             # Nobody writes before rank 0 removed a stale marker; nobody runs if any rank could not open.
             if not all_ok(error is None) or error is not None:
                 raise error or DestinationError(f"another rank could not open {self.url}; see its error")
-            if self.mode == "resume":
-                self._call(self._scan_stored)
+            self._call(self._join)
         self._service, _ = portal.start_task(self._serve)
         self._waker = threading.Thread(target=self._wake_loop, name="lighter-sink-waker", daemon=True)
         self._waker.start()
 
-    def abort(self) -> None:
+    def abort(self, *, vote: bool = True) -> None:
+        running = self.state is SinkState.RUNNING
         if self.state in (SinkState.RUNNING, SinkState.COMMITTING):
             self._shutdown(abort=True)
         if self.state is not SinkState.COMMITTED:
             self.state = SinkState.ABORTED
+        if running and vote and self.world_size > 1 and self.all_ok is not None:
+            # The other ranks wait for this rank's vote in commit's agreement: an aborting rank votes no there,
+            # so they fail promptly instead of waiting for ever. (Each rank votes once per agreement.)
+            try:
+                self.all_ok(False)
+            except Exception as exc:  # the collective itself broke: the others see that too
+                logger.warning("rank %d could not tell the other ranks it aborted: %r", self.rank, exc)
 
     def _call(self, func: Callable[..., Any], *args: Any) -> Any:
         """Run ``func(*args)`` (a coroutine function or a plain one) on the loop and wait for its result."""
@@ -436,7 +451,7 @@ class _Engine:
     async def _flush_rank(self) -> None:
         await self._wait_opened()
         if self._writer is not None:
-            await self._writer.flush()
+            self._records.extend(await self._writer.flush())
         await self._write_part()
 
     def commit(self) -> None:
@@ -483,12 +498,14 @@ class _Engine:
             "format": self.format.name,
             "world_size": self.world_size,
             "version": __version__,
-            "manifest": MANIFEST,
-            "marker": SUCCESS,
+            "manifest": self.keys.manifest,
+            "marker": self.keys.success,
             "seconds": round(stats.elapsed_seconds, 6),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "mode": self.mode,
             "key": self.key.template,
+            "run": self._run,
+            "generation": self._generation,
             "rank0_stats": stats.as_dict(),
         }
 
@@ -555,6 +572,7 @@ class _Engine:
 
     async def _aopen(self) -> None:
         self._part_lock = anyio.Lock()
+        self._lease_lock = anyio.Lock()
         self._loop = asyncio.get_running_loop()
         self._store = await open_store(
             self.url,
@@ -573,6 +591,7 @@ class _Engine:
                 world_size=self.world_size,
                 num_samples=self.num_samples,
                 mode=self.mode,
+                scratch=self.keys.scratch,
             )
             self._writer = self.format.open_writer(context)
 
@@ -585,10 +604,12 @@ class _Engine:
             raise DestinationError(f"cannot prepare {self.url}: {type(exc).__name__}: {exc}") from exc
 
     async def _prepare_store(self) -> None:
+        """Rank 0: take the output (its lease), then make it what ``mode`` says before anything is written."""
         store = self._store
         assert store is not None
         if store.is_local:
             await anyio.to_thread.run_sync(check_local_destination, local_path(self.url))
+        keys = self.keys
         if self.mode == "error":
             existing = await store.list()
             if existing:
@@ -596,46 +617,120 @@ class _Engine:
                     f"{self.url} already holds {len(existing)} objects (for example {existing[0]!r}) and "
                     "mode='error' refuses a non-empty url; use mode='overwrite' or mode='resume'"
                 )
-        elif self.mode == "overwrite":
-            await clear_commit(store)
+        lease, previous = await acquire_lease(store, keys, self._run)
+        self._lease = lease
+        if self.mode == "resume" and (previous is None or previous.state != "clearing"):
+            # The generation resumed: the dead or finished run's, else the committed output's.
+            if previous is not None:
+                generation = previous.generation
+            else:
+                generation = await current_generation(store, keys) or self._run
+            await self._set_lease(lease.renewed(generation=generation, state="running"))
+            await store.delete([keys.success])  # a stale marker must never vouch for this run
             await store.remove_incomplete()
+            if self.format.per_item_objects:
+                await self._adopt_orphans(generation)
         else:
-            # resume: keep the manifest and its parts, which record what earlier runs stored; the marker goes
-            await clear_commit(store, manifest=False)
-            await store.remove_incomplete()
+            # overwrite, error, or a resume of a run that died while it removed an earlier output: a new
+            # generation, and nothing of the earlier one may stay reachable before this run writes.
+            await self._set_lease(lease.renewed(generation=self._run, state="clearing"))
+            await self._clear_output()
+            await self._set_lease(self._lease.renewed(state="running") if self._lease is not None else lease)
+        self._generation = self._lease.generation if self._lease is not None else self._run
 
-    async def _scan_stored(self) -> None:
+    async def _set_lease(self, lease: Lease) -> None:
+        assert self._store is not None
+        await self._store.put(self.keys.lease, [lease.to_bytes()])
+        self._lease = lease
+
+    def _owned(self, key: str) -> bool:
+        return owned_key(key, self.format, self.key)
+
+    async def _clear_output(self) -> None:
+        """Overwrite: remove the earlier output (marker first), everything it recorded, and every object this
+        output's format and key could have written, so that nothing of it can be adopted or listed later."""
         store = self._store
         assert store is not None
-        if self.format.per_item_objects:
-            self._stored = {key for key in await store.list() if not key.startswith("_")}
-        else:  # rows of an array or a table: what the manifest and its parts record
-            self._stored = {self.key.render(i) for i in (await read_records(store))}
+        keys = self.keys
+        await store.delete([keys.success])
+        recorded = {record.path for record in (await read_records(store, keys, None)).values()}
+        control = (keys.parts + "/", keys.scratch + "/")
+        doomed = [
+            key
+            for key in await store.list()
+            if key == keys.manifest or key.startswith(control) or key in recorded or self._owned(key)
+        ]
+        if doomed:
+            logger.info("overwrite: removing %d objects of an earlier run under %s", len(doomed), self.url)
+        await store.delete(doomed)
+        await store.remove_incomplete()
 
-    async def _record_orphans(self) -> None:
-        """Resume: record objects that a killed run stored but could not record, from their stored bytes.
+    async def _adopt_orphans(self, generation: str) -> None:
+        """Resume: record what the resumed run stored but could not record (see :func:`orphan_records`)."""
+        assert self._store is not None
+        records = await orphan_records(self._store, self.keys, generation, self.format, self.key)
+        if records:
+            await self._store.put(self.keys.part(generation, self._run, self.rank, 0), [encode_records(records)])
 
-        They are the objects under the url that no manifest or part mentions; their id is read back from
-        the key through the key template.
+    async def _join(self) -> None:
+        """Every rank, once rank 0 prepared the output: learn its generation, and on resume what is recorded."""
+        store = self._store
+        assert store is not None
+        if self._generation is None:
+            lease = await read_lease(store, self.keys)
+            if lease is None:
+                raise DestinationError(f"rank 0's lease of {self.url} is missing; another run removed it")
+            self._generation = lease.generation
+        if self.mode == "resume":
+            recorded = await read_records(store, self.keys, self._generation)
+            if self.format.per_item_objects:
+                self._stored = {record.path for record in recorded.values()}
+            else:  # rows of an array or a table
+                self._stored = {self.key.render(i) for i in recorded}
+
+    async def _keep_lease(self) -> None:
+        """Rank 0: renew the lease while the run lives; losing it fails the run (another run took the output)."""
+        store = self._store
+        assert store is not None and self._lease_lock is not None
+        renewed_at = time.monotonic()
+        with anyio.CancelScope() as self._lease_scope:
+            while True:
+                await anyio.sleep(RENEW_SECONDS)
+                async with self._lease_lock:
+                    if self._lease is None:
+                        return
+                    try:
+                        with anyio.CancelScope(shield=True):
+                            self._lease = await renew_lease(store, self.keys, self._lease)
+                        renewed_at = time.monotonic()
+                    except CommitError as exc:
+                        self._fail(exc, [])
+                        return
+                    except Exception as exc:
+                        if time.monotonic() - renewed_at > LEASE_SECONDS:
+                            self._fail(CommitError(f"could not renew the lease of {self.url}: {exc!r}"), [])
+                            return
+                        logger.warning("renewing the lease of %s failed, trying again: %r", self.url, exc)
+
+    async def _release_lease(self, *, committed: bool) -> None:
+        """Give the output up: delete the lease after a commit, mark it released after an abort.
+
+        A released lease keeps its generation, so that a resumed run continues what this one recorded.
         """
         store = self._store
-        assert store is not None
-        extension = self.format.extension
-        recorded = {record.path for record in (await read_records(store)).values()}
-        orphans = [
-            path
-            for path in await store.list()
-            if path.endswith(extension) and not path.startswith("_") and path not in recorded
-        ]
-        for path in orphans:
-            identifier = self.key.parse(path[: len(path) - len(extension)])
-            if identifier is None:
-                logger.warning("%s/%s does not match the key template %r; not recorded", self.url, path, self.key)
-                continue
-            data = await store.get(path)
-            shape, dtype = await anyio.to_thread.run_sync(self.format.describe, data)
-            self._records.append(Record(identifier, path, len(data), f"{crc32(data, 0):08x}", shape, dtype))
-        await self._write_part()
+        if store is None or self._lease_lock is None:
+            return
+        async with self._lease_lock:
+            lease, self._lease = self._lease, None
+            if lease is None:
+                return
+            held = await read_lease(store, self.keys)
+            if held is None or held.run != lease.run:
+                return
+            if committed:
+                await store.delete([self.keys.lease])
+            else:
+                await store.put(self.keys.lease, [lease.renewed(state="released").to_bytes()])
 
     async def _serve(self, *, task_status: TaskStatus[None]) -> None:
         send, receive = anyio.create_memory_object_stream[list[_Batch]](math.inf)
@@ -651,6 +746,7 @@ class _Engine:
                     with anyio.CancelScope(shield=True) as self._open_scope:
                         await self._aopen()
                         await self._prepare_destination()
+                        await self._join()
                 except Exception as exc:
                     self._open_error = exc
                     self._fail(exc, [])
@@ -658,6 +754,8 @@ class _Engine:
                     self._opened.set()
             try:
                 async with anyio.create_task_group() as tg:
+                    if self._lease is not None:
+                        tg.start_soon(self._keep_lease)
                     store = self._store
                     if self._writer is None and store is not None and store.write_many is None:
                         # Object stores: a few workers encode groups off the loop and hand each object to a
@@ -822,30 +920,41 @@ class _Engine:
         await self._settle(encoded, errors)
 
     async def _write_part(self) -> None:
+        """Store the records not yet in a part. They are let go only once stored: after a failed attempt they stay
+        for the next one (a flush called again, the commit), which writes the same part key again."""
         assert self._part_lock is not None
         assert self._store is not None
         async with self._part_lock:
             if not self._records:
                 return
-            records, self._records = self._records, []
+            assert self._generation is not None
+            count = len(self._records)  # (workers only append: the first `count` are this part's)
+            key = self.keys.part(self._generation, self._run, self.rank, self._part_seq + 1)
+            await self._store.put(key, [encode_records(self._records[:count])])
+            del self._records[:count]
             self._part_seq += 1
-            key = part_key(self.rank, self._run_token, self._part_seq)
-            await self._store.put(key, [encode_records(records)])
 
     async def _commit_rank0(self, summary: dict[str, Any]) -> dict[str, Any]:
         store = self._store
-        assert store is not None
-        if self.mode == "resume" and self.format.per_item_objects:
-            await self._record_orphans()
+        assert store is not None and self._generation is not None and self._lease is not None
+        keys = self.keys
         if self._writer is not None:
-            await self._writer.commit(await read_records(store))
-        count, nbytes = await merge_parts(store)
+            await self._writer.commit(await read_records(store, keys, self._generation))
+        count, nbytes = await merge_parts(store, keys, self._generation)
         summary = {**summary, "count": count, "bytes": nbytes}
-        # S3 has no rename: the marker is written last, after the manifest it vouches for.
-        await write_success(store, summary)
+        # Only the run that owns the output commits; the marker goes last (S3 has no rename), and then the
+        # output is given up.
+        await check_lease(store, keys, self._lease)
+        await write_success(store, keys, summary)
+        try:
+            await self._release_lease(committed=True)
+        except Exception as exc:  # committed all the same: the lease runs out on its own
+            logger.warning("committed %s, but its lease could not be removed: %r", self.url, exc)
         return summary
 
     async def _stop(self, abort: bool) -> None:
+        if self._lease_scope is not None:
+            self._lease_scope.cancel()
         if abort and self._open_scope is not None:
             self._open_scope.deadline = anyio.current_time() + (self.retry.timeout or 60.0)
         if abort and self._worker_scope is not None:
@@ -855,6 +964,8 @@ class _Engine:
 
     async def _aclose_store(self) -> None:
         with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.retry.timeout or 60.0):
+                await self._release_lease(committed=False)  # (a no-op after a commit, which deleted it)
             if self._writer is not None:
                 await self._writer.aclose()
             if self._store is not None:
@@ -1007,7 +1118,7 @@ class Sink:
                 source=self,
             )
             with contextlib.suppress(Exception):
-                engine.abort()
+                engine.abort(vote=False)  # (the garbage collector's thread takes part in no agreement)
 
     def open(self) -> Self:
         """Start the event loop and the workers, and prepare the url according to ``mode``.

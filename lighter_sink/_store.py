@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import random
+import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,7 +32,7 @@ from fsspec.core import split_protocol, url_to_fs
 from lighter_sink._errors import DestinationError
 from lighter_sink.formats import Buffer
 
-__all__ = ["RetryPolicy", "Store", "is_transient", "open_store"]
+__all__ = ["DeleteError", "RetryPolicy", "Store", "is_transient", "open_store"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,6 +61,8 @@ _TRANSIENT_CODES = frozenset(
         "504",
     }
 )
+# DeleteObjects takes at most 1,000 keys per request.
+_S3_DELETE_BATCH = 1000
 # s3fs's _pipe_file sends one PUT below twice its 50 MiB chunk size, a multipart upload from there on.
 _S3_SINGLE_PUT = 100 * 2**20
 _TRANSIENT_ERRNOS = frozenset(
@@ -122,6 +125,14 @@ def is_transient(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+class DeleteError(OSError):
+    """Objects a bulk delete refused; ``response`` carries the service's code, as botocore's errors do."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.response = {"Error": {"Code": code}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +270,17 @@ class Store(ABC):
         """Remove what interrupted writes left behind; return how many. Object stores leave nothing."""
         return 0
 
+    async def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` only if no object is there; return whether this call created it.
+
+        Atomic where the store can do it (an exclusive link locally, a conditional PUT on S3 and GCS); elsewhere
+        a check then a write, which two writers racing within milliseconds can both pass.
+        """
+        if await self.exists(key):
+            return False
+        await self.put(key, [data])
+        return True
+
     async def delete_prefix(self, prefix: str) -> None:
         await self.delete(await self.list(prefix))
 
@@ -293,12 +315,14 @@ class _AsyncFsStore(Store):
         limiter: anyio.CapacityLimiter,
         *,
         s3_crc32: bool = False,
+        s3: bool = False,
     ) -> None:
         super().__init__(url, retry)
         self._fs = fs
         self._root = root.rstrip("/")
         self._limiter = limiter
         self._s3_crc32 = s3_crc32
+        self._s3 = s3
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
         data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
@@ -323,8 +347,36 @@ class _AsyncFsStore(Store):
         if not keys:
             return
         paths = [_join(self._root, k) for k in keys]
+        if self._s3:
+            for start in range(0, len(paths), _S3_DELETE_BATCH):
+                batch = paths[start : start + _S3_DELETE_BATCH]
+                await self._retrying("delete", functools.partial(self._s3_delete, batch))
+            return
         with contextlib.suppress(FileNotFoundError):
             await self._retrying("delete", lambda: self._fs._rm(paths))
+
+    async def _s3_delete(self, paths: Sequence[str]) -> None:
+        """One DeleteObjects request, every per-key error checked: S3 answers 200 even when keys were refused."""
+        bucket = self._fs.split_path(paths[0])[0]
+        objects = [{"Key": self._fs.split_path(p)[1]} for p in paths]
+        out = await self._fs._call_s3("delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+        self._fs.invalidate_cache()
+        errors = [e for e in out.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+        if errors:
+            first = errors[0]
+            raise DeleteError(
+                f"{len(errors)} of {len(paths)} objects could not be deleted from {self.url}, for example "
+                f"{first.get('Key')!r}: {first.get('Code')}: {first.get('Message', '')}",
+                code=str(first.get("Code")),
+            )
+
+    async def create(self, key: str, data: bytes) -> bool:
+        path = _join(self._root, key)
+        try:
+            await self._retrying(key, lambda: self._fs._pipe_file(path, data, mode="create"))
+        except FileExistsError:
+            return False
+        return True
 
     async def list(self, prefix: str = "") -> list[str]:
         base = _join(self._root, prefix.rstrip("/"))
@@ -371,6 +423,16 @@ class _ThreadFsStore(Store):
 
     async def exists(self, key: str) -> bool:
         return bool(await self._run(self._fs.exists, _join(self._root, key)))
+
+    async def create(self, key: str, data: bytes) -> bool:
+        path = _join(self._root, key)
+        try:
+            await self._retrying(
+                key, lambda: self._run(functools.partial(self._fs.pipe_file, path, data, mode="create"))
+            )
+        except FileExistsError:
+            return False
+        return True
 
     async def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
@@ -538,6 +600,9 @@ class _LocalStore(Store):
     async def exists(self, key: str) -> bool:
         return await anyio.to_thread.run_sync(os.path.exists, os.path.join(self._root, key))
 
+    async def create(self, key: str, data: bytes) -> bool:
+        return await anyio.to_thread.run_sync(_create_file, os.path.join(self._root, key), data)
+
     async def delete(self, keys: Sequence[str]) -> None:
         def remove() -> None:
             parents = set()
@@ -579,6 +644,42 @@ class _LocalStore(Store):
             return sorted(keys)
 
         return await anyio.to_thread.run_sync(walk, limiter=self._limiter)
+
+
+def _create_file(path: str, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists, atomically: written aside, then hard-linked into place
+    (a link fails if the name exists, and a reader never sees the file half written)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    # (a name no sweep of temporary files matches: another output's sink sweeping this directory must not
+    # remove it between the write and the link)
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".lsink-create")
+    try:
+        try:
+            _write_all(fd, [data])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a filesystem without hard links: an exclusive create, then the bytes
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            try:
+                target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            try:
+                _write_all(target, [data])
+                os.fsync(target)
+            finally:
+                os.close(target)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
 
 
 def check_local_destination(path: str) -> None:
@@ -681,6 +782,6 @@ async def open_store(
         if s3:
             fs.retries = 1  # s3fs's own retry loop; ours decides
             await fs.set_session()
-        return _AsyncFsStore(url, retry, fs, root, limiter, s3_crc32=s3 and upload_checksums)
+        return _AsyncFsStore(url, retry, fs, root, limiter, s3_crc32=s3 and upload_checksums, s3=s3)
     fs, root = await anyio.to_thread.run_sync(lambda: url_to_fs(url, **options))
     return _ThreadFsStore(url, retry, fs, root, limiter)

@@ -24,14 +24,18 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from lighter_sink._checksum import crc32
-from lighter_sink._errors import IdentifierError
-from lighter_sink._ids import validate_identifier
-from lighter_sink._manifest import MANIFEST, SUCCESS, Record, decode_records, id_order, read_records, sorted_ids
+from lighter_sink._commit import ControlKeys, current_generation, owned_key
+from lighter_sink._errors import ConfigurationError, IdentifierError
+from lighter_sink._ids import KeyTemplate, validate_identifier
+from lighter_sink._manifest import Record, decode_records, id_order, read_records, sorted_ids
 from lighter_sink._store import RetryPolicy, Store, open_store
+from lighter_sink.formats import get_format
 
 __all__ = ["OutputInfo", "Problem", "ProblemKind", "VerifyResult", "inspect_output", "verify"]
 
-ProblemKind = Literal["incomplete", "invalid", "mismatch", "missing", "size", "checksum", "unreadable"]
+ProblemKind = Literal[
+    "incomplete", "invalid", "mismatch", "missing", "size", "checksum", "unreadable", "duplicate", "unlisted"
+]
 
 #: ``progress(done, total)``: called after every ``progress_every`` objects checked.
 ProgressCallback = Callable[[int, int], None]
@@ -50,7 +54,9 @@ class Problem:
         kind: ``incomplete`` (no ``_SUCCESS``), ``invalid`` (a marker, manifest or record that cannot be parsed
             or names an unsafe path), ``mismatch`` (``_SUCCESS`` and the manifest disagree), ``missing`` (a
             recorded object or the manifest is absent), ``size`` / ``checksum`` (an object differs from its
-            record), ``unreadable`` (reading it failed).
+            record), ``unreadable`` (reading it failed), ``duplicate`` (an id, or one object, listed twice),
+            ``unlisted`` (an object the output's format and key could have written that the manifest does not
+            list: left by an earlier run, or written by another).
         path: the object concerned, relative to the url.
         id: the prediction's identifier, when the problem concerns one prediction.
         detail: what was expected and what was found.
@@ -210,12 +216,22 @@ def _parse_summary(data: bytes) -> dict[str, Any]:
     return summary
 
 
-async def _records(store: Store, manifest: bytes | None) -> list[Record]:
+async def _records(store: Store, keys: ControlKeys, manifest: bytes | None) -> list[Record]:
     if manifest is not None:
         return decode_records(manifest)
-    # No merged manifest (the run did not commit): the per-rank parts say what was stored so far.
-    recorded = await read_records(store)
+    # No merged manifest (the run did not commit): the parts of its generation say what was stored so far.
+    recorded = await read_records(store, keys, await current_generation(store, keys))
     return [recorded[i] for i in sorted_ids(recorded)]
+
+
+def _outputs(listing: Sequence[str]) -> list[ControlKeys]:
+    """The outputs at a url: the one that fills it, and each named one whose control objects are under ``_{name}/``."""
+    names = {""}
+    for key in listing:
+        head, _, rest = key.partition("/")
+        if head.startswith("_") and rest in ("_SUCCESS", "_manifest.jsonl", "_lease.json"):
+            names.add(head[1:])
+    return [ControlKeys(name) for name in sorted(names)]
 
 
 async def _verify(
@@ -225,28 +241,61 @@ async def _verify(
     progress: ProgressCallback | None,
     progress_every: int,
 ) -> VerifyResult:
+    """Every output at the url (one, or a table beside one-file-per-prediction objects), reported as one."""
     started = time.perf_counter()
+    listing = await store.list()
+    outputs = _outputs(listing)
+    results = []
+    for keys in outputs:
+        if (
+            keys.name == ""
+            and len(outputs) > 1
+            and not any(k.startswith(("_SUCCESS", "_manifest", "_parts/")) for k in listing)
+        ):
+            continue  # only named outputs live here
+        results.append(await _verify_output(store, keys, listing, options, concurrency, progress, progress_every))
+    summary = next((summary for summary, *_ in results if summary is not None), None)
+    return VerifyResult(
+        url=store.url,
+        summary=summary,
+        records=sum(r[1] for r in results),
+        checked=sum(r[2] for r in results),
+        bytes_read=sum(r[3] for r in results),
+        seconds=time.perf_counter() - started,
+        problems=tuple(p for r in results for p in r[4]),
+    )
+
+
+async def _verify_output(  # noqa: PLR0917 - private, called once
+    store: Store,
+    keys: ControlKeys,
+    listing: Sequence[str],
+    options: Mapping[str, Any],
+    concurrency: int,
+    progress: ProgressCallback | None,
+    progress_every: int,
+) -> tuple[dict[str, Any] | None, int, int, int, list[Problem]]:
     problems: list[Problem] = []
     summary: dict[str, Any] | None = None
-    marker = await _get_optional(store, SUCCESS)
+    marker = await _get_optional(store, keys.success)
     if marker is None:
         problems.append(
-            Problem("incomplete", SUCCESS, None, "no _SUCCESS marker: the run did not finish, or a rank failed")
+            Problem("incomplete", keys.success, None, "no _SUCCESS marker: the run did not finish, or a rank failed")
         )
     else:
         try:
             summary = _parse_summary(marker)
         except ValueError as exc:
-            problems.append(Problem("invalid", SUCCESS, None, f"not a JSON summary: {exc}"))
+            problems.append(Problem("invalid", keys.success, None, f"not a JSON summary: {exc}"))
             summary = {}
 
-    manifest = await _get_optional(store, MANIFEST)
+    manifest = await _get_optional(store, keys.manifest)
     if manifest is None and marker is not None:
-        problems.append(Problem("missing", MANIFEST, None, "_SUCCESS is present but the manifest is absent"))
+        problems.append(Problem("missing", keys.manifest, None, "_SUCCESS is present but the manifest is absent"))
     try:
-        records = await _records(store, manifest)
+        records = await _records(store, keys, manifest)
     except (ValueError, KeyError, TypeError) as exc:
-        problems.append(Problem("invalid", MANIFEST, None, f"a record cannot be parsed: {exc!r}"))
+        problems.append(Problem("invalid", keys.manifest, None, f"a record cannot be parsed: {exc!r}"))
         records = []
 
     if summary and manifest is not None:
@@ -255,13 +304,14 @@ async def _verify(
             problems.append(
                 Problem(
                     "mismatch",
-                    MANIFEST,
+                    keys.manifest,
                     None,
                     f"_SUCCESS counts {expected} predictions, the manifest lists {len(records)}",
                 )
             )
+    problems += _duplicates_and_unlisted(records, summary, listing, keys)
 
-    checks = _Checks(store, options)
+    checks = _Checks(store, options, keys.scratch)
     try:
         await checks.prepare(records, summary.get("format") if summary else None)
         checked, bytes_read, object_problems = await _check_objects(
@@ -271,15 +321,38 @@ async def _verify(
         await checks.aclose()
     object_problems += checks.problems
     object_problems.sort(key=lambda p: (id_order(p.id or ""), p.path))
-    return VerifyResult(
-        url=store.url,
-        summary=None if marker is None else summary,
-        records=len(records),
-        checked=checked,
-        bytes_read=bytes_read,
-        seconds=time.perf_counter() - started,
-        problems=(*problems, *object_problems),
-    )
+    return None if marker is None else summary, len(records), checked, bytes_read, [*problems, *object_problems]
+
+
+def _duplicates_and_unlisted(
+    records: Sequence[Record], summary: Mapping[str, Any] | None, listing: Sequence[str], keys: ControlKeys
+) -> list[Problem]:
+    """Ids (and one-per-prediction objects) the manifest lists twice, and objects of the output it does not list.
+
+    What the output owns is known from the marker's format and key template; without them (an incomplete run,
+    a format registered only in the writing process) objects are not judged.
+    """
+    problems = []
+    ids = Counter(r.id for r in records)
+    for identifier, count in ids.items():
+        if count > 1:
+            path = next(r.path for r in records if r.id == identifier)
+            problems.append(Problem("duplicate", path, identifier, f"the manifest lists this id {count} times"))
+    try:
+        fmt = get_format(str(summary["format"])) if summary else None
+        template = KeyTemplate(str(summary.get("key", "{id}"))) if summary else None
+    except (ConfigurationError, KeyError):
+        fmt = template = None
+    if fmt is None or template is None or not fmt.per_item_objects or fmt.namespace != keys.name:
+        return problems
+    paths = Counter(r.path for r in records)
+    for path, count in paths.items():
+        if count > 1:
+            problems.append(Problem("duplicate", path, None, f"{count} records list this one object"))
+    for key in listing:
+        if key not in paths and owned_key(key, fmt, template):
+            problems.append(Problem("unlisted", key, None, "an object of this output that the manifest does not list"))
+    return problems
 
 
 async def _check_objects(
@@ -350,9 +423,10 @@ async def _check_one(store: Store, record: Record) -> tuple[Problem | None, int]
 class _Checks:
     """How each record is checked: as an object of its own, a row of the zarr array, or a row of a table."""
 
-    def __init__(self, store: Store, options: Mapping[str, Any]) -> None:
+    def __init__(self, store: Store, options: Mapping[str, Any], scratch: str) -> None:
         self._store = store
         self._options = options
+        self._scratch = scratch
         self._tables: dict[str, dict[str, list[tuple[int, int]]] | None] = {}
         self._array: Any = None
         self._array_missing = False
@@ -416,10 +490,8 @@ class _Checks:
                 )
 
     async def _part_rows(self) -> dict[str, list[tuple[int, int]]] | None:
-        from lighter_sink.formats._table import PARTS_DIR
-
         rows: dict[str, list[tuple[int, int]]] = {}
-        keys = [k for k in await self._store.list(PARTS_DIR) if k.endswith(".part")]
+        keys = [k for k in await self._store.list(self._scratch) if k.endswith(".part")]
         for key in keys:
             _header, _, body = (await self._store.get(key)).partition(b"\n")
             for raw in body.splitlines(keepends=True):
@@ -494,10 +566,11 @@ def _compare(record: Record, nbytes: int, crc: int) -> Problem | None:
 
 
 async def _inspect(store: Store) -> OutputInfo:
-    marker = await _get_optional(store, SUCCESS)
+    keys = ControlKeys()
+    marker = await _get_optional(store, keys.success)
     summary = None if marker is None else _parse_summary(marker)
-    manifest = await _get_optional(store, MANIFEST)
-    records = await _records(store, manifest)
+    manifest = await _get_optional(store, keys.manifest)
+    records = await _records(store, keys, manifest)
     sizes = [r.nbytes for r in records]
     extensions = Counter(_extension(r.path) for r in records)
     shapes = Counter((tuple(r.shape), r.dtype) for r in records)

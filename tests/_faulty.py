@@ -7,6 +7,7 @@ test keeps the Plan object it passed in ``storage_options``: no class-level stat
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ class Plan:
     fail: BaseException | None = None
     fail_first: int | None = None
     fail_keys: set[str] = field(default_factory=set)
+    fail_when: Callable[[str], bool] | None = None  # only writes of paths it accepts fail
     gate: threading.Event | None = None
     started: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     files: dict[str, Any] = field(default_factory=dict)  # what the filesystem stores, by path
@@ -49,6 +51,7 @@ class Plan:
             failing = self.fail is not None and (
                 (self.fail_first is None or self.failures < self.fail_first)
                 and (not self.fail_keys or any(path.endswith("/" + k) for k in self.fail_keys))
+                and (self.fail_when is None or self.fail_when(path))
             )
             if failing:
                 self.failures += 1

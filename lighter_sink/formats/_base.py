@@ -49,6 +49,8 @@ class WriterContext:
         world_size: number of ranks.
         num_samples: samples in the run when known (the predict dataset's length, or ``Sink(num_samples=)``).
         mode: ``"overwrite"``, ``"resume"`` or ``"error"``.
+        scratch: the prefix under which this output may keep intermediate objects (sorted runs of a table); it
+            is the output's own, and overwriting the output removes it.
     """
 
     url: str
@@ -58,6 +60,7 @@ class WriterContext:
     world_size: int
     num_samples: int | None
     mode: str
+    scratch: str = "_table_parts"
 
 
 class FormatWriter:
@@ -70,8 +73,13 @@ class FormatWriter:
     async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> list[Record]:
         raise NotImplementedError
 
-    async def flush(self) -> None:
-        """Store everything written so far (this rank's part); called before the ranks agree to commit."""
+    async def flush(self) -> list[Record]:
+        """Store everything written so far and return the records of what this call stored.
+
+        Called before the ranks agree to commit, and again if it failed: what it could not store stays pending
+        (and is not returned) until a later call stores it. The sink records what it returns.
+        """
+        return []
 
     async def commit(self, records: Mapping[str, Record]) -> None:
         """On rank 0 only, after every rank flushed: finish the output (merge parts, write metadata)."""
@@ -105,6 +113,20 @@ class Format:
     per_item_objects: ClassVar[bool] = True
     needs_num_samples: ClassVar[bool] = False
     appendable: ClassVar[bool] = True
+
+    @property
+    def namespace(self) -> str:
+        """The name of this output's control objects (manifest, marker, lease) when the url holds other outputs
+        too: ``""`` for an output that fills its url, which keeps them at ``{url}/_manifest.jsonl`` and so on."""
+        return ""
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """For formats without per-item objects: the keys, or prefixes ending in ``/``, their writer stores.
+
+        Overwriting removes them before the new run writes; per-item formats are known by extension and key.
+        """
+        return ()
 
     def check(self, value: torch.Tensor) -> None:
         """Raise :class:`PredictionError` when ``value`` (one sample or one batch) cannot be stored.

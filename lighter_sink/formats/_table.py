@@ -112,6 +112,16 @@ class TableFormat(Format):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} columns={self.columns!r} filename={self.filename!r}>"
 
+    @property
+    def namespace(self) -> str:
+        # A table named otherwise than the default usually shares its directory with other outputs (Lighter's
+        # CsvWriter beside a FileWriter): its control objects then go under _{filename}/.
+        return "" if self.filename == self.default_filename else self.filename
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.filename,)
+
     def layout(self, shape: tuple[int, ...]) -> Layout:
         """The columns a prediction of ``shape`` fills.
 
@@ -336,9 +346,22 @@ class _TableWriter(FormatWriter):
         self._pending.extend(rows)
         if len(self._pending) < _PART_ROWS:
             return []
-        # Records go to the manifest only once their rows are stored: a killed run never records a lost row.
+        return await self._store_pending()
+
+    async def _store_pending(self) -> list[Record]:
+        """Store the pending rows as a part; return their records. A failed part keeps its rows pending.
+
+        Records go to the manifest only once their rows are stored: a killed run never records a lost row, and
+        rows whose part could not be stored are kept for the next attempt (a flush called again, the commit).
+        """
         pending, self._pending = self._pending, []
-        await self._put_part(pending)
+        if not pending:
+            return []
+        try:
+            await self._put_part(pending)
+        except BaseException:
+            self._pending[:0] = pending
+            raise
         return [record for _, record in pending]
 
     def _encode(self, ids: Sequence[str], samples: Sequence[torch.Tensor], layout: Layout) -> list[tuple[_Row, Record]]:
@@ -357,22 +380,13 @@ class _TableWriter(FormatWriter):
         assert self._layout is not None
         pending.sort(key=lambda item: item[0].order)
         self._sequence += 1
-        key = f"{PARTS_DIR}/rank-{self._context.rank:05d}/{self._token}-{self._sequence:06d}.part"
+        key = f"{self._context.scratch}/rank-{self._context.rank:05d}/{self._token}-{self._sequence:06d}.part"
         header = json.dumps({"columns": self._layout[0], "width": self._layout[1]}).encode() + b"\n"
         # one buffer: a local write passes its buffers to writev, which takes at most IOV_MAX of them
         await self._context.store.put(key, [header + b"".join(row.part_line() for row, _ in pending)])
 
-    async def flush(self) -> None:
-        from lighter_sink._manifest import encode_records, part_key
-
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        await self._put_part(pending)
-        # flush() returns no records to the sink: this rank records these rows in a manifest part of its own
-        records = [record for _, record in pending]
-        key = part_key(self._context.rank, f"{self._token}-table", self._sequence)
-        await self._context.store.put(key, [encode_records(records)])
+    async def flush(self) -> list[Record]:
+        return await self._store_pending()
 
     # ------------------------------------------------------------------ commit, on rank 0
 
@@ -380,8 +394,9 @@ class _TableWriter(FormatWriter):
         store = self._context.store
         filename = self._format.filename
         wanted = {r.id: r.crc32 for r in records.values() if r.path == filename}
-        merge = _Merge(self._format, store, wanted, self._token)
-        readers = [merge.part_reader(key) for key in await store.list(PARTS_DIR) if key.endswith(".part")]
+        scratch = self._context.scratch
+        merge = _Merge(self._format, store, wanted, self._token, scratch)
+        readers = [merge.part_reader(key) for key in await store.list(scratch) if key.endswith(".part")]
         if self._context.mode == "resume" and wanted:
             readers.append(merge.table_reader())
         level = 0
@@ -397,7 +412,7 @@ class _TableWriter(FormatWriter):
                 await output.discard()
             raise
         await output.finish()
-        await store.delete_prefix(PARTS_DIR)
+        await store.delete_prefix(scratch)
 
 
 def _width(layout: Layout) -> str:
@@ -407,11 +422,12 @@ def _width(layout: Layout) -> str:
 class _Merge:
     """The commit's external merge: sorted runs in, one table out, only rows the manifest vouches for."""
 
-    def __init__(self, fmt: TableFormat, store: Any, wanted: Mapping[str, str], token: str) -> None:
+    def __init__(self, fmt: TableFormat, store: Any, wanted: Mapping[str, str], token: str, scratch: str) -> None:
         self._format = fmt
         self._store = store
         self._wanted = wanted
         self._token = token
+        self._scratch = scratch
         self._columns: tuple[str, ...] | None = None
 
     def _keep(self, rows: list[_Row], columns: tuple[str, ...], where: str) -> list[_Row]:
@@ -465,7 +481,7 @@ class _Merge:
         buffer: list[bytes] = []
 
         async def put() -> None:
-            key = f"{PARTS_DIR}/merge-{self._token}/{name}-{len(keys):06d}.run"
+            key = f"{self._scratch}/merge-{self._token}/{name}-{len(keys):06d}.run"
             await self._store.put(key, [b"".join(buffer)])
             keys.append(key)
             buffer.clear()

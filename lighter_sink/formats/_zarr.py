@@ -198,6 +198,10 @@ class ZarrFormat(Format):
             "cast the prediction (for example .float())",
         )
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (METADATA, f"{CHUNKS}/")
+
     def open_writer(self, context: WriterContext) -> FormatWriter:
         require_zarr()
         if context.num_samples is None:

@@ -1,0 +1,297 @@
+"""Who owns an output, and where its control objects live: the lease, the generation, the control keys.
+
+One run owns an output at a time. At open, rank 0 creates ``_lease.json`` atomically (``O_EXCL``-like locally, a
+conditional PUT on S3 and GCS) and renews it while the run lives; another run on the same output is refused
+while the lease is fresh. A crashed run's lease runs out after :data:`LEASE_SECONDS` (at once when it ran on this
+host and its process is gone); a run that ended, committed or aborted, gives it up.
+
+An output's records belong to a *generation*: a run with ``mode="overwrite"`` starts a new one (and removes what
+the earlier generation stored before it writes anything), a resumed run continues the generation it resumes.
+Manifest parts live under ``_parts/{generation}/{run}/``, so a commit merges only its own generation's parts and
+no run sweeps another's. Several outputs may share a directory (a table beside one-file-per-prediction objects):
+each has its own control objects, under ``_{name}/`` for every output but the one that fills the url.
+
+Layout of the control objects of one output (``base`` is ``""`` or ``_{name}/``)::
+
+    {base}_lease.json                                   the run that owns the output now
+    {base}_parts/{generation}/{run}/rank-00000-000001.jsonl   records, written as the run goes
+    {base}_manifest.jsonl                               every record, merged at commit
+    {base}_SUCCESS                                      written last
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import anyio
+import anyio.to_thread
+
+from lighter_sink._checksum import crc32
+from lighter_sink._errors import CommitError, DestinationError
+from lighter_sink._ids import KeyTemplate
+from lighter_sink._manifest import Record, read_records
+from lighter_sink._store import Store
+from lighter_sink.formats import Format
+
+__all__ = [
+    "LEASE_SECONDS",
+    "ControlKeys",
+    "Lease",
+    "acquire_lease",
+    "current_generation",
+    "new_token",
+    "orphan_records",
+    "owned_key",
+]
+
+logger = logging.getLogger(__name__)
+
+#: A lease not renewed for this long belongs to a run that died: another run may take the output over.
+LEASE_SECONDS = 60.0
+#: How often the holder renews it: several renewals may fail in a row before it runs out.
+RENEW_SECONDS = LEASE_SECONDS / 6
+
+LeaseState = Literal["starting", "clearing", "running", "released"]
+
+
+def new_token() -> str:
+    """A run's name: sortable by start time, unique across hosts."""
+    return f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlKeys:
+    """The keys of one output's control objects; ``name`` is ``""`` for the output that fills the url."""
+
+    name: str = ""
+
+    @property
+    def base(self) -> str:
+        return f"_{self.name}/" if self.name else ""
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.base}_manifest.jsonl"
+
+    @property
+    def success(self) -> str:
+        return f"{self.base}_SUCCESS"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.base}_lease.json"
+
+    @property
+    def parts(self) -> str:
+        return f"{self.base}_parts"
+
+    def generation_parts(self, generation: str) -> str:
+        return f"{self.parts}/{generation}"
+
+    def part(self, generation: str, run: str, rank: int, sequence: int) -> str:
+        return f"{self.parts}/{generation}/{run}/rank-{rank:05d}-{sequence:06d}.jsonl"
+
+    @property
+    def scratch(self) -> str:
+        """Where a format keeps this output's intermediate objects (a table's sorted runs of rows)."""
+        return f"{self.base}_table_parts"
+
+
+_HOST = socket.gethostname()
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What ``_lease.json`` says: which run owns the output, since when, and how far it got."""
+
+    run: str
+    generation: str
+    host: str
+    pid: int
+    renewed_at: float
+    state: LeaseState = "starting"
+
+    @classmethod
+    def mine(cls, run: str, generation: str = "") -> Lease:
+        return cls(run, generation or run, _HOST, os.getpid(), time.time())
+
+    def to_bytes(self) -> bytes:
+        data = {
+            "run": self.run,
+            "generation": self.generation,
+            "host": self.host,
+            "pid": self.pid,
+            "renewed_at": self.renewed_at,
+            "state": self.state,
+        }
+        return json.dumps(data, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Lease:
+        """Parse a lease; raises ``ValueError`` for anything that is not one."""
+        try:
+            raw: Any = json.loads(data)
+            return cls(
+                run=str(raw["run"]),
+                generation=str(raw["generation"]),
+                host=str(raw["host"]),
+                pid=int(raw["pid"]),
+                renewed_at=float(raw["renewed_at"]),
+                state=raw.get("state", "running"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a lease: {exc!r}") from None
+
+    def renewed(self, **changes: Any) -> Lease:
+        return replace(self, renewed_at=time.time(), **changes)
+
+    def age(self) -> float:
+        return time.time() - self.renewed_at
+
+    def live(self) -> bool:
+        """Whether the run holding it may still be writing."""
+        if self.state == "released" or self.age() > LEASE_SECONDS:
+            return False
+        if self.host == _HOST and self.pid != os.getpid():
+            # A process of this host that is gone renews nothing any more: no need to wait for the expiry.
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:  # alive, another user's
+                return True
+        return True
+
+    def describe(self) -> str:
+        return f"run {self.run} (host {self.host}, pid {self.pid}), which renewed its lease {self.age():.0f} s ago"
+
+
+async def read_lease(store: Store, keys: ControlKeys) -> Lease | None:
+    """The output's lease, or ``None`` when there is none (or it cannot be parsed: a lease is never torn)."""
+    try:
+        data = await store.get(keys.lease)
+    except FileNotFoundError:
+        return None
+    try:
+        return Lease.from_bytes(data)
+    except ValueError:
+        logger.warning("%s/%s is not a lease; it is replaced", store.url, keys.lease)
+        return None
+
+
+async def current_generation(store: Store, keys: ControlKeys) -> str | None:
+    """The generation an output's records belong to: its lease's, else its marker's; ``None`` when neither says."""
+    lease = await read_lease(store, keys)
+    if lease is not None:
+        return lease.generation
+    try:
+        summary = json.loads(await store.get(keys.success))
+    except (FileNotFoundError, ValueError):
+        return None
+    generation = summary.get("generation") if isinstance(summary, dict) else None
+    return generation if isinstance(generation, str) and generation else None
+
+
+async def acquire_lease(store: Store, keys: ControlKeys, run: str) -> tuple[Lease, Lease | None]:
+    """Take the output for ``run``; return the new lease and the one it replaced (a dead or finished run's).
+
+    Raises:
+        DestinationError: another run holds a live lease (the message names it and when it last renewed).
+    """
+    mine = Lease.mine(run)
+    previous: Lease | None = None
+    for _ in range(5):
+        if await store.create(keys.lease, mine.to_bytes()):
+            # Read it back: on a store that ignores conditional writes, the last of two racing writers wins here.
+            held = await read_lease(store, keys)
+            if held is None or held.run != run:
+                raise DestinationError(
+                    f"{store.url} was taken by another run at the same moment"
+                    + (f": {held.describe()}" if held is not None else "")
+                )
+            return mine, previous
+        existing = await read_lease(store, keys)
+        if existing is not None and existing.run == run:  # (an earlier attempt of this very call got through)
+            return mine, previous
+        if existing is not None and existing.live():
+            raise DestinationError(
+                f"{store.url} is being written by another run: {existing.describe()}. A lease runs out "
+                f"{LEASE_SECONDS:.0f} s after its last renewal (at once when its process on this host is gone); "
+                "wait for that run to finish, or write to another url"
+            )
+        if existing is not None:
+            previous = existing
+        await store.delete([keys.lease])
+    raise DestinationError(f"{store.url}: could not take the lease; other runs keep taking it")
+
+
+async def renew_lease(store: Store, keys: ControlKeys, lease: Lease) -> Lease:
+    """Write ``lease`` again with a fresh time, once it was checked to be still ours.
+
+    Raises:
+        CommitError: another run took the output over.
+    """
+    await check_lease(store, keys, lease)
+    fresh = lease.renewed()
+    await store.put(keys.lease, [fresh.to_bytes()])
+    return fresh
+
+
+async def check_lease(store: Store, keys: ControlKeys, lease: Lease) -> None:
+    """Raise :class:`CommitError` unless ``lease`` is still the output's lease."""
+    held = await read_lease(store, keys)
+    if held is None or held.run != lease.run:
+        who = held.describe() if held is not None else "nobody (the lease is gone)"
+        raise CommitError(f"{store.url} is no longer owned by this run ({lease.run}): it is held by {who}")
+
+
+def owned_key(key: str, fmt: Format, template: KeyTemplate) -> bool:
+    """Whether ``key`` is an object that an output of ``fmt`` with key ``template`` could have written."""
+    if key.startswith("_") or key.rsplit("/", 1)[-1].startswith("."):
+        return False  # control objects, other outputs' and temporary files
+    if not fmt.per_item_objects:
+        return any(key == o or (o.endswith("/") and key.startswith(o)) for o in fmt.outputs)
+    extension = fmt.extension
+    if not key.endswith(extension):
+        return False
+    return template.parse(key[: len(key) - len(extension)] if extension else key) is not None
+
+
+async def orphan_records(
+    store: Store, keys: ControlKeys, generation: str | None, fmt: Format, template: KeyTemplate
+) -> list[Record]:
+    """Records of the objects ``generation`` stored but never recorded (a killed run's), from their bytes.
+
+    Orphans are the objects this output could have written that no record mentions (an overwrite removes the
+    earlier output before its generation writes anything, so they are this generation's). One whose id cannot
+    be read back from its key, or whose format cannot describe it, gets no record: resume writes it again when
+    its id is put, and :func:`~lighter_sink.remaining` counts it as missing.
+    """
+    if not fmt.per_item_objects:
+        return []
+    extension = fmt.extension
+    recorded = {record.path for record in (await read_records(store, keys, generation)).values()}
+    records: list[Record] = []
+    for path in await store.list():
+        if path in recorded or not owned_key(path, fmt, template):
+            continue
+        identifier = template.parse(path[: len(path) - len(extension)] if extension else path)
+        if identifier is None:
+            continue
+        data = await store.get(path)
+        try:
+            shape, dtype = await anyio.to_thread.run_sync(fmt.describe, data)
+        except NotImplementedError:
+            continue  # (png, txt, writer functions)
+        except Exception as exc:
+            logger.warning("%s/%s cannot be read back (%r); it is written again if put", store.url, path, exc)
+            continue
+        records.append(Record(identifier, path, len(data), f"{crc32(data, 0):08x}", shape, dtype))
+    return records

@@ -1,0 +1,43 @@
+"""A plain-loop job run as a real process and killed hard (``os._exit``) by the commit tests.
+
+``python tests/_killed_run.py URL --ids 0,1,2 --value 2.0 [--format npy] [--key T] [--mode M] [--flush]``
+puts one prediction per id (a 2x2 tensor filled with ``value``); with ``--flush`` it records them in a manifest
+part first. Then it dies without closing the sink: no commit, no clean-up, no atexit. ``max_queue_bytes=1``
+makes every put wait until the one before it is stored, so every id but the last is stored when it dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lighter_sink import Sink
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("--ids", required=True, help="comma-separated ids")
+    parser.add_argument("--value", type=float, default=1.0)
+    parser.add_argument("--format", default="npy")
+    parser.add_argument("--key", default="{id}")
+    parser.add_argument("--mode", default="overwrite")
+    parser.add_argument("--flush", action="store_true", help="record what was put before dying")
+    args = parser.parse_args()
+    sink = Sink(args.url, format=args.format, key=args.key, mode=args.mode, max_queue_bytes=1).open()
+    for identifier in args.ids.split(","):
+        sink.put(identifier, torch.full((2, 2), args.value))
+    if args.flush:
+        sink.flush()
+    print("PUT", flush=True)
+    os._exit(9)
+
+
+if __name__ == "__main__":
+    main()
