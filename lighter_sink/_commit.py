@@ -58,7 +58,8 @@ LEASE_SECONDS = 60.0
 #: How often the holder renews it: several renewals may fail in a row before it runs out.
 RENEW_SECONDS = LEASE_SECONDS / 6
 
-LeaseState = Literal["starting", "clearing", "running", "released"]
+# starting: taken, nothing done yet; clearing: removing the earlier output; running: writing
+LeaseState = Literal["starting", "clearing", "running"]
 
 
 def new_token() -> str:
@@ -117,6 +118,7 @@ class Lease:
     pid: int
     renewed_at: float
     state: LeaseState = "starting"
+    released: bool = False  # given up by a run that ended before it could finish (kept: it says how far it got)
 
     @classmethod
     def mine(cls, run: str, generation: str = "") -> Lease:
@@ -130,6 +132,7 @@ class Lease:
             "pid": self.pid,
             "renewed_at": self.renewed_at,
             "state": self.state,
+            "released": self.released,
         }
         return json.dumps(data, sort_keys=True).encode() + b"\n"
 
@@ -145,6 +148,7 @@ class Lease:
                 pid=int(raw["pid"]),
                 renewed_at=float(raw["renewed_at"]),
                 state=raw.get("state", "running"),
+                released=bool(raw.get("released", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a lease: {exc!r}") from None
@@ -157,7 +161,7 @@ class Lease:
 
     def live(self) -> bool:
         """Whether the run holding it may still be writing."""
-        if self.state == "released" or self.age() > LEASE_SECONDS:
+        if self.released or self.age() > LEASE_SECONDS:
             return False
         if self.host == _HOST and self.pid != os.getpid():
             # A process of this host that is gone renews nothing any more: no need to wait for the expiry.
@@ -187,16 +191,20 @@ async def read_lease(store: Store, keys: ControlKeys) -> Lease | None:
 
 
 async def current_generation(store: Store, keys: ControlKeys) -> str | None:
-    """The generation an output's records belong to: its lease's, else its marker's; ``None`` when neither says."""
+    """The generation an output's records belong to: its lease's, else its marker's, else the one generation
+    whose parts are stored (an overwrite removes every other's); ``None`` when nothing says."""
     lease = await read_lease(store, keys)
     if lease is not None:
         return lease.generation
     try:
         summary = json.loads(await store.get(keys.success))
     except (FileNotFoundError, ValueError):
-        return None
+        summary = None
     generation = summary.get("generation") if isinstance(summary, dict) else None
-    return generation if isinstance(generation, str) and generation else None
+    if isinstance(generation, str) and generation:
+        return generation
+    stored = {key[len(keys.parts) + 1 :].split("/", 1)[0] for key in await store.list(keys.parts)}
+    return stored.pop() if len(stored) == 1 else None
 
 
 async def acquire_lease(store: Store, keys: ControlKeys, run: str) -> tuple[Lease, Lease | None]:

@@ -619,7 +619,7 @@ class _Engine:
                 )
         lease, previous = await acquire_lease(store, keys, self._run)
         self._lease = lease
-        if self.mode == "resume" and (previous is None or previous.state != "clearing"):
+        if self.mode == "resume" and (previous is None or previous.state == "running"):
             # The generation resumed: the dead or finished run's, else the committed output's.
             if previous is not None:
                 generation = previous.generation
@@ -631,8 +631,8 @@ class _Engine:
             if self.format.per_item_objects:
                 await self._adopt_orphans(generation)
         else:
-            # overwrite, error, or a resume of a run that died while it removed an earlier output: a new
-            # generation, and nothing of the earlier one may stay reachable before this run writes.
+            # overwrite, error, or a resume of a run that died before it wrote (while it removed an earlier
+            # output, say): a new generation, and nothing of the earlier one may stay reachable before it writes.
             await self._set_lease(lease.renewed(generation=self._run, state="clearing"))
             await self._clear_output()
             await self._set_lease(self._lease.renewed(state="running") if self._lease is not None else lease)
@@ -700,8 +700,7 @@ class _Engine:
                     if self._lease is None:
                         return
                     try:
-                        with anyio.CancelScope(shield=True):
-                            self._lease = await renew_lease(store, self.keys, self._lease)
+                        self._lease = await renew_lease(store, self.keys, self._lease)
                         renewed_at = time.monotonic()
                     except CommitError as exc:
                         self._fail(exc, [])
@@ -713,10 +712,9 @@ class _Engine:
                         logger.warning("renewing the lease of %s failed, trying again: %r", self.url, exc)
 
     async def _release_lease(self, *, committed: bool) -> None:
-        """Give the output up: delete the lease after a commit, mark it released after an abort.
-
-        A released lease keeps its generation, so that a resumed run continues what this one recorded.
-        """
+        """Give the output up: delete the lease once the run committed, or aborted while writing (its parts say
+        which generation a resumed run continues); an abort before that leaves it marked released, so that a
+        resumed run knows the earlier output may be half removed and starts a new generation."""
         store = self._store
         if store is None or self._lease_lock is None:
             return
@@ -727,10 +725,10 @@ class _Engine:
             held = await read_lease(store, self.keys)
             if held is None or held.run != lease.run:
                 return
-            if committed:
+            if committed or lease.state == "running":
                 await store.delete([self.keys.lease])
             else:
-                await store.put(self.keys.lease, [lease.renewed(state="released").to_bytes()])
+                await store.put(self.keys.lease, [lease.renewed(released=True).to_bytes()])
 
     async def _serve(self, *, task_status: TaskStatus[None]) -> None:
         send, receive = anyio.create_memory_object_stream[list[_Batch]](math.inf)
@@ -964,7 +962,8 @@ class _Engine:
 
     async def _aclose_store(self) -> None:
         with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(self.retry.timeout or 60.0):
+            # Best effort, briefly: an abort is prompt, and a lease left behind runs out on its own.
+            with anyio.move_on_after(min(self.retry.timeout or _RELEASE_SECONDS, _RELEASE_SECONDS)):
                 await self._release_lease(committed=False)  # (a no-op after a commit, which deleted it)
             if self._writer is not None:
                 await self._writer.aclose()
@@ -1239,6 +1238,7 @@ class Sink:
 
 
 _GIL_FREE_COPY = 64 * 2**10
+_RELEASE_SECONDS = 5.0
 _CHECKED_KINDS = 256
 
 

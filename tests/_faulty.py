@@ -23,6 +23,9 @@ class Plan:
     fail_first: int | None = None
     fail_keys: set[str] = field(default_factory=set)
     fail_when: Callable[[str], bool] | None = None  # only writes of paths it accepts fail
+    # Faults (gate, failures, counts) apply to prediction objects only, unless this is set: the sink's own
+    # control objects (lease, manifest parts, marker: a path segment starting with "_") pass untouched.
+    control: bool = False
     gate: threading.Event | None = None
     started: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     files: dict[str, Any] = field(default_factory=dict)  # what the filesystem stores, by path
@@ -33,6 +36,8 @@ class Plan:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_write(self, path: str) -> None:
+        if not self.control and any(segment.startswith("_") for segment in path.split("/")):
+            return
         with self.lock:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)

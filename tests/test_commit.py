@@ -53,7 +53,10 @@ def _killed(url: Path | str, ids: list[str], *args: str) -> None:
 def _fails_once(fragment: str) -> _faulty.Plan:
     """A faulty:// plan whose first write of a key containing ``fragment`` fails with ENOSPC."""
     return _faulty.Plan(
-        fail=OSError(errno.ENOSPC, "No space left on device"), fail_first=1, fail_when=lambda p: fragment in p
+        fail=OSError(errno.ENOSPC, "No space left on device"),
+        fail_first=1,
+        fail_when=lambda p: fragment in p,
+        control=True,
     )
 
 
@@ -71,7 +74,9 @@ def test_a_failed_manifest_part_keeps_its_records_until_they_are_stored() -> Non
 
 
 def test_a_failed_manifest_part_at_close_commits_nothing() -> None:
-    plan = _faulty.Plan(fail=OSError(errno.ENOSPC, "No space left on device"), fail_when=lambda p: "/_parts/" in p)
+    plan = _faulty.Plan(
+        fail=OSError(errno.ENOSPC, "No space left on device"), fail_when=lambda p: "/_parts/" in p, control=True
+    )
     sink = Sink("faulty://run", storage_options=_faulty.options(plan)).open()
     sink.put_batch(range(110), torch.arange(110.0)[:, None])
     with pytest.raises(OSError, match="No space left"):

@@ -182,7 +182,8 @@ def test_a_black_holed_store_fails_within_the_bound_and_the_process_exits(
 @pytest.mark.s3
 def test_retries_is_the_number_of_attempts_and_every_retry_is_counted(fault_proxy: FaultProxy, s3_bucket: str) -> None:
     with Sink(f"s3://{s3_bucket}/x", storage_options=fault_proxy.storage_options, retries=3, timeout=10) as sink:
-        fault_proxy.configure(error_rate=1.0)  # only now: opening the sink needs no PUT
+        sink.flush()  # opening the sink takes the url's lease with PUTs: let it finish first
+        fault_proxy.configure(error_rate=1.0)  # only now
         puts_before = fault_proxy.stats.methods.get("PUT", 0)
         sink.put(0, torch.ones(3))
         with pytest.raises(WriteError, match="SlowDown|reduce your request rate"):
@@ -530,12 +531,12 @@ def test_no_secret_in_logs_reprs_errors_or_stored_objects(
     assert ok.sink is not None
     texts += [*_texts_of_sink(ok), json.dumps(ok.sink.summary)]
 
-    # a run whose every write is refused
+    # a run whose every write is refused (its lease first: the url cannot be used)
     fault_proxy.configure(error_rate=1.0, methods={"PUT"})
     refused = PredictionSink(
         f"s3://{s3_bucket}/refused", storage_options=_planted(fault_proxy.endpoint), retries=2, timeout=5
     )
-    with pytest.raises(WriteError) as write_error:
+    with pytest.raises(DestinationError) as write_error:
         _trainer(refused).predict(DemoModel(), loader, return_predictions=False)
     texts += _texts_of_error(write_error.value) + _texts_of_sink(refused)
 

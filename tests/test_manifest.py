@@ -3,8 +3,16 @@ import os
 
 import pytest
 
-from lighter_sink._manifest import MANIFEST, Record, encode_records, id_order, merge_parts, part_key, sorted_ids
+from lighter_sink._commit import ControlKeys
+from lighter_sink._errors import CommitError
+from lighter_sink._manifest import MANIFEST, Record, encode_records, id_order, merge_parts, sorted_ids
 from lighter_sink._store import open_store
+
+KEYS = ControlKeys()
+
+
+def part_key(rank: int, run: str, sequence: int) -> str:
+    return KEYS.part("g", run, rank, sequence)
 
 
 def _record(identifier: str, nbytes: int, crc: str = "0000abcd") -> Record:
@@ -17,22 +25,32 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
-async def test_merge_sorts_ids_keeps_the_latest_record_and_sums_sizes(tmp_path: os.PathLike[str]) -> None:
+async def test_merge_sorts_ids_and_sums_sizes(tmp_path: os.PathLike[str]) -> None:
     store = await open_store(str(tmp_path))
-    awkward = ['say "hi", ok', 'x,"path":"y"', "back\\slash", "ünï/cødé", "10", "9", "b", "a"]
+    awkward = ['say "hi", ok', 'x,"path":"y"', "back\\slash", "ünï/cødé", "10", "b", "a"]
     first = [_record(i, n) for n, i in enumerate(awkward, start=1)]
     await store.put(part_key(0, "t", 1), [encode_records(first)])
-    # a later part records "9" again (a rewrite): its record wins
     await store.put(part_key(1, "t", 2), [encode_records([_record("9", 100, "ffffffff")])])
-    count, nbytes = await merge_parts(store)
+    count, nbytes = await merge_parts(store, KEYS, "g")
     lines = (await store.get(MANIFEST)).decode().splitlines()
     ids = [json.loads(line)["id"] for line in lines]
     assert ids == ["9", "10", "a", "b", "back\\slash", 'say "hi", ok', 'x,"path":"y"', "ünï/cødé"]
     assert count == 8
-    assert nbytes == sum(n for n, i in enumerate(awkward, start=1) if i != "9") + 100
+    assert nbytes == sum(n for n, _ in enumerate(awkward, start=1)) + 100
     assert Record.from_json(lines[0]) == _record("9", 100, "ffffffff")
     assert all(Record.from_json(line).to_json() == line for line in lines)  # lines pass through unchanged
     assert await store.list("_parts") == []
+
+
+@pytest.mark.anyio
+async def test_an_id_recorded_twice_fails_the_merge(tmp_path: os.PathLike[str]) -> None:
+    """Two ranks recorded one id: which prediction is right cannot be known; listing one would hide the other."""
+    store = await open_store(str(tmp_path))
+    await store.put(part_key(0, "r0", 1), [encode_records([_record("9", 1), _record("10", 2)])])
+    await store.put(part_key(1, "r1", 1), [encode_records([_record("9", 100, "ffffffff")])])
+    with pytest.raises(CommitError, match="'9' was recorded twice"):
+        await merge_parts(store, KEYS, "g")
+    assert not await store.exists(MANIFEST)
 
 
 @pytest.mark.anyio
@@ -43,7 +61,7 @@ async def test_merge_reads_lines_in_another_layout(tmp_path: os.PathLike[str]) -
     spaced = '{"id": "4","path":"4.npy","nbytes": 1,"crc32":"00000002","shape":[],"dtype":"u1"}'
     await store.put(MANIFEST, [foreign.encode() + b"\n" + spaced.encode() + b"\n"])
     await store.put(part_key(0, "t", 1), [encode_records([_record("1", 5)])])
-    assert await merge_parts(store) == (3, 13)
+    assert await merge_parts(store, KEYS, "g") == (3, 13)
     assert [json.loads(line)["id"] for line in (await store.get(MANIFEST)).decode().splitlines()] == ["1", "3", "4"]
 
 
