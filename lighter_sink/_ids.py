@@ -14,6 +14,9 @@ from lighter_sink._errors import IdentifierError
 
 __all__ = ["KeyTemplate", "RankCounter", "is_numeric_id", "validate_identifier", "validate_identifiers"]
 
+# A format spec that writes a number's digits in one base, at most signed, prefixed, grouped or padded with zeros
+# or spaces on the left (no fill character, no alignment), and refuses text: one-to-one on non-negative ints.
+_DIGITS_SPEC = re.compile(r"[-+ ]?#?0?[0-9]*[,_]?[bdoxX]")
 _BASES = {"b": 2, "o": 8, "x": 16, "X": 16}
 
 
@@ -111,6 +114,10 @@ class KeyTemplate:
     ``pred-007`` and ``"{id:08d}"`` refuses it. ``"{id:08d}"`` zero-pads counter ids; ``"{hash:.2}/{id}"``
     spreads keys over 256 prefixes, which S3 rate-limits separately.
 
+    Attributes:
+        injective: distinct ids always give distinct keys (proved from the template, not sampled), so a sink
+            need not check the keys of ids that cannot repeat, such as its counter's.
+
     Raises:
         ConfigurationError: at construction, when the template is malformed, uses unknown fields, or does
             not give a safe relative key for the id 0.
@@ -134,8 +141,13 @@ class KeyTemplate:
         self.template = template
         self._plain = template == "{id}"
         pattern = []
+        # Distinct ids give distinct keys when every {id} field writes the id's text (no spec and no conversion: a
+        # number's text is its digits) or a number's digits (_DIGITS_SPEC, which refuses text), and no spec nests
+        # a field. Then {hash} fields have a fixed width and no {id} field narrows as the id grows, so two ids with
+        # one key fill the first {id} field at one place and width with one text: they are one id.
+        self.injective = True
         self._base = 10  # of the numbers in the first {id} field: parse reads them back
-        for literal, name, field_spec, _conversion in string.Formatter().parse(template):
+        for literal, name, field_spec, conversion in string.Formatter().parse(template):
             pattern.append(re.escape(literal))
             spec = field_spec or ""
             if name == "id":
@@ -144,8 +156,12 @@ class KeyTemplate:
                     self._base = _BASES.get(spec[-1:], 10)
                 else:
                     pattern.append("(?P=id)")
+                digits = conversion is None and _DIGITS_SPEC.fullmatch(spec) is not None
+                self.injective = self.injective and (digits or (not spec and conversion is None))
             elif name == "hash":
                 pattern.append("[0-9a-f]{1,8}")
+            if "{" in spec:
+                self.injective = False
         self._pattern = re.compile("".join(pattern))
         self._hashed = "hash" in fields
         try:

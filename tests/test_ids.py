@@ -163,3 +163,28 @@ def test_a_number_template_refuses_a_text_id(identifier: str) -> None:
     with pytest.raises(IdentifierError, match="formats numbers") as info:
         KeyTemplate("{id:08d}").render(identifier)
     assert repr(identifier) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "injective"),
+    [
+        ("{id}", True),
+        ("pred-{id}", True),
+        ("{id:08d}", True),
+        ("{hash:.2}/{id:05d}", True),
+        ("{id}/{id:x}", True),
+        ("{id:#_b}", True),
+        ("{id:1>3}", False),  # 1 and 11 give '111'
+        ("{id:0<3}", False),  # 1 and 100 give '100'
+        ("{id:.2e}", False),  # 1000 and 1001 give '1.00e+03'
+        ("{id:g}", False),
+        ("{id!s:.1}", False),
+        ("{id:5}", False),  # text ids: 'a' and 'a    ' give 'a    '
+    ],
+)
+def test_a_template_knows_whether_distinct_ids_give_distinct_keys(template: str, injective: bool) -> None:
+    keys = KeyTemplate(template)
+    assert keys.injective is injective
+    rendered = {keys.render(i) for i in range(2000)}
+    if injective:
+        assert len(rendered) == 2000

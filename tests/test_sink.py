@@ -522,6 +522,30 @@ def test_a_number_template_refuses_text_ids(tmp_path: Path) -> None:
     assert [(r["id"], r["path"]) for r in _manifest(tmp_path)] == [("7", "00000007.npy")]
 
 
+def test_two_ids_that_give_one_key_are_refused(tmp_path: Path) -> None:
+    with Sink(tmp_path / "text", key="{id!s:.9}") as sink:  # the first 9 characters of the id
+        sink.put("scan-0001-a", torch.ones(1))
+        with pytest.raises(IdentifierError) as info:
+            sink.put("scan-0001-b", torch.zeros(1))
+        assert all(part in str(info.value) for part in ("'scan-0001-a'", "'scan-0001-b'", "'scan-0001'"))
+        with pytest.raises(IdentifierError, match="'scan-0002-a'.*'scan-0002-b'.*'scan-0002'"):
+            sink.put_batch(["scan-0002-a", "scan-0002-b"], torch.ones(2, 1))
+        sink.put("scan-0002-b", torch.full((1,), 2.0))  # the refused batch claimed nothing
+        with pytest.raises(IdentifierError, match="'scan-0002-b' was already put"):
+            sink.put("scan-0002-b", torch.ones(1))
+    records = _manifest(tmp_path / "text")
+    assert [(r["id"], r["path"]) for r in records] == [
+        ("scan-0001-a", "scan-0001.npy"),
+        ("scan-0002-b", "scan-0002.npy"),
+    ]
+    np.testing.assert_array_equal(np.load(tmp_path / "text" / "scan-0001.npy"), np.float32([1.0]))
+    with Sink(tmp_path / "numbers", key="{id:1>3}") as sink:  # pads with the digit 1: 1 and 11 give '111'
+        sink.put(1, torch.ones(1))
+        with pytest.raises(IdentifierError, match="'1'.*'11'.*'111'"):
+            sink.put(11, torch.zeros(1))
+    assert [(r["id"], r["path"]) for r in _manifest(tmp_path / "numbers")] == [("1", "111.npy")]
+
+
 def test_resume_maps_stored_keys_back_to_text_and_number_ids(tmp_path: Path) -> None:
     with Sink(tmp_path, key="pred-{id}") as sink:
         sink.put("a", torch.zeros(1))
