@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import string
 import unicodedata
@@ -11,7 +12,12 @@ from numbers import Integral
 
 from lighter_sink._errors import IdentifierError
 
-__all__ = ["KeyTemplate", "RankCounter", "validate_identifier", "validate_identifiers"]
+__all__ = ["KeyTemplate", "RankCounter", "is_numeric_id", "validate_identifier", "validate_identifiers"]
+
+# A format spec that writes a number's digits in one base, at most signed, prefixed, grouped or padded with zeros
+# or spaces on the left (no fill character, no alignment), and refuses text: one-to-one on non-negative ints.
+_DIGITS_SPEC = re.compile(r"[-+ ]?#?0?[0-9]*[,_]?[bdoxX]")
+_BASES = {"b": 2, "o": 8, "x": 16, "X": 16}
 
 
 class RankCounter:
@@ -37,6 +43,16 @@ class RankCounter:
         start = self._next
         self._next += count * self.world_size
         return range(start, self._next, self.world_size)
+
+
+def is_numeric_id(identifier: str) -> bool:
+    """Whether ``identifier`` is a number's id: the decimal text of a non-negative int, as ``str(int)`` writes it.
+
+    Numbers sort by value and key templates format them as ints; every other id is text, sorted and rendered as
+    written. ``"007"`` is text (else ``"007"`` and ``"7"`` would be one id), and so are Unicode digits such as
+    ``"1²"`` and ``"٣"``, which ``str.isdigit()`` accepts and ``int()`` refuses or reads as another number.
+    """
+    return identifier.isascii() and identifier.isdigit() and (identifier[0] != "0" or identifier == "0")
 
 
 def validate_identifier(identifier: object) -> str:
@@ -92,9 +108,15 @@ def validate_identifiers(identifiers: Sequence[object]) -> list[str]:
 class KeyTemplate:
     """Turns an identifier into an object key with a ``str.format`` template.
 
-    Fields: ``{id}`` (the identifier: an int for counter and integer ids, else a str) and ``{hash}`` (8 hex
-    digits of a CRC-32 of the id, stable across runs and machines). ``"{id:08d}"`` zero-pads counter ids;
-    ``"{hash:.2}/{id}"`` spreads keys over 256 prefixes, which S3 rate-limits separately.
+    Fields: ``{id}`` and ``{hash}`` (8 hex digits of a CRC-32 of the id, stable across runs and machines).
+    Ids are strings inside the sink: the int ``7`` and the string ``"7"`` are one id. ``{id}`` is an int for a
+    numeric id (:func:`is_numeric_id`), else the id's text as given, so ``"pred-{id}"`` keeps ``"007"`` as
+    ``pred-007`` and ``"{id:08d}"`` refuses it. ``"{id:08d}"`` zero-pads counter ids; ``"{hash:.2}/{id}"``
+    spreads keys over 256 prefixes, which S3 rate-limits separately.
+
+    Attributes:
+        injective: distinct ids always give distinct keys (proved from the template, not sampled), so a sink
+            need not check the keys of ids that cannot repeat, such as its counter's.
 
     Raises:
         ConfigurationError: at construction, when the template is malformed, uses unknown fields, or does
@@ -119,12 +141,27 @@ class KeyTemplate:
         self.template = template
         self._plain = template == "{id}"
         pattern = []
-        for literal, name, _spec, _conversion in string.Formatter().parse(template):
+        # Distinct ids give distinct keys when every {id} field writes the id's text (no spec and no conversion: a
+        # number's text is its digits) or a number's digits (_DIGITS_SPEC, which refuses text), and no spec nests
+        # a field. Then {hash} fields have a fixed width and no {id} field narrows as the id grows, so two ids with
+        # one key fill the first {id} field at one place and width with one text: they are one id.
+        self.injective = True
+        self._base = 10  # of the numbers in the first {id} field: parse reads them back
+        for literal, name, field_spec, conversion in string.Formatter().parse(template):
             pattern.append(re.escape(literal))
+            spec = field_spec or ""
             if name == "id":
-                pattern.append("(?P<id>.+)" if "(?P<id>" not in "".join(pattern) else "(?P=id)")
+                if "(?P<id>" not in "".join(pattern):
+                    pattern.append("(?P<id>.+)")
+                    self._base = _BASES.get(spec[-1:], 10)
+                else:
+                    pattern.append("(?P=id)")
+                digits = conversion is None and _DIGITS_SPEC.fullmatch(spec) is not None
+                self.injective = self.injective and (digits or (not spec and conversion is None))
             elif name == "hash":
                 pattern.append("[0-9a-f]{1,8}")
+            if "{" in spec:
+                self.injective = False
         self._pattern = re.compile("".join(pattern))
         self._hashed = "hash" in fields
         try:
@@ -143,8 +180,10 @@ class KeyTemplate:
         if match is None:
             return None
         captured = match.group("id")
-        # zero-padded integer ids ("{id:08d}") come back as the integer's own digits first
-        candidates = [str(int(captured)), captured] if captured.isdigit() else [captured]
+        candidates = [captured]
+        # a number's field ("{id:08d}", "{id:x}") comes back as the number's own digits first
+        with contextlib.suppress(ValueError):
+            candidates.insert(0, str(int(captured.replace(",", ""), self._base)))
         for candidate in candidates:
             try:
                 if self.render(validate_identifier(candidate)) == key:
@@ -157,12 +196,18 @@ class KeyTemplate:
         """The validated key of ``identifier`` (already validated as an identifier itself)."""
         if self._plain:
             return str(identifier)
-        value: int | str = int(identifier) if isinstance(identifier, str) and identifier.isdigit() else identifier
+        value: int | str = int(identifier) if isinstance(identifier, str) and is_numeric_id(identifier) else identifier
         digest = f"{zlib.crc32(str(identifier).encode()):08x}" if self._hashed else ""
         try:
             key = self.template.format(id=value, hash=digest)
         except (ValueError, TypeError) as exc:
+            text = (
+                ": the template formats numbers and this id is text (a number's id is its decimal digits without "
+                "a leading zero, such as '7')"
+                if isinstance(value, str)
+                else ""
+            )
             raise IdentifierError(
-                f"key template {self.template!r} cannot format the id {identifier!r}: {exc}"
+                f"key template {self.template!r} cannot format the id {identifier!r}{text}: {exc}"
             ) from None
         return validate_identifier(key)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lighter_sink._errors import CommitError
+from lighter_sink._ids import is_numeric_id
 
 if TYPE_CHECKING:
     from lighter_sink._commit import ControlKeys
@@ -72,15 +73,19 @@ def decode_records(data: bytes) -> list[Record]:
 
 
 def id_order(identifier: str) -> tuple[int, int, str]:
-    """Sort key: counter ids numerically, then string ids lexicographically."""
-    return (0, int(identifier), "") if identifier.isdigit() else (1, 0, identifier)
+    """Sort key: numeric ids (:func:`~lighter_sink._ids.is_numeric_id`) by value, then text ids by code point."""
+    return (0, int(identifier), identifier) if is_numeric_id(identifier) else (1, 0, identifier)
 
 
 def sorted_ids(identifiers: Iterable[str]) -> list[str]:
     """``identifiers`` in :func:`id_order`, sorted without building a key tuple per id (a million ids at commit)."""
-    identifiers = list(identifiers)
-    numeric = sorted((i for i in identifiers if i.isdigit()), key=int)
-    return numeric + sorted(i for i in identifiers if not i.isdigit())
+    numeric: list[str] = []
+    text: list[str] = []
+    for identifier in identifiers:
+        (numeric if is_numeric_id(identifier) else text).append(identifier)
+    numeric.sort(key=int)
+    text.sort()
+    return numeric + text
 
 
 async def _recorded(store: Store, keys: ControlKeys, parts: list[str]) -> AsyncIterator[tuple[str, bytes]]:

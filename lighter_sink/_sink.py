@@ -243,7 +243,7 @@ class _Engine:
         self._failed_ids: list[str] = []
         self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._records: list[Record] = []
-        self._seen: set[str] = set()  # ids put in this run, when they come from the caller
+        self._seen: dict[str, str] = {}  # key -> the id put under it in this run, for ids that are checked
         self._stored: set[str] | None = None  # resume: object paths already in storage
         self._skipped = 0
         # Batches put but not yet on the event loop. While a hand-over is scheduled and the loop is busy, puts
@@ -341,15 +341,36 @@ class _Engine:
 
     # ------------------------------------------------------------------ the caller's side
 
-    def check_unique(self, ids: Sequence[str]) -> None:
-        """Refuse ids already put in this run (caller-given ids; counter ids are unique by construction)."""
-        seen = self._seen
-        for identifier in ids:
-            if identifier in seen:
-                raise IdentifierError(f"identifier {identifier!r} was already put in this run; ids must be unique")
+    def check_unique(self, ids: Sequence[str], keys: Sequence[str]) -> None:
+        """Refuse an id already put in this run, and two ids with one key (in this run or in this batch).
 
-    def claim(self, ids: Sequence[str]) -> None:
-        self._seen.update(ids)
+        Two such ids would write one object, and the manifest would list both at its path: one prediction lost.
+        The ids of a batch are distinct (``validate_identifiers``), so its keys are too when the template is
+        injective.
+        """
+        seen = self._seen
+        if not seen.keys().isdisjoint(keys):  # one lookup per key, in C; the loop only names the culprit
+            for identifier, key in zip(ids, keys, strict=True):
+                owner = seen.get(key)
+                if owner is not None:
+                    raise self._collision(owner, identifier, key)
+        if not self.key.injective and len(set(keys)) != len(keys):
+            first: dict[str, str] = {}
+            for identifier, key in zip(ids, keys, strict=True):
+                owner = first.setdefault(key, identifier)
+                if owner != identifier:
+                    raise self._collision(owner, identifier, key)
+
+    def _collision(self, owner: str, identifier: str, key: str) -> IdentifierError:
+        if owner == identifier:
+            return IdentifierError(f"identifier {identifier!r} was already put in this run; ids must be unique")
+        return IdentifierError(
+            f"identifiers {owner!r} and {identifier!r} both give the key {key!r} (key template "
+            f"{self.key.template!r}); each id needs a key of its own"
+        )
+
+    def claim(self, ids: Sequence[str], keys: Sequence[str]) -> None:
+        self._seen.update(zip(keys, ids, strict=True))
 
     def split_stored(self, keys: Sequence[str]) -> list[int]:
         """Resume: the positions whose object is not stored yet (all of them in the other modes)."""
@@ -1150,12 +1171,13 @@ class Sink:
         """Queue a batch: ``values`` is a tensor whose dim 0 matches ``identifiers``, or one tensor per id.
 
         The batch stays one queue item: the caller pays one hand-off per batch, not per sample. An id may be put
-        once per run. Raises as :meth:`put`, and :class:`IdentifierError` for a repeated id.
+        once per run, and two ids may not give one key. Raises as :meth:`put`, and :class:`IdentifierError` for a
+        repeated id or a key another id has.
         """
         self._put(validate_identifiers(identifiers), values, unique=False)
 
     def _put(self, ids: list[str], values: object, *, unique: bool) -> None:
-        """Queue validated ids; ``unique`` says they cannot repeat (counter ids), which skips the check."""
+        """Queue validated ids; ``unique`` says they cannot repeat (counter ids)."""
         engine = self._engine
         engine.check_running("put")
         engine.raise_if_failed()
@@ -1163,8 +1185,10 @@ class Sink:
         if count != len(ids):
             raise PredictionError(f"got {count} predictions for {len(ids)} ids; expected one per id")
         keys = [self.key.render(i) for i in ids]
-        if not unique:
-            engine.check_unique(ids)
+        # Ids that cannot repeat (the counter's) need no check when distinct ids give distinct keys.
+        check = not unique or not self.key.injective
+        if check:
+            engine.check_unique(ids, keys)
         write = engine.split_stored(keys)
         if not write:
             return
@@ -1174,8 +1198,8 @@ class Sink:
             keys = [keys[i] for i in write]
         host = stage(values, len(ids))
         self._check(host)
-        if not unique:
-            engine.claim(ids)  # only once the batch is accepted: a refused batch may be put again
+        if check:
+            engine.claim(ids, keys)  # only once the batch is accepted: a refused batch may be put again
         engine.submit(_Batch(ids, keys, host))
 
     def _check(self, host: HostBatch) -> None:

@@ -26,7 +26,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from lighter_sink._checksum import crc32
 from lighter_sink._commit import ControlKeys, current_generation, owned_key
 from lighter_sink._errors import ConfigurationError, IdentifierError
-from lighter_sink._ids import KeyTemplate, validate_identifier
+from lighter_sink._ids import KeyTemplate, is_numeric_id, validate_identifier
 from lighter_sink._manifest import Record, decode_records, id_order, read_records, sorted_ids
 from lighter_sink._store import RetryPolicy, Store, open_store
 from lighter_sink.formats import get_format
@@ -538,7 +538,7 @@ class _Checks:
 
         if self._array is None or record.path not in self._chunks:
             return Problem("missing", record.path, record.id, "recorded in the manifest but the chunk is absent"), 0
-        if not record.id.isdigit() or int(record.id) >= self._array.shape[0]:
+        if not is_numeric_id(record.id) or int(record.id) >= self._array.shape[0]:
             return Problem("invalid", record.path, record.id, f"not a row of an array of {self._array.shape[0]}"), 0
         row = int(record.id)
         try:

@@ -180,6 +180,17 @@ def test_several_dataloaders_get_their_own_namespace(tmp_path: Path) -> None:
     assert "dataloader_1/2" in ids
 
 
+def test_counter_ids_that_give_one_key_are_refused(tmp_path: Path) -> None:
+    from lighter_sink import IdentifierError
+
+    sink = PredictionSink(tmp_path, key="{id:1>3}")  # pads with the digit 1: the ids 0 and 10 give '110'
+    with pytest.raises(IdentifierError, match="'0' and '10' both give the key '110'"):
+        _trainer(sink).predict(
+            DemoModel(), DataLoader(SyntheticImages(12, size=8), batch_size=4), return_predictions=False
+        )
+    assert not (tmp_path / "_SUCCESS").exists()
+
+
 def test_mode_error_refuses_before_any_compute(tmp_path: Path) -> None:
     (tmp_path / "0.npy").write_bytes(b"from another job")
     computed: list[int] = []

@@ -104,7 +104,7 @@ def test_zarr_scalar_predictions_make_a_vector(tmp_path: Path) -> None:
     assert _manifest(tmp_path)[3]["path"] == "c/3"
 
 
-@pytest.mark.parametrize("identifier", ["10", "case-1", "007"])
+@pytest.mark.parametrize("identifier", ["10", "case-1", "007", "1\u00b2", "\u0663"])
 def test_zarr_refuses_ids_that_are_not_rows(tmp_path: Path, identifier: str) -> None:
     with pytest.raises(WriteError) as info, Sink(tmp_path, format="zarr", num_samples=10) as sink:
         sink.put(identifier, torch.ones(2))

@@ -1,3 +1,4 @@
+import csv
 import gc
 import io
 import json
@@ -472,6 +473,98 @@ def test_key_template_names_objects_and_keeps_ids(tmp_path: Path) -> None:
         path = tmp_path / str(record["path"])
         assert path.name == f"{int(str(record['id'])):05d}.npy"
         assert path.parent.parent == tmp_path
+
+
+@pytest.mark.parametrize("fmt", ["npy", "csv", "jsonl"])
+def test_ids_of_unicode_digits_are_text_and_commit(tmp_path: Path, fmt: str) -> None:
+    # '1²' passes str.isdigit() but not int(); '٣' (Arabic-Indic three) passes both and is not the id '3'
+    ids = ["1\u00b2", "\u0663", "3", "10"]
+    with Sink(tmp_path, format=fmt) as sink:
+        sink.put_batch(ids, torch.arange(4.0))
+    assert sink.state is SinkState.COMMITTED
+    order = ["3", "10", "1\u00b2", "\u0663"]
+    assert [r["id"] for r in _manifest(tmp_path)] == order
+    expected = {"1\u00b2": 0.0, "\u0663": 1.0, "3": 2.0, "10": 3.0}
+    if fmt == "npy":
+        assert {i: float(np.load(tmp_path / f"{i}.npy")) for i in ids} == expected
+    elif fmt == "csv":
+        rows = list(csv.DictReader(io.StringIO((tmp_path / "predictions.csv").read_text())))
+        assert [(r["id"], float(r["value"])) for r in rows] == [(i, expected[i]) for i in order]
+    else:
+        rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["value"]) for r in rows] == [(3, 2.0), (10, 3.0), ("1\u00b2", 0.0), ("\u0663", 1.0)]
+
+
+def test_a_text_id_keeps_its_text_in_its_key(tmp_path: Path) -> None:
+    with Sink(tmp_path / "pred", key="pred-{id}") as sink:
+        sink.put("7", torch.tensor([7.0]))
+        sink.put("007", torch.tensor([0.07]))
+        sink.put(8, torch.tensor([8.0]))
+    records = _manifest(tmp_path / "pred")
+    assert [(r["id"], r["path"]) for r in records] == [
+        ("7", "pred-7.npy"),
+        ("8", "pred-8.npy"),
+        ("007", "pred-007.npy"),
+    ]
+    np.testing.assert_array_equal(np.load(tmp_path / "pred" / "pred-007.npy"), np.float32([0.07]))
+    np.testing.assert_array_equal(np.load(tmp_path / "pred" / "pred-7.npy"), np.float32([7.0]))
+    with Sink(tmp_path / "hashed", key="{hash:.2}/{id}") as sink:
+        sink.put("001", torch.ones(1))
+    assert [str(r["path"]).split("/")[1] for r in _manifest(tmp_path / "hashed")] == ["001.npy"]
+
+
+def test_a_number_template_refuses_text_ids(tmp_path: Path) -> None:
+    with Sink(tmp_path, key="{id:08d}") as sink:
+        sink.put("7", torch.ones(1))
+        with pytest.raises(IdentifierError, match="formats numbers") as info:
+            sink.put("007", torch.zeros(1))
+        assert "'007'" in str(info.value)
+    assert [(r["id"], r["path"]) for r in _manifest(tmp_path)] == [("7", "00000007.npy")]
+
+
+def test_two_ids_that_give_one_key_are_refused(tmp_path: Path) -> None:
+    with Sink(tmp_path / "text", key="{id!s:.9}") as sink:  # the first 9 characters of the id
+        sink.put("scan-0001-a", torch.ones(1))
+        with pytest.raises(IdentifierError) as info:
+            sink.put("scan-0001-b", torch.zeros(1))
+        assert all(part in str(info.value) for part in ("'scan-0001-a'", "'scan-0001-b'", "'scan-0001'"))
+        with pytest.raises(IdentifierError, match="'scan-0002-a'.*'scan-0002-b'.*'scan-0002'"):
+            sink.put_batch(["scan-0002-a", "scan-0002-b"], torch.ones(2, 1))
+        sink.put("scan-0002-b", torch.full((1,), 2.0))  # the refused batch claimed nothing
+        with pytest.raises(IdentifierError, match="'scan-0002-b' was already put"):
+            sink.put("scan-0002-b", torch.ones(1))
+    records = _manifest(tmp_path / "text")
+    assert [(r["id"], r["path"]) for r in records] == [
+        ("scan-0001-a", "scan-0001.npy"),
+        ("scan-0002-b", "scan-0002.npy"),
+    ]
+    np.testing.assert_array_equal(np.load(tmp_path / "text" / "scan-0001.npy"), np.float32([1.0]))
+    with Sink(tmp_path / "numbers", key="{id:1>3}") as sink:  # pads with the digit 1: 1 and 11 give '111'
+        sink.put(1, torch.ones(1))
+        with pytest.raises(IdentifierError, match="'1'.*'11'.*'111'"):
+            sink.put(11, torch.zeros(1))
+    assert [(r["id"], r["path"]) for r in _manifest(tmp_path / "numbers")] == [("1", "111.npy")]
+
+
+def test_resume_maps_stored_keys_back_to_text_and_number_ids(tmp_path: Path) -> None:
+    with Sink(tmp_path, key="pred-{id}") as sink:
+        sink.put("a", torch.zeros(1))
+    # an interrupted run stored the ids "001" and 1 but recorded neither
+    np.save(tmp_path / "pred-001.npy", np.float32([1.5]))
+    np.save(tmp_path / "pred-1.npy", np.float32([2.5]))
+    (tmp_path / "_SUCCESS").unlink()
+    with Sink(tmp_path, key="pred-{id}", mode="resume") as sink:
+        sink.put_batch(["001", 1, "2"], torch.full((3, 1), 100.0))
+    assert (sink.stats.skipped, sink.stats.items) == (2, 1)
+    records = _manifest(tmp_path)
+    assert [(r["id"], r["path"]) for r in records] == [
+        ("1", "pred-1.npy"),
+        ("2", "pred-2.npy"),
+        ("001", "pred-001.npy"),
+        ("a", "pred-a.npy"),
+    ]
+    np.testing.assert_array_equal(np.load(tmp_path / "pred-001.npy"), np.float32([1.5]))
+    np.testing.assert_array_equal(np.load(tmp_path / "pred-1.npy"), np.float32([2.5]))
 
 
 def test_resume_skips_stored_ids_and_records_unrecorded_objects(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ import anyio.to_thread
 import torch
 
 from lighter_sink._errors import CommitError, ConfigurationError, PredictionError
+from lighter_sink._ids import is_numeric_id
 from lighter_sink.formats._base import Format, FormatWriter, WriterContext
 
 if TYPE_CHECKING:
@@ -64,8 +65,8 @@ Layout = tuple[tuple[str, ...], int | None]
 
 
 def _order(identifier: str) -> tuple[int, int, str]:
-    # as _manifest.id_order (imported lazily there: _manifest imports _store, which imports this package)
-    return (0, int(identifier), "") if identifier.isdigit() else (1, 0, identifier)
+    # as _manifest.id_order (not imported: _manifest imports _store, which imports this package)
+    return (0, int(identifier), identifier) if is_numeric_id(identifier) else (1, 0, identifier)
 
 
 def _csv_line(cells: Sequence[str]) -> str:
@@ -232,7 +233,7 @@ class JsonlFormat(TableFormat):
 
 
 def _json_id(identifier: str) -> str:
-    return identifier if identifier.isdigit() and str(int(identifier)) == identifier else json.dumps(identifier)
+    return identifier if is_numeric_id(identifier) else json.dumps(identifier)
 
 
 def _json_number(text: str) -> str:

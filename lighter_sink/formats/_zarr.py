@@ -48,6 +48,7 @@ import torch
 
 from lighter_sink._checksum import crc32
 from lighter_sink._errors import CommitError, ConfigurationError, IdentifierError, PredictionError
+from lighter_sink._ids import is_numeric_id
 from lighter_sink.formats._base import NON_NUMPY_DTYPES, Format, FormatWriter, WriterContext, require_numpy_dtype
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ async def open_zarr_store(
 
 
 def _parse_row(identifier: str, num_samples: int) -> int:
-    if not identifier.isdigit() or str(int(identifier)) != identifier or int(identifier) >= num_samples:
+    if not is_numeric_id(identifier) or int(identifier) >= num_samples:
         raise IdentifierError(
             f"format 'zarr' stores identifier i in row i of an array of {num_samples} rows; got id {identifier!r}, "
             f"expected an integer in [0, {num_samples}) (use the default counter ids, or an npy/pt format for "
