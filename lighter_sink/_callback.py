@@ -307,7 +307,10 @@ def _as_id_list(ids: Any, key: str) -> list[Any]:
 
 
 def _predict_length(trainer: pl.Trainer) -> int | None:
-    """The length of the single predict dataloader's dataset, when it has one (setup runs before the loop)."""
+    """The length of the single predict dataloader's dataset, when it has one (setup runs before the loop).
+
+    For a :class:`RemainingSubset` it is the full dataset's: the resumed run's ids are its indices there.
+    """
     source = trainer.predict_loop._data_source
     try:
         loaders = source.dataloader()
@@ -317,7 +320,10 @@ def _predict_length(trainer: pl.Trainer) -> int | None:
         if len(loaders) != 1:
             return None
         loaders = loaders[0]
+    dataset = getattr(loaders, "dataset", None)
+    if isinstance(dataset, RemainingSubset):
+        dataset = dataset.dataset
     try:
-        return len(loaders.dataset)
-    except (AttributeError, TypeError):
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
         return None
