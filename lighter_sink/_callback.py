@@ -105,6 +105,8 @@ class PredictionSink(Callback):
         self._index_maps: list[Sequence[int] | None] = []
         self._padding_dropped = 0
         self._shown_at = 0.0
+        self._batch_samplers: list[Any] = []
+        self._per_sample_lists = False
 
     def __repr__(self) -> str:
         return f"PredictionSink({self.url!r}, format={self.format.name!r})"
@@ -155,6 +157,8 @@ class PredictionSink(Callback):
             loaders = [loaders]
         self._lengths = []
         self._index_maps = []
+        self._batch_samplers = []
+        self._per_sample_lists = False
         for loader in loaders:
             dataset = getattr(loader, "dataset", None)
             try:
@@ -163,6 +167,9 @@ class PredictionSink(Callback):
                 length = None
             self._lengths.append(length)
             self._index_maps.append(dataset.indices if isinstance(dataset, RemainingSubset) else None)
+            # Lightning wraps a predict DataLoader's batch sampler to record each batch's dataset indices
+            sampler = getattr(loader, "batch_sampler", None)
+            self._batch_samplers.append(sampler if hasattr(sampler, "seen_batch_indices") else None)
         self._padding_dropped = 0
         self._shown_at = 0.0
 
@@ -181,6 +188,10 @@ class PredictionSink(Callback):
             raise ConfigurationError("PredictionSink received a batch before setup(stage='predict')")
         values, ids = self._split(outputs)
         count = _num_samples(values)
+        if ids is None:  # counter ids stand for the batch's samples: the predictions must be those samples
+            samples = self._batch_size(batch, batch_idx, dataloader_idx)
+            if samples is not None:
+                self._check_samples(outputs, values, count, samples)
         prefix = f"dataloader_{dataloader_idx}/" if len(self._lengths) > 1 else ""
         if ids is None:
             counter = self._counters.get(dataloader_idx)
@@ -267,6 +278,47 @@ class PredictionSink(Callback):
 
     # ------------------------------------------------------------------ outputs
 
+    def _batch_size(self, batch: Any, batch_idx: int, dataloader_idx: int) -> int | None:
+        """The batch's number of samples, or None when neither Lightning's sampler nor the batch tells it.
+
+        Lightning records the dataset indices of every predict batch (for prediction writers); a stream or
+        another iterable has none, and then a tensor batch, or a dict of tensors, says it through dim 0.
+        """
+        samplers = self._batch_samplers
+        sampler = samplers[dataloader_idx] if dataloader_idx < len(samplers) else None
+        if sampler is not None:
+            seen = sampler.seen_batch_indices
+            if batch_idx < len(seen):
+                return len(seen[batch_idx])
+        return _rows(batch)
+
+    def _check_samples(self, outputs: Any, values: Any, count: int, samples: int) -> None:
+        """Refuse predictions that are not one per sample of the batch, rather than guess which is which."""
+        if count != samples:
+            raise PredictionError(
+                f"{self._where(outputs)} holds {count} predictions ({_described(values)}) for a batch of "
+                f"{samples} samples; {_NAMING}"
+            )
+        if self._per_sample_lists or not isinstance(values, list | tuple) or count < 2:
+            return
+        # A list whose every element has the batch's length along dim 0 may be one prediction per sample, or
+        # several batched outputs (predictions, ids, ...) that happen to number as many as the samples. Once
+        # a list was plainly per-sample, later ones are too (a last, smaller batch often looks ambiguous).
+        if all(isinstance(v, torch.Tensor) and not v.is_nested and v.ndim and v.shape[0] == count for v in values):
+            raise PredictionError(
+                f"{self._where(outputs)} is ambiguous: {_described(values)}, for a batch of {samples} samples, "
+                f"may be one prediction per sample or {count} batched outputs; {_NAMING}"
+            )
+        self._per_sample_lists = True
+
+    def _where(self, outputs: Any) -> str:
+        key = self.value_key or "pred"
+        return (
+            f"predict_step's {key!r} entry"
+            if isinstance(outputs, Mapping) and key in outputs
+            else "predict_step's output"
+        )
+
     def _split(self, outputs: Any) -> tuple[Any, list[Any] | None]:
         if isinstance(outputs, Mapping):
             value_key = self.value_key or ("pred" if "pred" in outputs else None)
@@ -292,6 +344,45 @@ class PredictionSink(Callback):
         return outputs, None
 
 
+_NAMING = (
+    "return the batched predictions as one tensor (dim 0 = samples), or "
+    "return a dict and name its entries: value_key=... for the predictions, id_key=... for one id per sample"
+)
+
+
+def _rows(batch: Any) -> int | None:
+    """Dim 0 of a tensor batch, or of a dict's tensors when they agree; None for any other batch.
+
+    A list or tuple batch is not read: it may hold fields (``[x, y]``) or samples (inputs of varying size).
+    """
+    if isinstance(batch, torch.Tensor):
+        return int(batch.size(0)) if batch.ndim else None
+    if not isinstance(batch, Mapping):
+        return None
+    rows = None
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim:
+            if rows is None:
+                rows = int(value.size(0))
+            elif value.size(0) != rows:
+                return None
+    return rows
+
+
+def _described(values: Any) -> str:
+    """What came, for an error: a tensor's shape, or a list's length and its first elements' shapes."""
+    if isinstance(values, torch.Tensor):
+        return "a nested tensor" if values.is_nested else f"a tensor of shape {tuple(values.shape)}"
+    if isinstance(values, list | tuple):
+        shapes = [
+            str(tuple(v.shape)) if isinstance(v, torch.Tensor) and not v.is_nested else type(v).__name__
+            for v in values[:4]
+        ]
+        more = ", ..." if len(values) > 4 else ""
+        return f"a {type(values).__name__} of {len(values)} with shapes {', '.join(shapes)}{more}"
+    return type(values).__name__
+
+
 def _as_id_list(ids: Any, key: str) -> list[Any]:
     if isinstance(ids, torch.Tensor):
         # (the dtype's flag, not Tensor.is_floating_point(): torch gives up the GIL in that call, and getting it
@@ -307,7 +398,10 @@ def _as_id_list(ids: Any, key: str) -> list[Any]:
 
 
 def _predict_length(trainer: pl.Trainer) -> int | None:
-    """The length of the single predict dataloader's dataset, when it has one (setup runs before the loop)."""
+    """The length of the single predict dataloader's dataset, when it has one (setup runs before the loop).
+
+    For a :class:`RemainingSubset` it is the full dataset's: the resumed run's ids are its indices there.
+    """
     source = trainer.predict_loop._data_source
     try:
         loaders = source.dataloader()
@@ -317,7 +411,10 @@ def _predict_length(trainer: pl.Trainer) -> int | None:
         if len(loaders) != 1:
             return None
         loaders = loaders[0]
+    dataset = getattr(loaders, "dataset", None)
+    if isinstance(dataset, RemainingSubset):
+        dataset = dataset.dataset
     try:
-        return len(loaders.dataset)
-    except (AttributeError, TypeError):
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
         return None

@@ -222,3 +222,124 @@ def test_the_progress_bar_shows_sink_figures(tmp_path: Path, caplog: pytest.LogC
     assert any("stored 16 predictions" in r.getMessage() for r in caplog.records)
     success = json.loads((tmp_path / "_SUCCESS").read_text())
     assert {"stall_seconds", "queue_high_water_bytes", "mb_per_second"} <= set(success["rank0_stats"])
+
+
+# ---------------------------------------------------------------------- how outputs split into samples
+
+
+def _summary(images: torch.Tensor) -> torch.Tensor:
+    return torch.stack([images.mean(dim=(1, 2)), images.amax(dim=(1, 2))], dim=1)
+
+
+class _Returning(DemoModel):
+    """Returns what ``make(predictions, batch_idx)`` builds from the model's batched predictions."""
+
+    def __init__(self, make: Any) -> None:
+        super().__init__()
+        self.make = make
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        images = batch.images if isinstance(batch, _Images) else batch
+        return self.make(self(images), batch_idx)
+
+
+class _Stream(torch.utils.data.IterableDataset[torch.Tensor]):
+    """The first ``n`` images of SyntheticImages, as a stream: no sampler, no indices for Lightning to track."""
+
+    def __init__(self, n: int) -> None:
+        self.images = SyntheticImages(n, size=8)
+
+    def __iter__(self) -> Any:
+        return (self.images[i] for i in range(len(self.images)))
+
+
+def test_a_tuple_of_outputs_is_refused_not_split_into_samples(tmp_path: Path) -> None:
+    # (predictions, indices) for 8 samples: two "samples" of shapes [8, 2] and [8] if taken apart
+    model = _Returning(lambda y, i: (_summary(y), torch.arange(8 * i, 8 * i + len(y))))
+    sink = PredictionSink(tmp_path)
+    with pytest.raises(PredictionError) as info:
+        _trainer(sink).predict(model, DataLoader(SyntheticImages(20, size=8), batch_size=8), return_predictions=False)
+    message = str(info.value)
+    assert "2 predictions" in message and "batch of 8 samples" in message
+    assert "(8, 2)" in message and "(8,)" in message
+    assert "value_key" in message and "id_key" in message
+    assert not (tmp_path / "_SUCCESS").exists()
+    assert list(tmp_path.glob("*.npy")) == []
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        pytest.param(lambda: DataLoader(SyntheticImages(20, size=8), batch_size=8), id="dataset"),
+        pytest.param(lambda: DataLoader(_Stream(20), batch_size=8), id="stream"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("make", "options", "message"),
+    [
+        pytest.param(
+            lambda y, i: torch.cat([y, y]), {}, r"16 predictions \(a tensor of shape \(16, 8, 8\)\)", id="more"
+        ),
+        pytest.param(lambda y, i: {"pred": y[:-1]}, {}, r"'pred' entry holds 7 predictions", id="fewer-in-a-dict"),
+        pytest.param(
+            lambda y, i: {"y": y.flatten(0, 1)}, {"value_key": "y"}, r"'y' entry holds 64 predictions", id="flattened"
+        ),
+    ],
+)
+def test_a_batched_tensor_with_another_number_of_rows_is_refused(
+    tmp_path: Path, loader: Any, make: Any, options: dict[str, Any], message: str
+) -> None:
+    sink = PredictionSink(tmp_path, **options)
+    with pytest.raises(PredictionError, match=message) as info:
+        _trainer(sink).predict(_Returning(make), loader(), return_predictions=False)
+    assert "for a batch of 8 samples" in str(info.value)
+    assert not (tmp_path / "_SUCCESS").exists()
+
+
+def test_a_tuple_that_could_be_samples_or_outputs_is_refused(tmp_path: Path) -> None:
+    # batches of 2 and two outputs of 2 rows each: per-sample predictions, or two batched outputs?
+    model = _Returning(lambda y, i: (y, torch.arange(2 * i, 2 * i + len(y))))
+    sink = PredictionSink(tmp_path)
+    with pytest.raises(PredictionError, match=r"ambiguous.*value_key") as info:
+        _trainer(sink).predict(model, DataLoader(SyntheticImages(6, size=8), batch_size=2), return_predictions=False)
+    assert "(2, 8, 8), (2,)" in str(info.value)
+    assert not (tmp_path / "_SUCCESS").exists()
+    assert list(tmp_path.glob("*.npy")) == []
+
+
+class _Images:
+    """A batch type of the user's own: the sink cannot tell how many samples it holds."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+
+class _OwnBatches(torch.utils.data.IterableDataset[_Images]):
+    def __iter__(self) -> Any:
+        data = SyntheticImages(10, size=8)
+        for start in (0, 4, 8):
+            yield _Images(torch.stack([data[i] for i in range(start, min(start + 4, 10))]))
+
+
+def _crops(y: torch.Tensor, batch_idx: int) -> list[torch.Tensor]:
+    # variable-size predictions: sample k of the batch keeps 2 rows and 3 + k columns
+    return [y[k, :2, : 3 + k] for k in range(len(y))]
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        pytest.param(lambda: DataLoader(SyntheticImages(10, size=8), batch_size=4), id="dataset"),
+        pytest.param(lambda: DataLoader(_OwnBatches(), batch_size=None), id="own-batch-type"),
+    ],
+)
+def test_a_list_of_per_sample_predictions_is_stored_sample_by_sample(tmp_path: Path, loader: Any) -> None:
+    # batches of 4, 4 and 2: the last one's two predictions both have 2 rows, like two batched outputs would,
+    # but the earlier batches already showed they are per-sample predictions
+    sink = PredictionSink(tmp_path)
+    _trainer(sink).predict(_Returning(_crops), loader(), return_predictions=False)
+    expected = _expected(10, size=8)
+    for i in range(10):
+        k = i % 4
+        np.testing.assert_allclose(np.load(tmp_path / f"{i}.npy"), expected[i, :2, : 3 + k].numpy(), rtol=1e-5)
+    assert json.loads((tmp_path / "_SUCCESS").read_text())["count"] == 10

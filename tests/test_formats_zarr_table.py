@@ -13,9 +13,18 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from lighter_sink import ConfigurationError, IdentifierError, PredictionError, PredictionSink, Sink, WriteError
+from lighter_sink import (
+    ConfigurationError,
+    IdentifierError,
+    PredictionError,
+    PredictionSink,
+    Sink,
+    WriteError,
+    remaining,
+)
 from lighter_sink._demo import DemoModel, SyntheticImages
 from lighter_sink._verify import verify
 from lighter_sink.formats import CsvFormat, JsonlFormat, _table, available_formats
@@ -151,6 +160,54 @@ def test_zarr_resume_refuses_an_incompatible_array(tmp_path: Path) -> None:
         Sink(tmp_path, format="zarr", num_samples=4, mode="resume") as sink,
     ):
         sink.put_batch(range(2, 4), torch.ones(2, 5))
+
+
+class _Preempted(Callback):
+    """Stops predict after ``batches`` batches, once what they put is stored and recorded (as a long run's parts are)."""
+
+    def __init__(self, sink: PredictionSink, batches: int) -> None:
+        self.sink = sink
+        self.batches = batches
+
+    def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.batches - 1:
+            assert self.sink.sink is not None
+            self.sink.sink.flush()
+            raise RuntimeError("preempted")
+
+
+class _Counting(DemoModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.computed = 0
+
+    def predict_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        self.computed += len(batch)
+        return super().predict_step(batch, batch_idx, dataloader_idx)
+
+
+def test_zarr_resume_with_remaining_completes_the_array(tmp_path: Path) -> None:
+    # The README's recipe: a job stopped after 50 of 100 rows, then remaining() + mode="resume".
+    url = str(tmp_path / "preds")
+    dataset = SyntheticImages(100, size=8)
+    first = PredictionSink(url, format="zarr")
+    with pytest.raises(RuntimeError, match="preempted"):
+        _trainer(first, _Preempted(first, batches=5)).predict(
+            DemoModel(), DataLoader(dataset, batch_size=10), return_predictions=False
+        )
+    assert not (tmp_path / "preds" / "_SUCCESS").exists()
+
+    todo = remaining(url, dataset, format="zarr")
+    assert len(todo) == 50
+    model = _Counting()
+    sink = PredictionSink(url, format="zarr", mode="resume")
+    _trainer(sink).predict(model, DataLoader(todo, batch_size=10), return_predictions=False)
+    assert model.computed == 50
+    array = zarr.open_array(url, mode="r")
+    assert array.shape == (100, 8, 8)
+    np.testing.assert_allclose(array[:], _expected(100, 8).numpy(), rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "preds" / "_SUCCESS").exists()
+    assert verify(url).ok
 
 
 def test_verify_reads_zarr_rows_back(tmp_path: Path) -> None:
