@@ -49,6 +49,7 @@ __all__ = [
     "new_token",
     "orphan_records",
     "owned_key",
+    "stored_generation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,11 +192,14 @@ async def read_lease(store: Store, keys: ControlKeys) -> Lease | None:
 
 
 async def current_generation(store: Store, keys: ControlKeys) -> str | None:
-    """The generation an output's records belong to: its lease's, else its marker's, else the one generation
-    whose parts are stored (an overwrite removes every other's); ``None`` when nothing says."""
+    """The generation an output's records belong to: its lease's, else :func:`stored_generation`'s."""
     lease = await read_lease(store, keys)
-    if lease is not None:
-        return lease.generation
+    return lease.generation if lease is not None else await stored_generation(store, keys)
+
+
+async def stored_generation(store: Store, keys: ControlKeys) -> str | None:
+    """The generation of an output no run holds: its marker's, else the one generation whose parts are stored
+    (an overwrite removes every other's); ``None`` when nothing says."""
     try:
         summary = json.loads(await store.get(keys.success))
     except (FileNotFoundError, ValueError):

@@ -42,12 +42,12 @@ from lighter_sink._commit import (
     Lease,
     acquire_lease,
     check_lease,
-    current_generation,
     new_token,
     orphan_records,
     owned_key,
     read_lease,
     renew_lease,
+    stored_generation,
 )
 from lighter_sink._errors import (
     CommitError,
@@ -645,7 +645,7 @@ class _Engine:
             if previous is not None:
                 generation = previous.generation
             else:
-                generation = await current_generation(store, keys) or self._run
+                generation = await stored_generation(store, keys) or self._run
             await self._set_lease(lease.renewed(generation=generation, state="running"))
             await store.delete([keys.success])  # a stale marker must never vouch for this run
             await store.remove_incomplete()

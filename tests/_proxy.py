@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import socket
 import struct
 import threading
@@ -45,6 +46,8 @@ class Faults:
         methods: HTTP methods that errors and resets apply to.
         blackhole_after: once this many requests were received in total, every request and every new
             connection is black-holed; ``None``: never; ``0``: from now on.
+        deny_deletes: answer every multi-object delete (``POST ?delete``) as S3 does when a policy denies
+            ``s3:DeleteObject``: ``200 OK`` with an ``AccessDenied`` error per key, nothing deleted.
     """
 
     error_rate: float = 0.0
@@ -52,6 +55,7 @@ class Faults:
     latency: float = 0.0
     methods: frozenset[str] = frozenset({"PUT"})
     blackhole_after: int | None = None
+    deny_deletes: bool = False
 
 
 @dataclass
@@ -334,6 +338,10 @@ class FaultProxy:
                     writer.write(_slow_down())
                     await writer.drain()
                     continue
+                if self.faults.deny_deletes and method == "POST" and "?delete" in request_line:
+                    writer.write(_denied_deletes(body))
+                    await writer.drain()
+                    continue
                 latency = self.faults.latency
                 if latency:
                     await asyncio.sleep(latency)
@@ -449,6 +457,26 @@ class FaultProxy:
             lines.append(f"Content-Length: {len(body)}")
         lines.append("Connection: keep-alive")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""), keep
+
+
+def _denied_deletes(request: bytes) -> bytes:
+    """S3's answer to a DeleteObjects request that a bucket policy denies: 200, one error per key."""
+    keys = re.findall(rb"<Key>(.*?)</Key>", request)
+    errors = "".join(
+        f"<Error><Key>{key.decode()}</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+        for key in keys
+    )
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">{errors}</DeleteResult>'
+    ).encode()
+    head = (
+        "HTTP/1.1 200 OK\r\n"
+        "Content-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: keep-alive\r\n\r\n"
+    ).encode()
+    return head + body
 
 
 def _slow_down() -> bytes:

@@ -7,6 +7,7 @@ while ``verify`` said OK.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from lighter_sink import CommitError, DestinationError, PredictionSink, Sink
 from lighter_sink._verify import verify
 from lighter_sink.formats import CsvFormat
 from tests import _faulty
+from tests._proxy import FaultProxy
 from tests.conftest import S3Server, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +187,25 @@ def test_a_second_run_on_an_s3_url_in_use_is_refused(s3_server: S3Server, s3_buc
             pass
     assert verify(url, options).ok
     assert verify(url, options).records == 20
+
+
+def test_overwrite_fails_before_writing_when_the_bucket_denies_deletes(
+    fault_proxy: FaultProxy, s3_server: S3Server, s3_bucket: str
+) -> None:
+    url = f"s3://{s3_bucket}/preds"
+    options = fault_proxy.storage_options
+    with Sink(url, storage_options=options) as sink:
+        sink.put_batch(range(5), torch.ones(5, 1))
+    fault_proxy.configure(deny_deletes=True)  # as a bucket policy denying s3:DeleteObject answers
+    with pytest.raises(DestinationError, match="AccessDenied"), Sink(url, storage_options=options) as sink:
+        sink.put_batch(range(5), torch.zeros(5, 1))
+    fault_proxy.configure(deny_deletes=False)
+    # nothing of the refused run was written: the earlier output is intact and still verifies
+    result = verify(url, options)
+    assert result.ok, result.problems
+    assert result.records == 5
+    body = s3_server.client().get_object(Bucket=s3_bucket, Key="preds/0.npy")["Body"].read()
+    assert np.load(io.BytesIO(body)).tolist() == [1.0]
 
 
 def test_a_crashed_runs_lease_on_another_host_is_taken_once_it_expired(tmp_path: Path) -> None:
