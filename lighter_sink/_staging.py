@@ -1,9 +1,13 @@
-"""From what a model returns to detached host tensors the workers can read.
+"""From what a model returns to detached host tensors the workers can read, owned by the sink.
 
-CPU tensors are handed over without a copy (``detach`` only). CUDA tensors are copied with ``non_blocking=True``
-into pinned host memory on a side stream, and an event is recorded that the worker waits on before reading:
-reading a non-blocking device-to-host copy before it completes gives zeros (Lightning #11287). Pinned buffers
-come from torch's caching host allocator, which reuses a block only after the copies using it completed.
+Once ``put`` returns, the caller may reuse or change what it put (a preallocated output buffer, ``out=``, CUDA
+graphs, in-place post-processing), so the sink stores copies of its own. CPU tensors and numpy arrays are copied
+into compact memory on the caller's thread: one ``clone`` per batch (per sample for a list), about 0.1 ms per MiB
+here, during which torch gives up the interpreter lock. ``copy=False`` hands them over as they are, for callers
+that never touch a buffer after putting it. CUDA tensors are copied with ``non_blocking=True`` into pinned host
+memory on a side stream, and an event is recorded that the worker waits on before reading: reading a
+non-blocking device-to-host copy before it completes gives zeros (Lightning #11287). Pinned buffers come from
+torch's caching host allocator, which reuses a block only after the copies using it completed.
 """
 
 from __future__ import annotations
@@ -76,13 +80,21 @@ def _as_tensor(value: object, what: str | int) -> torch.Tensor:
     )
 
 
-def _to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+def _to_host(tensor: torch.Tensor, copy: bool) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     if tensor.requires_grad:  # (detach makes a new tensor object: skipped when there is no graph to drop)
         tensor = tensor.detach()
     if tensor.is_cpu:
-        return tensor, None
+        # (contiguous: a view such as logits[:, :10] keeps only its own bytes, the ones max_queue_bytes counts)
+        return (tensor.clone(memory_format=torch.contiguous_format) if copy else tensor), None
     if tensor.is_cuda:
         stream = _side_stream(tensor.device)
+        if copy:
+            # Work the producer queues after put (the next batch into the same buffer) must not overwrite the
+            # source before the side stream read it. A clone on the producer's stream is ordered before that
+            # work and runs at device-memory speed; making the producer wait for the device-to-host copy instead
+            # would hold its next kernels for the whole (tens of times slower) transfer, the overlap the side
+            # stream is for. The clone's memory returns to the allocator once the copy read it (record_stream).
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
         # The copy must see the producer's writes; the allocator must not recycle the source before it ran.
         stream.wait_stream(torch.cuda.current_stream(tensor.device))
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
@@ -92,12 +104,15 @@ def _to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | Non
             event.record(stream)
         tensor.record_stream(stream)
         return host, event
-    # other accelerators (mps, xpu): a synchronous copy is correct everywhere
-    return tensor.to("cpu"), None
+    # other accelerators (mps, xpu): a synchronous copy is correct everywhere, and is the sink's own already
+    return tensor.to("cpu", memory_format=torch.contiguous_format), None
 
 
-def stage(values: object, count: int) -> HostBatch:
+def stage(values: object, count: int, *, copy: bool = True) -> HostBatch:
     """Detach ``values`` and bring them to host memory; ``count`` is the number of identifiers.
+
+    With ``copy`` (the default) the result shares no memory with ``values``: the caller may change them as soon
+    as this returns. Without it, CPU tensors and numpy arrays are handed over as they are.
 
     Raises:
         PredictionError: not tensors, or a number of samples that differs from ``count``.
@@ -109,7 +124,7 @@ def stage(values: object, count: int) -> HostBatch:
         events: list[torch.cuda.Event] = []
         nbytes = 0
         for index, value in enumerate(values):  # (a plain loop: Sink.put comes through here once per sample)
-            host, event = _to_host(_as_tensor(value, index))
+            host, event = _to_host(_as_tensor(value, index), copy)
             hosts.append(host)
             nbytes += host.nbytes
             if event is not None:
@@ -122,7 +137,7 @@ def stage(values: object, count: int) -> HostBatch:
         raise PredictionError(
             f"the prediction batch has {tensor.shape[0]} samples along dim 0 but {count} ids were given"
         )
-    host, event = _to_host(tensor)
+    host, event = _to_host(tensor, copy)
     return HostBatch(host, count, host.nbytes, _waiter([event] if event is not None else []))
 
 
