@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -34,6 +35,45 @@ def test_a_view_is_copied_alone_and_counts_only_its_own_bytes() -> None:
     samples = stage(list(big[:2, ::2].unbind(0)), 2)  # per-sample views: each its own compact copy
     assert [s.untyped_storage().nbytes() for s in samples.samples()] == [2048 * 4, 2048 * 4]
     assert samples.nbytes == 2 * 2048 * 4
+
+
+_KINDS: dict[str, Callable[[int], torch.Tensor]] = {
+    "float32": lambda n: torch.arange(n * 8, dtype=torch.float32).reshape(n, 8),
+    "bfloat16": lambda n: torch.arange(n * 8, dtype=torch.bfloat16).reshape(n, 8),  # (no numpy view)
+    "bool": lambda n: torch.arange(n * 8).reshape(n, 8) % 3 == 0,
+    "int8": lambda n: (torch.arange(n * 8) % 100).to(torch.int8).reshape(n, 8),
+    "float16": lambda n: (torch.arange(n * 8) % 1000).to(torch.float16).reshape(n, 8),
+    "complex64": lambda n: torch.arange(n * 8, dtype=torch.float32).reshape(n, 8) * (1 + 2j),
+    "lazily negated": lambda n: (torch.arange(n * 8, dtype=torch.float32).reshape(n, 8) * (1 + 2j)).conj().imag,
+    "transposed": lambda n: torch.arange(n * 8, dtype=torch.float64).reshape(8, n).t(),
+    "expanded": lambda n: torch.arange(n, dtype=torch.int64).reshape(n, 1).expand(n, 8),
+    "empty": lambda n: torch.zeros(0, 8),
+}
+
+
+@pytest.mark.parametrize("rows", [3, 2**17], ids=["small", "large"])  # (large: 1-8 MiB, copied holding the GIL)
+@pytest.mark.parametrize("kind", list(_KINDS))
+def test_every_dtype_and_layout_is_copied_as_it_was(kind: str, rows: int) -> None:
+    value = _KINDS[kind](rows)
+    expected = value.resolve_neg().clone()
+    host = stage(value, value.shape[0])
+    batch = host.values
+    assert isinstance(batch, torch.Tensor)
+    assert batch.dtype == value.dtype and batch.shape == value.shape and batch.is_contiguous()
+    assert host.nbytes == value.numel() * value.element_size()
+    assert not value.numel() or batch.data_ptr() != value.data_ptr()
+    if not value.is_neg() and value.is_contiguous():
+        value.zero_()  # the caller's buffer changes after put
+    torch.testing.assert_close(batch, expected, rtol=0, atol=0)
+
+
+def test_zero_dim_samples_are_copied_as_values() -> None:
+    source = [torch.tensor(7), torch.tensor(2.5), torch.tensor(True)]  # (put one value per id)
+    host = stage(source, 3)
+    for value in source:
+        value.zero_()
+    assert [s.item() for s in host.samples()] == [7, 2.5, True]
+    assert host.nbytes == 8 + 4 + 1
 
 
 def test_without_copy_cpu_tensors_and_arrays_are_handed_over_as_they_are() -> None:
