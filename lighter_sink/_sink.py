@@ -895,8 +895,8 @@ class Sink:
             Defaults to an all-reduce over ``torch.distributed`` when ``world_size > 1``.
         copy: copy CPU tensors and numpy arrays at ``put`` (CUDA tensors on the device), so that the caller may
             reuse or change them once ``put`` returns (output buffers, ``out=``, CUDA graphs). ``False`` saves
-            the copy (about 0.1 ms per MiB on the caller's thread) for callers that never touch a buffer
-            after putting it; one that does gets its later values stored.
+            the copy (0.1-0.3 ms per MiB on the caller's thread) for callers that never touch a buffer after
+            putting it; one that does gets its later values stored.
 
     Raises:
         ConfigurationError: an invalid argument (an unknown format lists the known ones).

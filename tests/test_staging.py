@@ -241,3 +241,15 @@ def test_prediction_sink_stores_each_batch_of_a_model_that_reuses_its_output(tmp
     quiet_trainer(sink).predict(_BufferModel(), loader, return_predictions=False)
     wrong = [i for i in range(200) if not (np.load(tmp_path / f"{i}.npy") == 2 * i).all()]
     assert not wrong, f"{len(wrong)} of 200 predictions hold another batch's values: {wrong[:10]}"
+
+
+class _FreshModel(pl.LightningModule):
+    def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return batch[0].to(torch.float32).unsqueeze(1).expand(-1, 16) * 2  # a new tensor every step
+
+
+def test_prediction_sink_passes_copy_false_to_its_sink(tmp_path: Path) -> None:
+    sink = PredictionSink(tmp_path, copy=False)
+    quiet_trainer(sink).predict(_FreshModel(), DataLoader(TensorDataset(torch.arange(40)), batch_size=8))
+    assert sink.sink is not None and sink.sink.copy is False
+    assert all((np.load(tmp_path / f"{i}.npy") == 2 * i).all() for i in range(40))
