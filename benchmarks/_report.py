@@ -12,6 +12,7 @@ LABELS = {
     "lighter": "(b) Lighter-style sync",
     "lightning": "(c) BasePredictionWriter",
     "sink": "(d) PredictionSink",
+    "sink-nocopy": "(d') PredictionSink, copy=False",
 }
 COLORS = {
     "compute": "#9e9e9e",
@@ -19,8 +20,10 @@ COLORS = {
     "lighter": "#e57373",
     "lightning": "#ffb74d",
     "sink": "#4caf50",
+    "sink-nocopy": "#81c784",
 }
-WRITERS = ("lighter", "lightning", "sink")
+TICKS = {"compute": "a", "ceiling": "I/O", "lighter": "b", "lightning": "c", "sink": "d", "sink-nocopy": "d'"}
+WRITERS = ("lighter", "lightning", "sink", "sink-nocopy")
 
 
 def best_runs(runs: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
@@ -167,10 +170,38 @@ def overlap_markdown(data: dict[str, Any]) -> str:
                 f"{_f(figures.get('tail_s'), 2)} | {_f(figures.get('queue_high_water_mib'), 1)} | "
                 f"{_f(figures.get('rss_peak_mib'), 0)} | {_f(figures.get('cpu_s'), 2)} |"
             )
+    lines += _copy_markdown(data["cells"])
     if data.get("errors"):
         lines += ["", "## Runs that failed", ""]
         lines += [f"- {e['storage']} {e['workload']} {e['variant']}: {e['error']}" for e in data["errors"]]
     return "\n".join(lines) + "\n"
+
+
+def _copy_markdown(cells: Sequence[dict[str, Any]]) -> list[str]:
+    """(d) next to (d'), where both ran (``--copy both``): what the sink's copy of each batch at put costs."""
+    pairs = [c for c in cells if "sink" in c["variants"] and "sink-nocopy" in c["variants"]]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "## The copy at put",
+        "",
+        "(d) copies each batch at put (the default, `copy=True`); (d') hands the model's tensors over as they are.",
+        "",
+        "| storage | workload | (d) s | (d') s | (d) eff. | (d') eff. | (d) stall p50 / p99 ms | "
+        "(d') stall p50 / p99 ms | (d) CPU s | (d') CPU s |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for cell in pairs:
+        on, off = cell["variants"]["sink"], cell["variants"]["sink-nocopy"]
+        lines.append(
+            f"| {cell['storage']} | {cell['workload']} | {_f(on['wall_s'])} | {_f(off['wall_s'])} | "
+            f"{_pct(on['overlap_efficiency'])} | {_pct(off['overlap_efficiency'])} | "
+            f"{_f(on.get('stall_p50_ms'))} / {_f(on.get('stall_p99_ms'))} | "
+            f"{_f(off.get('stall_p50_ms'))} / {_f(off.get('stall_p99_ms'))} | "
+            f"{_f(on.get('cpu_s'))} | {_f(off.get('cpu_s'))} |"
+        )
+    return lines
 
 
 def overlap_plot(data: dict[str, Any], path: Path) -> None:
@@ -187,7 +218,7 @@ def overlap_plot(data: dict[str, Any], path: Path) -> None:
         len(storages), len(workloads), figsize=(3.3 * len(workloads), 2.6 * len(storages)), squeeze=False
     )
     by_key = {(c["storage"], c["workload"]): c for c in data["cells"]}
-    variants = list(LABELS)
+    variants = [v for v in LABELS if v != "sink-nocopy" or any(v in c["variants"] for c in data["cells"])]
     for row, storage in enumerate(storages):
         for col, label in enumerate(workloads):
             ax = axes[row][col]
@@ -209,7 +240,7 @@ def overlap_plot(data: dict[str, Any], path: Path) -> None:
                     fontsize=8,
                 )
             ax.set_ylim(0, max(*walls, cell["ideal_s"] or 0.0, 1e-3) * 1.15)
-            ax.set_xticks(range(len(variants)), ["a", "I/O", "b", "c", "d"], fontsize=8)
+            ax.set_xticks(range(len(variants)), [TICKS[v] for v in variants], fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
             ax.set_title(f"{storage} · {label}", fontsize=9)
             if col == 0:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-VARIANTS = ("compute", "ceiling", "lighter", "lightning", "sink")
+VARIANTS = ("compute", "ceiling", "lighter", "lightning", "sink", "sink-nocopy")
 WRITERS = ("lighter", "lightning", "sink")
 _UNITS = {"B": 1, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
 # The conv model's output per sample: 64 channels of 64 x 64 float32 = 1 MiB.

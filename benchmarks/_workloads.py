@@ -12,6 +12,7 @@ Variants:
              loop's thread (np.save to a path, or np.save to bytes and fs.pipe for S3).
   lightning  Lightning's BasePredictionWriter(write_interval="batch"), write_on_batch_end doing the same writes.
   sink       lighter_sink.PredictionSink.
+  sink-nocopy  the same with copy=False: no copy of each batch at put (the model's outputs are fresh tensors).
 """
 
 from __future__ import annotations
@@ -267,11 +268,12 @@ def _callback(spec: RunSpec) -> HookTimer:
         return TimedLighter(spec.url, spec.storage_options, rss_every=every)
     if spec.variant == "lightning":
         return TimedLightning(spec.url, spec.storage_options, rss_every=every)
-    if spec.variant == "sink":
+    if spec.variant in {"sink", "sink-nocopy"}:
         kwargs: dict[str, Any] = {
             "storage_options": spec.storage_options,
             "concurrency": spec.concurrency,
             "backend": spec.backend,
+            "copy": spec.variant == "sink",
         }
         if spec.max_queue_bytes is not None:
             kwargs["max_queue_bytes"] = spec.max_queue_bytes

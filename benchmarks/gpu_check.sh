@@ -3,6 +3,8 @@
 #   1. device-to-host bandwidth, pinned vs pageable host memory
 #   2. overlap of PredictionSink with a matmul model on the GPU (vs no writer, a synchronous writer, raw writes)
 #   3. every stored prediction read back and compared with the model's output: none may be zeros
+#   4. reused output buffers: a model writing every batch into one device buffer, and a Sink loop whose next
+#      kernel overwrites the buffer right after put; every stored prediction must be the batch as it was put
 # Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA device, 124 ran out of time.
 # Usage: bash benchmarks/gpu_check.sh [--items N] [--batch B] [--dir DIR] ...   (see --help)
 #        PYTHON=/path/to/python bash benchmarks/gpu_check.sh   (default: .venv/bin/python if present, else python3)

@@ -16,7 +16,11 @@ conv net on the CPU instead. Workloads are SIZE:ITEMS:BATCH:STEP_MS, e.g. 1MiB:1
 Writes benchmarks/results/overlap.{json,md,png} (overlap-quick.* with --quick). The machines are shared and
 noisy: compare ratios within one run, not absolute times across runs.
 
+``--copy both`` adds (d') PredictionSink with ``copy=False`` next to (d), in the same rotation: what the sink's
+copy of each batch at put costs (``--copy off`` runs (d') in place of (d)).
+
 Usage: python -m benchmarks.overlap [--quick] [--storages local,null,rclone,moto] [--workloads SPEC ...]
+       [--copy on|off|both]
 """
 
 from __future__ import annotations
@@ -72,6 +76,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fsspec",
         help="the sink's S3 backend (default: %(default)s)",
     )
+    parser.add_argument(
+        "--copy",
+        choices=("on", "off", "both"),
+        default="on",
+        help="the sink's copy at put: (d) copy=True, (d') copy=False, or both side by side (default: %(default)s)",
+    )
     parser.add_argument("--repeat", type=int, help="rounds (default 2, 1 with --quick); the fastest run is kept")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one run may take")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default: %(default)s)")
@@ -95,7 +105,8 @@ def _plan(args: argparse.Namespace, workloads: list[Workload]) -> list[tuple[str
     """(storage, workload, variant) in run order. Compute only (storage "-") runs next to the writers it is
     compared with, once per storage (once per workload with --quick): its fastest run is the reference. Writer
     order rotates between rounds, so that none always runs right after the ceiling's writeback."""
-    writers = ["ceiling", "lighter", "lightning", "sink"]
+    sinks = {"on": ["sink"], "off": ["sink-nocopy"], "both": ["sink", "sink-nocopy"]}[args.copy]
+    writers = ["ceiling", "lighter", "lightning", *sinks]
     plan = []
     for round_ in range(args.repeat):
         order = writers[round_ % len(writers) :] + writers[: round_ % len(writers)]
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 where = {"storage": storage, "workload": workload.label, "variant": variant}
                 runs.append({**where, "spec": spec.as_dict(), "result": result})
                 status = f"{result['wall_s']:7.2f} s" if result.get("ok") else f"FAILED: {result['error']}"
-                print(f"[{index:3d}/{len(plan)}] {storage:<6} {workload.label:<10} {variant:<9} {status}", flush=True)
+                print(f"[{index:3d}/{len(plan)}] {storage:<6} {workload.label:<10} {variant:<11} {status}", flush=True)
                 if not result.get("ok"):
                     errors.append({**where, **result})
                     if result.get("traceback"):
@@ -175,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             "storages": args.storages,
             "concurrency": args.concurrency,
             "backend": args.backend,
+            "copy": args.copy,
             "repeat": args.repeat,
             "seconds": time.perf_counter() - started,
         },

@@ -8,8 +8,13 @@ against each storage in turn, all in one process (no Lightning: the sink alone).
     sleep itself: the wait to re-take the interpreter lock from the sink's threads, and for a core;
   * the same lateness with no sink at all, first, as the reference.
 
+``--copy both`` measures the sink's copy at put: each storage runs with ``copy=True`` and ``copy=False``
+(reported as "STORAGE no-copy"), in halves of ``--batches`` alternated on, off, off, on, so that a shared
+machine's drift falls on both alike. The benchmark puts one tensor again and again, a reused buffer, which only
+``copy=True`` stores as it was at each put.
+
 Usage: python -m benchmarks.stall [--storages null,rclone,moto] [--batches 400] [--size 4KiB] [--batch 32]
-       [--step-ms 30] [--backend fsspec|obstore] [--json out.json]
+       [--step-ms 30] [--backend fsspec|obstore] [--copy on|off|both] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from lighter_sink import Sink
 _SLOW = 0.002
 
 
-def _loop(batches: int, step: float, put: Callable[[int], None] | None) -> dict[str, float]:
+def _loop(batches: int, step: float, put: Callable[[int], None] | None) -> tuple[list[float], list[float]]:
+    """Seconds late after each sleep, and seconds in each put."""
     stalls: list[float] = []
     late: list[float] = []
     for index in range(batches):
@@ -42,10 +48,14 @@ def _loop(batches: int, step: float, put: Callable[[int], None] | None) -> dict[
         if put is not None:
             put(index)
             stalls.append(time.perf_counter() - woke)
-    late.sort()
+    return late, stalls
+
+
+def _figures(late: list[float], stalls: list[float]) -> dict[str, float]:
+    late = sorted(late)
     figures = {"late_mean_ms": 1e3 * sum(late) / len(late), "late_p99_ms": 1e3 * late[int(0.99 * len(late))]}
     if stalls:
-        stalls.sort()
+        stalls = sorted(stalls)
         figures |= {
             "put_p50_ms": 1e3 * stalls[len(stalls) // 2],
             "put_p99_ms": 1e3 * stalls[int(0.99 * len(stalls))],
@@ -55,16 +65,18 @@ def _loop(batches: int, step: float, put: Callable[[int], None] | None) -> dict[
     return figures
 
 
-def _with_sink(url: str, options: dict[str, Any], args: argparse.Namespace, elements: int) -> dict[str, float]:
+def _with_sink(
+    url: str, options: dict[str, Any], args: argparse.Namespace, elements: int, *, copy: bool, batches: int
+) -> tuple[list[float], list[float]]:
     base = torch.randn(args.batch, elements)
     backend = args.backend if "://" in url else "fsspec"
-    with Sink(url, storage_options=options, backend=backend) as sink:
+    with Sink(url, storage_options=options, backend=backend, copy=copy) as sink:
 
         def put(index: int) -> None:
             start = index * args.batch
             sink.put_batch(range(start, start + args.batch), base)
 
-        return _loop(args.batches, args.step_ms / 1e3, put)
+        return _loop(batches, args.step_ms / 1e3, put)
 
 
 def main() -> None:
@@ -75,27 +87,45 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="predictions per batch")
     parser.add_argument("--step-ms", type=float, default=30.0, help="simulated accelerator time per batch")
     parser.add_argument("--backend", choices=["fsspec", "obstore"], default="fsspec", help="the sink's S3 backend")
+    parser.add_argument(
+        "--copy", choices=["on", "off", "both"], default="on", help="the sink's copy at put: copy=True, False, or both"
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/stall.json"))
     args = parser.parse_args()
     storages = args.storages.split(",")
     elements = max(1, parse_size(args.size) // 4)  # float32
-    results: dict[str, dict[str, float]] = {"no sink": _loop(args.batches, args.step_ms / 1e3, None)}
+    results: dict[str, dict[str, float]] = {"no sink": _figures(*_loop(args.batches, args.step_ms / 1e3, None))}
     servers_wanted = [s for s in storages if s != "local"]
+    # (copy, batches) runs per storage; with both, halves alternated on, off, off, on
+    half = max(1, args.batches // 2)
+    runs = {"on": [(True, args.batches)], "off": [(False, args.batches)]}.get(
+        args.copy, [(True, half), (False, half), (False, half), (True, half)]
+    )
     with s3_servers(servers_wanted) as servers, tempfile.TemporaryDirectory() as directory:
         for storage in storages:
-            if storage == "local":
-                results[storage] = _with_sink(directory, {}, args, elements)
-            else:
-                server = servers[storage]
-                prefix = f"stall-{time.time_ns()}"
-                results[storage] = _with_sink(server.url(prefix), server.storage_options, args, elements)
-                server.remove(prefix)
+            samples: dict[bool, tuple[list[float], list[float]]] = {}
+            for copy, batches in runs:
+                if storage == "local":
+                    with tempfile.TemporaryDirectory(dir=directory) as where:
+                        late, stalls = _with_sink(where, {}, args, elements, copy=copy, batches=batches)
+                else:
+                    server = servers[storage]
+                    prefix = f"stall-{time.time_ns()}"
+                    late, stalls = _with_sink(
+                        server.url(prefix), server.storage_options, args, elements, copy=copy, batches=batches
+                    )
+                    server.remove(prefix)
+                kept = samples.setdefault(copy, ([], []))
+                kept[0].extend(late)
+                kept[1].extend(stalls)
+            for copy, (late, stalls) in samples.items():
+                results[storage if copy or args.copy == "off" else f"{storage} no-copy"] = _figures(late, stalls)
     print(
         f"{args.batches} batches of {args.batch} x {args.size}, a put every {args.step_ms:g} ms, S3 through "
-        f"{args.backend} (lateness: how late the loop woke after each sleep)"
+        f"{args.backend}, copy at put: {args.copy} (lateness: how late the loop woke after each sleep)"
     )
     for name, figures in results.items():
-        line = f"  {name:8s} late mean {figures['late_mean_ms']:5.2f} ms  p99 {figures['late_p99_ms']:5.2f} ms"
+        line = f"  {name:14s} late mean {figures['late_mean_ms']:5.2f} ms  p99 {figures['late_p99_ms']:5.2f} ms"
         if "put_p50_ms" in figures:
             line += (
                 f"   put p50 {figures['put_p50_ms']:.2f}  p99 {figures['put_p99_ms']:.2f}"

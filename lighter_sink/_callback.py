@@ -50,6 +50,9 @@ class PredictionSink(Callback):
         num_samples: samples in the run, for formats that size their output up front (``zarr``); by default
             the length of the (single) predict dataset.
         key: object key template, e.g. ``"{id:08d}"`` or ``"{hash:.2}/{id}"`` (see :class:`~lighter_sink.Sink`).
+        copy: copy each batch's predictions at the end of its step, so a model may reuse its output buffers
+            (``out=``, CUDA graphs); ``False`` saves the copy when predict_step returns fresh tensors each time
+            (see :class:`~lighter_sink.Sink`).
 
     Ids: without ``id_key``, rank ``r`` of ``W`` numbers its samples ``r, r + W, ...`` per dataloader, which is
     the dataset index with Lightning's distributed sampler and an unshuffled dataloader. Counter ids at or past
@@ -77,6 +80,7 @@ class PredictionSink(Callback):
         retries: int = 5,
         timeout: float | None = 60.0,
         mode: Mode = "overwrite",
+        copy: bool = True,
     ) -> None:
         super().__init__()
         self.url = os.fspath(url)
@@ -95,6 +99,7 @@ class PredictionSink(Callback):
             "backend": backend,
             "upload_checksums": upload_checksums,
             "num_samples": num_samples,
+            "copy": copy,
         }
         # Validate everything now, before any compute: building a Sink checks arguments and starts nothing.
         # (A format that needs the number of samples gets it from the predict dataset in setup.)

@@ -1024,6 +1024,10 @@ class Sink:
         world_size: number of ranks writing to the url.
         all_ok: a collective that returns True only when every rank passed True (also used as a barrier).
             Defaults to an all-reduce over ``torch.distributed`` when ``world_size > 1``.
+        copy: copy CPU tensors and numpy arrays at ``put`` (CUDA tensors on the device), so that the caller may
+            reuse or change them once ``put`` returns (output buffers, ``out=``, CUDA graphs). ``False`` saves
+            the copy (0.1-0.3 ms per MiB on the caller's thread) for callers that never touch a buffer after
+            putting it; one that does gets its later values stored.
 
     Raises:
         ConfigurationError: an invalid argument (an unknown format lists the known ones).
@@ -1047,6 +1051,7 @@ class Sink:
         rank: int = 0,
         world_size: int = 1,
         all_ok: Callable[[bool], bool] | None = None,
+        copy: bool = True,
     ) -> None:
         url = os.fspath(url)
         if not isinstance(url, str) or not url:
@@ -1086,6 +1091,7 @@ class Sink:
             raise ConfigurationError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
         self.backend: Backend = backend
         self.upload_checksums = bool(upload_checksums)
+        self.copy = bool(copy)
         self.rank = rank
         self.world_size = world_size
         self._checked: set[tuple[object, ...]] = set()
@@ -1196,7 +1202,7 @@ class Sink:
             values = _select(values, write)
             ids = [ids[i] for i in write]
             keys = [keys[i] for i in write]
-        host = stage(values, len(ids))
+        host = stage(values, len(ids), copy=self.copy)
         self._check(host)
         if check:
             engine.claim(ids, keys)  # only once the batch is accepted: a refused batch may be put again

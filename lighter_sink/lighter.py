@@ -86,6 +86,8 @@ class FileWriter(PredictionSink):
         retries: attempts per file for transient storage errors.
         timeout: seconds one write attempt may take.
         mode: ``"overwrite"`` (Lighter's behaviour), ``"resume"`` or ``"error"``.
+        copy: copy each batch's predictions at the end of its step, so a model may reuse its output buffers;
+            ``False`` saves the copy when predict_step returns fresh tensors (see :class:`~lighter_sink.Sink`).
 
     Raises:
         FormatNotFoundError: ``writer_fn`` names no writer nor format; the message lists them.
@@ -108,6 +110,7 @@ class FileWriter(PredictionSink):
         retries: int = 5,
         timeout: float | None = 60.0,
         mode: Mode = "overwrite",
+        copy: bool = True,
     ) -> None:
         super().__init__(
             directory,
@@ -120,6 +123,7 @@ class FileWriter(PredictionSink):
             retries=retries,
             timeout=timeout,
             mode=mode,
+            copy=copy,
         )
         self.writer_fn = writer_fn
 
@@ -206,6 +210,7 @@ class CsvWriter(PredictionSink):
             retries=retries,
             timeout=timeout,
             mode=mode,
+            copy=False,  # (_split stacks the columns into a new tensor every batch: the sink's own already)
         )
 
     @property

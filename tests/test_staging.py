@@ -1,21 +1,89 @@
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from lighter_sink import PredictionError, Sink
+from lighter_sink import PredictionError, PredictionSink, Sink
 from lighter_sink._staging import stage
+from tests.conftest import quiet_trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def test_cpu_tensors_are_detached_without_a_copy() -> None:
+def test_cpu_tensors_are_copied_into_compact_memory_the_sink_owns() -> None:
     value = torch.randn(4, 3, requires_grad=True) * 2
     host = stage(value, 4)
     assert isinstance(host.values, torch.Tensor)
     assert not host.values.requires_grad
-    assert host.values.data_ptr() == value.data_ptr()
+    assert host.values.data_ptr() != value.data_ptr()
+    torch.testing.assert_close(host.values, value.detach())
     assert host.nbytes == 4 * 3 * 4
     assert host.wait is None
+
+
+def test_a_view_is_copied_alone_and_counts_only_its_own_bytes() -> None:
+    big = torch.randn(64, 4096)
+    host = stage(big[:, :10], 64)
+    assert isinstance(host.values, torch.Tensor)
+    assert host.values.is_contiguous()
+    assert host.values.untyped_storage().nbytes() == host.nbytes == 64 * 10 * 4  # not the 1 MiB under the view
+    torch.testing.assert_close(host.values, big[:, :10])
+    samples = stage(list(big[:2, ::2].unbind(0)), 2)  # per-sample views: each its own compact copy
+    assert [s.untyped_storage().nbytes() for s in samples.samples()] == [2048 * 4, 2048 * 4]
+    assert samples.nbytes == 2 * 2048 * 4
+
+
+_KINDS: dict[str, Callable[[int], torch.Tensor]] = {
+    "float32": lambda n: torch.arange(n * 8, dtype=torch.float32).reshape(n, 8),
+    "bfloat16": lambda n: torch.arange(n * 8, dtype=torch.bfloat16).reshape(n, 8),  # (no numpy view)
+    "bool": lambda n: torch.arange(n * 8).reshape(n, 8) % 3 == 0,
+    "int8": lambda n: (torch.arange(n * 8) % 100).to(torch.int8).reshape(n, 8),
+    "float16": lambda n: (torch.arange(n * 8) % 1000).to(torch.float16).reshape(n, 8),
+    "complex64": lambda n: torch.arange(n * 8, dtype=torch.float32).reshape(n, 8) * (1 + 2j),
+    "lazily negated": lambda n: (torch.arange(n * 8, dtype=torch.float32).reshape(n, 8) * (1 + 2j)).conj().imag,
+    "transposed": lambda n: torch.arange(n * 8, dtype=torch.float64).reshape(8, n).t(),
+    "expanded": lambda n: torch.arange(n, dtype=torch.int64).reshape(n, 1).expand(n, 8),
+    "empty": lambda n: torch.zeros(0, 8),
+}
+
+
+@pytest.mark.parametrize("rows", [3, 2**17], ids=["small", "large"])  # (large: 1-8 MiB, copied holding the GIL)
+@pytest.mark.parametrize("kind", list(_KINDS))
+def test_every_dtype_and_layout_is_copied_as_it_was(kind: str, rows: int) -> None:
+    value = _KINDS[kind](rows)
+    expected = value.resolve_neg().clone()
+    host = stage(value, value.shape[0])
+    batch = host.values
+    assert isinstance(batch, torch.Tensor)
+    assert batch.dtype == value.dtype and batch.shape == value.shape and batch.is_contiguous()
+    assert host.nbytes == value.numel() * value.element_size()
+    assert not value.numel() or batch.data_ptr() != value.data_ptr()
+    if not value.is_neg() and value.is_contiguous():
+        value.zero_()  # the caller's buffer changes after put
+    torch.testing.assert_close(batch, expected, rtol=0, atol=0)
+
+
+def test_zero_dim_samples_are_copied_as_values() -> None:
+    source = [torch.tensor(7), torch.tensor(2.5), torch.tensor(True)]  # (put one value per id)
+    host = stage(source, 3)
+    for value in source:
+        value.zero_()
+    assert [s.item() for s in host.samples()] == [7, 2.5, True]
+    assert host.nbytes == 8 + 4 + 1
+
+
+def test_without_copy_cpu_tensors_and_arrays_are_handed_over_as_they_are() -> None:
+    value = torch.randn(4, 3, requires_grad=True) * 2
+    host = stage(value, 4, copy=False)
+    assert isinstance(host.values, torch.Tensor)
+    assert not host.values.requires_grad
+    assert host.values.data_ptr() == value.data_ptr()
+    array = np.ones((2, 3), dtype=np.float32)
+    assert stage(array, 2, copy=False).samples()[0].data_ptr() == array.ctypes.data
 
 
 def test_numpy_arrays_and_lists_are_accepted() -> None:
@@ -62,3 +130,126 @@ def test_no_prediction_reads_back_as_zeros(tmp_path: object) -> None:
     for i in range(0, 640, 37):
         stored = np.load(f"{tmp_path}/{i}.npy")
         assert (stored == i // 32 + 1).all(), f"prediction {i} read back wrong (zeros: {(stored == 0).all()})"
+
+
+@cuda
+def test_a_reused_device_buffer_is_read_before_the_next_kernel_overwrites_it(tmp_path: Path) -> None:
+    """Kernels queued right after put (the next batch into the same buffer) must not reach what is stored."""
+    rows, width = 16, 2**18  # 16 MiB a batch: its device-to-host copy takes far longer than the next fill kernel
+    buffer = torch.empty(rows, width, device="cuda")
+    with Sink(tmp_path) as sink:
+        for step in range(8):
+            buffer.fill_(float(step))
+            sink.put_batch(range(step * rows, (step + 1) * rows), buffer)
+        buffer.fill_(-1.0)
+    assert _batches_stored_as_put(tmp_path, 8, rows) == 8 * rows
+
+
+@cuda
+def test_a_device_batch_is_copied_on_the_device_before_put_returns() -> None:
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(8):
+        busy = torch.tanh(busy @ busy)  # the stream is busy: the copy and the next kernel are queued together
+    device_values = torch.full((16, 2**20), 3.0, device="cuda") + busy[0, 0] * 0  # 64 MiB, after the products
+    host = stage(device_values, 16)
+    device_values.fill_(-1.0)  # on the producing stream, queued right after put
+    values = host.ready()
+    assert isinstance(values, torch.Tensor)
+    assert int((values != 3.0).sum()) == 0, "a kernel queued after put overwrote the batch before it was copied"
+
+
+def _batches_stored_as_put(directory: Path, batches: int, rows: int) -> int:
+    """How many of the ``batches`` x ``rows`` stored predictions hold their batch's index, as they were put."""
+    return sum(
+        bool((np.load(directory / f"{step * rows + row}.npy") == step).all())
+        for step in range(batches)
+        for row in range(rows)
+    )
+
+
+def test_a_reused_output_buffer_stores_what_each_put_held(tmp_path: Path) -> None:
+    """A model writing every batch into one preallocated buffer: each put stores that batch, not a later one."""
+    buffer = torch.empty(64, 16)
+    with Sink(tmp_path) as sink:
+        for step in range(50):
+            buffer.fill_(float(step))
+            sink.put_batch(range(step * 64, (step + 1) * 64), buffer)
+    assert _batches_stored_as_put(tmp_path, 50, 64) == 50 * 64
+
+
+def test_a_reused_numpy_buffer_stores_what_each_put_held(tmp_path: Path) -> None:
+    buffer = np.empty((64, 16), dtype=np.float32)
+    with Sink(tmp_path) as sink:
+        for step in range(50):
+            buffer.fill(step)
+            sink.put_batch(range(step * 64, (step + 1) * 64), buffer)
+    assert _batches_stored_as_put(tmp_path, 50, 64) == 50 * 64
+
+
+def test_changing_values_in_place_right_after_put_changes_nothing_stored(tmp_path: Path) -> None:
+    batch = torch.zeros(32, 8)
+    rows = [torch.zeros(8) for _ in range(4)]
+    with Sink(tmp_path) as sink:
+        sink.put_batch(range(32), batch)
+        batch.add_(1)  # in-place post-processing after put
+        sink.put_batch(range(32, 36), rows)
+        for row in rows:
+            row.sub_(1)
+        single = torch.zeros(3)
+        sink.put(36, single)
+        single[0] = 7
+    assert all((np.load(tmp_path / f"{i}.npy") == 0).all() for i in range(37))
+
+
+def test_a_view_counts_only_its_own_bytes_against_the_queue(tmp_path: Path) -> None:
+    big = torch.arange(64 * 4096, dtype=torch.float32).reshape(64, 4096)
+    with Sink(tmp_path, max_queue_bytes=64 * 10 * 4) as sink:
+        sink.put_batch(range(64), big[:, :10])
+        sink.flush()
+        assert sink.stats.queue_high_water_bytes == 64 * 10 * 4
+    np.testing.assert_array_equal(np.load(tmp_path / "63.npy"), big[63, :10].numpy())
+
+
+def test_copy_false_stores_buffers_that_are_not_reused(tmp_path: Path) -> None:
+    """The documented opt-out: no copy at put, for callers that never touch a buffer after putting it."""
+    sink = Sink(tmp_path, copy=False)
+    assert sink.copy is False
+    with sink:
+        for step in range(10):
+            sink.put_batch(range(step * 64, (step + 1) * 64), torch.full((64, 16), float(step)))
+        sink.put_batch(range(640, 644), np.full((4, 16), 10, dtype=np.float32))
+    assert _batches_stored_as_put(tmp_path, 10, 64) == 10 * 64
+    assert all((np.load(tmp_path / f"{i}.npy") == 10).all() for i in range(640, 644))
+
+
+class _BufferModel(pl.LightningModule):
+    """Writes every batch's output into one preallocated tensor, as ``out=`` and CUDA-graph models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = torch.empty(8, 16)
+
+    def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x = batch[0].to(torch.float32).unsqueeze(1).expand(-1, 16)
+        torch.mul(x, 2, out=self.buf[: len(x)])
+        return self.buf[: len(x)]
+
+
+def test_prediction_sink_stores_each_batch_of_a_model_that_reuses_its_output(tmp_path: Path) -> None:
+    loader = DataLoader(TensorDataset(torch.arange(200)), batch_size=8)
+    sink = PredictionSink(tmp_path)
+    quiet_trainer(sink).predict(_BufferModel(), loader, return_predictions=False)
+    wrong = [i for i in range(200) if not (np.load(tmp_path / f"{i}.npy") == 2 * i).all()]
+    assert not wrong, f"{len(wrong)} of 200 predictions hold another batch's values: {wrong[:10]}"
+
+
+class _FreshModel(pl.LightningModule):
+    def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return batch[0].to(torch.float32).unsqueeze(1).expand(-1, 16) * 2  # a new tensor every step
+
+
+def test_prediction_sink_passes_copy_false_to_its_sink(tmp_path: Path) -> None:
+    sink = PredictionSink(tmp_path, copy=False)
+    quiet_trainer(sink).predict(_FreshModel(), DataLoader(TensorDataset(torch.arange(40)), batch_size=8))
+    assert sink.sink is not None and sink.sink.copy is False
+    assert all((np.load(tmp_path / f"{i}.npy") == 2 * i).all() for i in range(40))
