@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import anyio
 from torch.utils.data import Dataset, Subset
 
-from lighter_sink._commit import ControlKeys, current_generation, orphan_records
+from lighter_sink._commit import ControlKeys, orphan_records, read_lease, stored_generation
 from lighter_sink._ids import KeyTemplate
 from lighter_sink._manifest import read_records
 from lighter_sink._store import open_store
@@ -60,7 +60,10 @@ def remaining(
     async def stored() -> set[str]:
         store = await open_store(url, dict(storage_options or {}))
         try:
-            generation = await current_generation(store, keys)
+            lease = await read_lease(store, keys)
+            if lease is not None and lease.state != "running":
+                return set()  # the run died before it wrote (removing an earlier output, say): resume starts over
+            generation = lease.generation if lease is not None else await stored_generation(store, keys)
             ids = set(await read_records(store, keys, generation))
             # what a killed run stored without recording it counts when the resumed sink can record it
             ids.update(r.id for r in await orphan_records(store, keys, generation, fmt, template))

@@ -117,6 +117,24 @@ def test_resume_never_adopts_objects_of_the_run_that_was_overwritten(tmp_path: P
     assert verify(str(out)).ok
 
 
+def test_a_run_that_died_while_removing_the_earlier_output_is_resumed_from_scratch(tmp_path: Path) -> None:
+    from lighter_sink import remaining
+
+    with Sink(tmp_path) as sink:  # run A
+        sink.put_batch(range(6), torch.full((6, 1), 1.0))
+    # run B (overwrite) died while it removed A's output: its lease says so; A's manifest is still there
+    lease = {"run": "r-b", "generation": "r-b", "host": "elsewhere", "pid": 1, "state": "clearing"}
+    (tmp_path / "_lease.json").write_text(json.dumps({**lease, "renewed_at": 0.0}))
+    (tmp_path / "_SUCCESS").unlink()
+    (tmp_path / "0.npy").unlink()
+    assert list(remaining(str(tmp_path), list(range(6))).indices) == list(range(6))  # type: ignore[arg-type]
+    with Sink(tmp_path, mode="resume") as sink:
+        sink.put_batch(range(6), torch.full((6, 1), 2.0))
+    assert sink.stats.skipped == 0
+    assert all(np.load(tmp_path / f"{i}.npy").tolist() == [2.0] for i in range(6))
+    assert verify(str(tmp_path)).ok
+
+
 def test_overwrite_removes_what_the_earlier_run_stored_before_writing(tmp_path: Path) -> None:
     with Sink(tmp_path) as sink:
         sink.put_batch(range(200), torch.ones(200, 1))
