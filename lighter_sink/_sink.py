@@ -563,6 +563,7 @@ class _Engine:
             retry=self.retry,
             backend=self.backend,
             upload_checksums=self.upload_checksums,
+            run=self._run_token,
         )
         if not self.format.per_item_objects:
             context = WriterContext(

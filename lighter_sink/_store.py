@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -413,22 +414,45 @@ def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:
             pending[0] = pending[0][written:]
 
 
-def _is_temporary(name: str) -> bool:
-    """Names of :class:`_LocalStore`'s temporary files: ``.{name}.{pid}.{n}.tmp``."""
-    return name.startswith(".") and name.endswith(".tmp")
+TEMP_PREFIX = ".lsink."
+
+
+def _new_run() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 class _LocalStore(Store):
-    """A local (or mounted shared) directory, written atomically and in batches per thread call."""
+    """A local (or mounted shared) directory, written atomically and in batches per thread call.
 
-    def __init__(self, url: str, retry: RetryPolicy, root: str, limiter: anyio.CapacityLimiter) -> None:
+    Temporary files are ``{temp_prefix}{run}.{n}.tmp`` in the object's directory: a name of bounded length
+    whatever the object's (a 245-byte name is legal; a name built from it would not be), in a namespace that
+    says which run left it, so that a sweep removes only earlier runs' leftovers of its own prefix. ``run``
+    must be unique per process (``n`` counts per process).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        retry: RetryPolicy,
+        root: str,
+        limiter: anyio.CapacityLimiter,
+        *,
+        temp_prefix: str = TEMP_PREFIX,
+        run: str | None = None,
+    ) -> None:
         super().__init__(url, retry)
+        run = _new_run() if run is None else run
+        for what, value in (("temp_prefix", temp_prefix), ("run", run)):
+            if not value or "/" in value or os.sep in value or len(value.encode()) > 64:
+                raise ValueError(f"{what} must be 1 to 64 bytes without path separators, got {value!r}")
         self._root = os.path.abspath(root)
         self._limiter = self.limiter = limiter
         self._made_dirs: set[str] = set()
         self._dir_fds: dict[str, int] = {}
         self._dirs_lock = threading.Lock()
-        self._pid = os.getpid()
+        self.temp_prefix = temp_prefix
+        self.run = run
+        self._temp_stem = f"{temp_prefix}{run}."
         self.write_many = self._write_many
 
     @property
@@ -469,8 +493,8 @@ class _LocalStore(Store):
         else:
             directory, name = self._root, key
         dir_fd = self._directory_fd(directory)
-        # A hidden temporary name in the same directory: rename is atomic only within one filesystem.
-        temp = f".{name}.{self._pid}.{next(_temp_counter)}.tmp"
+        # A temporary name in the same directory: rename is atomic only within one filesystem.
+        temp = f"{self._temp_stem}{next(_temp_counter)}.tmp"
         if dir_fd is None:
             name = os.path.join(directory, name)
             temp = os.path.join(directory, temp)
@@ -504,18 +528,42 @@ class _LocalStore(Store):
         results = await anyio.to_thread.run_sync(self._write_many, items, limiter=self._limiter)
         return await self.retry_failed(items, results)
 
+    def temp_path(self, key: str) -> str:
+        """The absolute path of a fresh temporary file next to ``key`` (no I/O: the caller makes the directory).
+
+        For writers that stream a file themselves and then :meth:`replace` it into place: a sweep treats it
+        as this run's, and :meth:`list` does not show it.
+        """
+        directory = os.path.dirname(os.path.join(self._root, key))
+        return os.path.join(directory, f"{self._temp_stem}{next(_temp_counter)}.tmp")
+
+    def replace(self, temp: str, key: str) -> None:
+        """Make a finished temporary file (from :meth:`temp_path`) the object ``key``. Synchronous: call it from
+        a worker thread."""
+        os.replace(temp, os.path.join(self._root, key))
+
     async def aclose(self) -> None:
         with self._dirs_lock:
             fds, self._dir_fds = list(self._dir_fds.values()), {}
         for fd in fds:
             os.close(fd)
 
+    def _is_temporary(self, name: str) -> bool:
+        """Whether ``name`` is a temporary file of this store's prefix, whichever run wrote it."""
+        return name.startswith(self.temp_prefix) and name.endswith(".tmp")
+
     async def remove_incomplete(self) -> int:
+        """Remove temporary files of this store's prefix that another run left (an earlier, killed one).
+
+        This run's own are kept: they may be writes in flight. Other prefixes are other outputs' namespaces.
+        """
+        own = self._temp_stem
+
         def sweep() -> int:
             removed = 0
             for directory, _dirs, files in os.walk(self._root):
                 for name in files:
-                    if _is_temporary(name):
+                    if self._is_temporary(name) and not name.startswith(own):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(os.path.join(directory, name))
                             removed += 1
@@ -572,7 +620,7 @@ class _LocalStore(Store):
             keys = []
             for directory, _dirs, files in os.walk(base):
                 for name in files:
-                    if _is_temporary(name):
+                    if self._is_temporary(name):
                         continue  # an unfinished atomic write
                     full = os.path.join(directory, name)
                     keys.append(os.path.relpath(full, self._root).replace(os.sep, "/"))
@@ -650,12 +698,16 @@ async def open_store(
     retry: RetryPolicy | None = None,
     backend: str = "fsspec",
     upload_checksums: bool = True,
+    temp_prefix: str = TEMP_PREFIX,
+    run: str | None = None,
 ) -> Store:
     """Open the store for ``url``. Must run inside the event loop that will use the store.
 
     ``backend`` is ``"fsspec"`` (every protocol) or ``"obstore"`` (S3 only; see ``_obstore``).
     ``upload_checksums`` has the server verify each upload body: on S3 through s3fs with the CRC-32 a caller
     passes to :meth:`Store.put` (botocore computes its own CRC32 for bodies that come without one).
+    Local directories only: temporary files are named ``{temp_prefix}{run}.{n}.tmp`` (``run``: unique per
+    process; a fresh one when None).
     """
     retry = retry or RetryPolicy()
     options = dict(storage_options or {})
@@ -668,7 +720,8 @@ async def open_store(
         # Writes to one local directory contend on the directory lock and, for small files, on the GIL:
         # more threads than cores only add switching. Network filesystems want more: raise it with concurrency.
         threads = min(concurrency, max(2, os.cpu_count() or 2))
-        return _LocalStore(url, retry, local_path(url), anyio.CapacityLimiter(threads))
+        limiter = anyio.CapacityLimiter(threads)
+        return _LocalStore(url, retry, local_path(url), limiter, temp_prefix=temp_prefix, run=run)
     protocol = protocol_of(url)
     cls = fsspec.get_filesystem_class(protocol)
     if getattr(cls, "async_impl", False):
