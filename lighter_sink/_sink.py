@@ -236,6 +236,7 @@ class _Engine:
         self._bytes = 0
         self._failed = 0
         self._error: BaseException | None = None
+        self._stopping = False  # abort began: put refuses batches from then on (set under _cond)
         self._error_count = 0
         self._failed_ids: list[str] = []
         self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
@@ -309,6 +310,9 @@ class _Engine:
         self._waker.start()
 
     def abort(self) -> None:
+        with self._cond:  # a put on another thread, even one waiting for room, raises from here on
+            self._stopping = True
+            self._cond.notify_all()
         if self.state in (SinkState.RUNNING, SinkState.COMMITTING):
             self._shutdown(abort=True)
         if self.state is not SinkState.COMMITTED:
@@ -352,12 +356,19 @@ class _Engine:
         nbytes = batch.host.nbytes
         with self._cond:
             waited_from = None
-            while self._error is None and self._held_bytes > 0 and self._held_bytes + nbytes > self.max_queue_bytes:
+            while (
+                self._error is None
+                and not self._stopping
+                and self._held_bytes > 0
+                and self._held_bytes + nbytes > self.max_queue_bytes
+            ):
                 if waited_from is None:
                     waited_from = time.perf_counter()
                 self._cond.wait(_WAKE_EVERY)
             if waited_from is not None:
                 self._stall += time.perf_counter() - waited_from
+            if self._stopping:
+                raise SinkStateError(f"put() raced abort(): {self.url} is aborted; the batch was not queued")
             self.raise_if_failed()
             self._held_bytes += nbytes
             self._pending += 1
@@ -522,6 +533,8 @@ class _Engine:
         portal = self._portal
         if portal is None:
             return
+        if abort and self._store is not None:
+            self._store.fence()  # a worker thread stuck in a write and woken later makes nothing appear
         # A KeyboardInterrupt raised right after this thread took the lock, inside Condition.__enter__ and so
         # before its `with` block began, leaves the lock held for good (a CPython limitation of Python-level
         # __enter__); the loop's workers need it to wind down. Release what this thread holds; the lock is
@@ -545,6 +558,9 @@ class _Engine:
         finally:
             with self._cond:
                 self._cond.notify_all()
+            if abort:  # a flush or commit another thread still waits for is cancelled, not waited for
+                with contextlib.suppress(Exception):
+                    portal.call(portal.stop, True)
             self._portal = None
             assert self._portal_cm is not None
             self._portal_cm.__exit__(None, None, None)
@@ -812,12 +828,18 @@ class _Engine:
         write_many = store.write_many
         assert write_many is not None, "stores without write_many go through the uploaders"
         # Encode and write in the same worker thread: one hop per group instead of two.
+        encoded: list[_Encoded] = []
 
-        def encode_and_write() -> tuple[list[_Encoded], list[BaseException | None]]:
-            encoded = self._encode(group)
-            return encoded, write_many([(path, buffers) for path, _, buffers in encoded])
+        def encode_and_write() -> list[BaseException | None]:
+            encoded.extend(self._encode(group))
+            return write_many([(path, buffers) for path, _, buffers in encoded])
 
-        encoded, errors = await anyio.to_thread.run_sync(encode_and_write, limiter=store.limiter)
+        try:  # bounded: a write stuck in the kernel (a dead mount) fails the group, retried as a timeout
+            errors = await store.run_bounded(encode_and_write, f"writing {len(group)} batches of predictions")
+        except TimeoutError as exc:
+            if not encoded:
+                raise  # still encoding: the group fails with its ids
+            errors = [exc] * len(encoded)
         errors = await store.retry_failed([(path, buffers) for path, _, buffers in encoded], errors)
         self._latencies.append(time.perf_counter() - started)
         await self._settle(encoded, errors)

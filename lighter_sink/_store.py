@@ -29,7 +29,7 @@ import anyio.to_thread
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
-from lighter_sink._errors import DestinationError
+from lighter_sink._errors import DestinationError, SinkStateError
 from lighter_sink.formats import Buffer
 
 __all__ = ["RetryPolicy", "Store", "is_transient", "open_store"]
@@ -153,6 +153,13 @@ class RetryPolicy:
         """Back-off before retry number ``attempt`` (1-based): full jitter, as AWS recommends."""
         return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
+    def bound(self) -> float | None:
+        """The longest one operation may take over all its attempts: each attempt's timeout, the longest back-offs."""
+        if self.timeout is None:
+            return None
+        pauses = sum(min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1)) for attempt in range(1, self.attempts))
+        return float(self.timeout * self.attempts + pauses)
+
 
 class Store(ABC):
     """Bytes under one url. Keys are relative, '/'-separated and already validated."""
@@ -180,6 +187,51 @@ class Store(ABC):
     #: buffers off the event loop should do so.
     contiguous_writes: bool = False
 
+    #: Objects this store finished writing (advanced by worker threads): how a bounded thread call tells a
+    #: store that is slow from one that is stuck.
+    completed: int = 0
+    _fenced: bool = False
+
+    def fence(self) -> None:
+        """Let no write of this store complete from now on; synchronous, callable from any thread.
+
+        An aborting sink calls it first: a worker thread stuck in a write (a dead mount) that wakes up later,
+        long after its wait was abandoned, must not make an object or a control object appear. A write checks
+        the fence right before it makes its object visible (a rename, a request); one already past that point
+        (inside the system call) cannot be stopped.
+        """
+        self._fenced = True
+
+    def _check_fence(self, key: str) -> None:
+        if self._fenced:
+            raise SinkStateError(f"{key} was not written to {self.url}: the sink was aborted")
+
+    async def run_bounded(self, func: Callable[[], T], what: str) -> T:
+        """Run ``func`` (writes through :attr:`write_many`) in one of this store's worker threads, bounded.
+
+        The wait ends with a :class:`TimeoutError` once ``timeout`` seconds passed in which no object of this
+        store was completed: a batch that keeps making progress is slow, not stuck. The thread itself cannot be
+        stopped: it is abandoned (the fence keeps it from completing a write once the sink aborted).
+        """
+        timeout = self.retry.timeout
+        call = anyio.to_thread.run_sync(func, limiter=self.limiter, abandon_on_cancel=True)
+        if timeout is None:
+            return await call
+        task = asyncio.ensure_future(call)
+        try:
+            seen = self.completed
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=timeout)
+                if done:
+                    return task.result()
+                if self.completed == seen:
+                    raise TimeoutError(f"{what}: no write finished within {timeout:g} s")
+                seen = self.completed
+        finally:
+            if not task.done():
+                task.cancel()  # the thread is abandoned; the task ends at once
+                task.add_done_callback(_consume)
+
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], first_attempt: int = 1) -> T:
         attempt = first_attempt
         timeout = self.retry.timeout
@@ -192,11 +244,16 @@ class Store(ABC):
                 async with asyncio.timeout(timeout):
                     return await call()
             except Exception as exc:
-                if attempt >= self.retry.attempts or not is_transient(exc):
-                    raise
+                error = exc
+                if type(exc) is TimeoutError and not exc.args:  # asyncio's own, which says nothing
+                    error = TimeoutError(f"{what}: no answer within {timeout:g} s")
+                if attempt >= self.retry.attempts or not is_transient(error):
+                    if error is exc:
+                        raise
+                    raise error from None
                 self.retries += 1
                 pause = self.retry.delay(attempt)
-                logger.debug("transient error on %s (attempt %d), retrying in %.2fs: %r", what, attempt, pause, exc)
+                logger.debug("transient error on %s (attempt %d), retrying in %.2fs: %r", what, attempt, pause, error)
                 attempt += 1
                 await anyio.sleep(pause)
 
@@ -267,6 +324,12 @@ class Store(ABC):
         """Release connections."""
 
 
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned task's outcome, so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _join(root: str, key: str) -> str:
     return f"{root.rstrip('/')}/{key}" if key else root
 
@@ -302,6 +365,7 @@ class _AsyncFsStore(Store):
         self._s3_crc32 = s3_crc32
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
+        self._check_fence(key)
         data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
         extra: dict[str, str] = {}
         # (s3fs switches to a multipart upload from 100 MiB, whose parts each carry their own checksum)
@@ -360,29 +424,35 @@ class _ThreadFsStore(Store):
         self._limiter = limiter
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+        # Abandoned on cancellation: a call stuck in the filesystem holds neither the loop nor a timeout up.
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter, abandon_on_cancel=True)
+
+    def _pipe(self, key: str, data: bytes) -> None:
+        # (the fence is checked before the call only: a filesystem without renames has no later point to check)
+        self._check_fence(key)
+        self._fs.pipe_file(_join(self._root, key), data)
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
         data = bytes(buffers[0]) if len(buffers) == 1 else b"".join(buffers)
-        await self._run(self._fs.pipe_file, _join(self._root, key), data)
+        await self._run(self._pipe, key, data)
 
     async def get(self, key: str) -> bytes:
         data: bytes = await self._retrying(key, lambda: self._run(self._fs.cat_file, _join(self._root, key)))
         return data
 
     async def exists(self, key: str) -> bool:
-        return bool(await self._run(self._fs.exists, _join(self._root, key)))
+        return bool(await self._retrying(key, lambda: self._run(self._fs.exists, _join(self._root, key))))
 
     async def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
             path = _join(self._root, key)
             with contextlib.suppress(FileNotFoundError):
-                await self._run(self._fs.rm_file, path)
+                await self._retrying(key, functools.partial(self._run, self._fs.rm_file, path))
 
     async def list(self, prefix: str = "") -> list[str]:
         base = _join(self._root, prefix.rstrip("/"))
         try:
-            found = await self._run(lambda: self._fs.find(base, withdirs=False))
+            found = await self._retrying("list", lambda: self._run(lambda: self._fs.find(base, withdirs=False)))
         except FileNotFoundError:
             return []
         return sorted(_relative(self._root, p) for p in found)
@@ -453,6 +523,7 @@ class _LocalStore(Store):
         self.temp_prefix = temp_prefix
         self.run = run
         self._temp_stem = f"{temp_prefix}{run}."
+        self._abandoned = False  # a thread call was given up on: it may still use the directory descriptors
         self.write_many = self._write_many
 
     @property
@@ -462,6 +533,21 @@ class _LocalStore(Store):
     @property
     def root(self) -> str:
         return self._root
+
+    async def _thread(self, func: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None) -> T:
+        """Run ``func`` in a worker thread; on cancellation (a timeout, an abort) stop waiting for it at once."""
+        try:
+            return await anyio.to_thread.run_sync(func, *args, limiter=limiter, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            self._abandoned = True
+            raise
+
+    async def run_bounded(self, func: Callable[[], T], what: str) -> T:
+        try:
+            return await super().run_bounded(func, what)
+        except (TimeoutError, anyio.get_cancelled_exc_class()):
+            self._abandoned = True
+            raise
 
     def _ensure_dir(self, directory: str) -> None:
         if directory in self._made_dirs:
@@ -488,6 +574,8 @@ class _LocalStore(Store):
         return fd
 
     def _write(self, key: str, buffers: Sequence[Buffer]) -> None:
+        if self._fenced:
+            self._check_fence(key)
         if "/" in key:
             directory, name = os.path.split(os.path.join(self._root, key))
         else:
@@ -504,11 +592,17 @@ class _LocalStore(Store):
                 _write_all(fd, buffers)
             finally:
                 os.close(fd)
+            # A thread stuck above (a dead mount) may wake up long after the sink aborted: it must not make
+            # its object appear then.
+            if self._fenced:
+                self._check_fence(key)
             os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp, dir_fd=dir_fd)
             raise
+        # (from several threads at once an increment may be lost: it only has to move)
+        self.completed += 1
 
     def _write_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
         results: list[BaseException | None] = []
@@ -521,12 +615,37 @@ class _LocalStore(Store):
         return results
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
-        await anyio.to_thread.run_sync(self._write, key, buffers, limiter=self._limiter)
+        await self._thread(self._write, key, buffers, limiter=self._limiter)
+
+    async def _write_bounded(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
+        """One thread call for ``items``; each fails with a :class:`TimeoutError` when the call is given up on."""
+        try:
+            return await self.run_bounded(functools.partial(self._write_many, items), f"writing {len(items)} objects")
+        except TimeoutError as exc:
+            return [exc] * len(items)
 
     async def put_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
         # One thread hop per batch rather than per object: tiny predictions are dominated by hop costs.
-        results = await anyio.to_thread.run_sync(self._write_many, items, limiter=self._limiter)
-        return await self.retry_failed(items, results)
+        return await self.retry_failed(items, await self._write_bounded(items))
+
+    async def retry_failed(
+        self, items: Sequence[tuple[str, Sequence[Buffer]]], results: list[BaseException | None]
+    ) -> list[BaseException | None]:
+        """Retry the objects that failed transiently, together, one bounded thread call per attempt.
+
+        Together: objects of a batch that timed out are retried in one call, so that a stuck disk fails the
+        batch after ``attempts`` timeouts, not one object after another.
+        """
+        for attempt in range(2, self.retry.attempts + 1):
+            failed = [index for index, error in enumerate(results) if error is not None and is_transient(error)]
+            if not failed:
+                break
+            self.retries += len(failed)
+            await anyio.sleep(self.retry.delay(attempt - 1))
+            retried = await self._write_bounded([items[index] for index in failed])
+            for index, error in zip(failed, retried, strict=True):
+                results[index] = error
+        return results
 
     def temp_path(self, key: str) -> str:
         """The absolute path of a fresh temporary file next to ``key`` (no I/O: the caller makes the directory).
@@ -538,13 +657,20 @@ class _LocalStore(Store):
         return os.path.join(directory, f"{self._temp_stem}{next(_temp_counter)}.tmp")
 
     def replace(self, temp: str, key: str) -> None:
-        """Make a finished temporary file (from :meth:`temp_path`) the object ``key``. Synchronous: call it from
-        a worker thread."""
-        os.replace(temp, os.path.join(self._root, key))
+        """Make a finished temporary file (from :meth:`temp_path`) the object ``key``, fenced as the store's own
+        writes. Synchronous: call it from a worker thread."""
+        path = os.path.join(self._root, key)
+        self._check_fence(key)
+        os.replace(temp, path)
+        self.completed += 1
 
     async def aclose(self) -> None:
         with self._dirs_lock:
             fds, self._dir_fds = list(self._dir_fds.values()), {}
+        if self._abandoned:
+            # A thread given up on may still write relative to these descriptors: closing them could let a
+            # reused number point it at another file. They are few and close with the process.
+            return
         for fd in fds:
             os.close(fd)
 
@@ -569,7 +695,7 @@ class _LocalStore(Store):
                             removed += 1
             return removed
 
-        removed = await anyio.to_thread.run_sync(sweep)
+        removed = await self._retrying("removing temporary files", lambda: self._thread(sweep))
         if removed:
             logger.info("removed %d temporary files left by an interrupted run under %s", removed, self.url)
         return removed
@@ -581,10 +707,11 @@ class _LocalStore(Store):
             with open(path, "rb") as f:
                 return f.read()
 
-        return await anyio.to_thread.run_sync(read, limiter=self._limiter)
+        return await self._retrying(key, lambda: self._thread(read, limiter=self._limiter))
 
     async def exists(self, key: str) -> bool:
-        return await anyio.to_thread.run_sync(os.path.exists, os.path.join(self._root, key))
+        path = os.path.join(self._root, key)
+        return await self._retrying(key, lambda: self._thread(os.path.exists, path))
 
     async def delete(self, keys: Sequence[str]) -> None:
         def remove() -> None:
@@ -609,7 +736,7 @@ class _LocalStore(Store):
                         os.close(stale)
                     directory = os.path.dirname(directory)
 
-        await anyio.to_thread.run_sync(remove, limiter=self._limiter)
+        await self._retrying("delete", lambda: self._thread(remove, limiter=self._limiter))
 
     async def list(self, prefix: str = "") -> list[str]:
         base = os.path.join(self._root, prefix)
@@ -626,7 +753,7 @@ class _LocalStore(Store):
                     keys.append(os.path.relpath(full, self._root).replace(os.sep, "/"))
             return sorted(keys)
 
-        return await anyio.to_thread.run_sync(walk, limiter=self._limiter)
+        return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
 
 
 def check_local_destination(path: str) -> None:

@@ -567,16 +567,17 @@ class _LocalOutput(_Output):
                 self._file = open(self._temp, "wb")  # noqa: SIM115 - closed in finish() or discard()
             self._file.writelines(pieces)
 
-        await anyio.to_thread.run_sync(write)
+        # (an abort does not wait for a write stuck on a dead mount; the store's fence keeps it from landing)
+        await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
 
     async def finish(self) -> None:
         await self._spill()
 
         def close() -> None:
             self._file.close()
-            self._store.replace(self._temp, self._key)
+            self._store.replace(self._temp, self._key)  # fenced as the store's own writes
 
-        await anyio.to_thread.run_sync(close)
+        await anyio.to_thread.run_sync(close, abandon_on_cancel=True)
 
     async def discard(self) -> None:
         def remove() -> None:
