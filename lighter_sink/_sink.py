@@ -223,6 +223,7 @@ class _Engine:
         self.num_samples = sink.num_samples
         self._writer: FormatWriter | None = None
         self.upload_checksums = sink.upload_checksums
+        self.durable = sink.durable
 
         self.state = SinkState.NEW
         self.summary: dict[str, Any] | None = None
@@ -449,6 +450,9 @@ class _Engine:
         if self._writer is not None:
             await self._writer.flush()
         await self._write_part()
+        if self.durable:  # what the parts record is on disk before anything can vouch for it
+            assert self._store is not None
+            await self._store.sync()
 
     def commit(self) -> None:
         self.state = SinkState.COMMITTING
@@ -580,6 +584,7 @@ class _Engine:
             backend=self.backend,
             upload_checksums=self.upload_checksums,
             run=self._run_token,
+            durable=self.durable,
         )
         if not self.format.per_item_objects:
             context = WriterContext(
@@ -911,6 +916,9 @@ class Sink:
         upload_checksums: have the server verify each upload body. On S3 through s3fs the manifest's CRC-32 is
             sent as the object's checksum (no extra client work); through obstore, obstore's SHA-256. Off, none
             is sent; the manifest's crc32 still lets ``lighter-sink verify`` check every object.
+        durable: on local and mounted filesystems, make objects, manifest parts and the manifest durable (synced
+            to disk) before ``_SUCCESS`` is written, so that a power loss cannot leave a marker over empty files.
+            ``False`` skips the syncs, for scratch space. Object stores are durable once a write is answered.
         num_samples: number of samples in the run, for formats that size their output up front (``zarr``).
         rank: this process's rank; rank 0 prepares the url and commits.
         world_size: number of ranks writing to the url.
@@ -935,6 +943,7 @@ class Sink:
         key: str = "{id}",
         backend: Backend = "fsspec",
         upload_checksums: bool = True,
+        durable: bool = True,
         num_samples: int | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -978,6 +987,7 @@ class Sink:
             raise ConfigurationError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
         self.backend: Backend = backend
         self.upload_checksums = bool(upload_checksums)
+        self.durable = bool(durable)
         self.rank = rank
         self.world_size = world_size
         self._checked: set[tuple[object, ...]] = set()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import errno
 import functools
 import itertools
 import logging
 import os
 import random
+import sys
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -205,6 +207,9 @@ class Store(ABC):
     def _check_fence(self, key: str) -> None:
         if self._fenced:
             raise SinkStateError(f"{key} was not written to {self.url}: the sink was aborted")
+
+    async def sync(self) -> None:  # noqa: B027 - optional hook: object stores acknowledge durable writes
+        """Make everything this store wrote so far durable. Object stores answer a write once it is durable."""
 
     async def run_bounded(self, func: Callable[[], T], what: str) -> T:
         """Run ``func`` (writes through :attr:`write_many`) in one of this store's worker threads, bounded.
@@ -491,6 +496,36 @@ def _new_run() -> str:
     return uuid.uuid4().hex[:16]
 
 
+@functools.cache
+def _syncfs() -> Callable[[int], int] | None:
+    """Linux's ``syncfs(fd)``, which makes one filesystem's written data durable in one call; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):  # a C library without it (musl before 1.1.10, old glibc)
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _fsync_path(path: str, *, directory: bool = False) -> None:
+    """fsync a file or a directory by path; a file deleted since is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot fsync a directory (EINVAL); their entries are durable by other means.
+        if not (directory and exc.errno == errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
 class _LocalStore(Store):
     """A local (or mounted shared) directory, written atomically and in batches per thread call.
 
@@ -498,6 +533,9 @@ class _LocalStore(Store):
     whatever the object's (a 245-byte name is legal; a name built from it would not be), in a namespace that
     says which run left it, so that a sweep removes only earlier runs' leftovers of its own prefix. ``run``
     must be unique per process (``n`` counts per process).
+
+    ``durable``: control objects (keys starting with ``_``) are fsynced before their rename and their directory
+    after it, and :meth:`sync` makes everything else durable.
     """
 
     def __init__(
@@ -509,6 +547,7 @@ class _LocalStore(Store):
         *,
         temp_prefix: str = TEMP_PREFIX,
         run: str | None = None,
+        durable: bool = False,
     ) -> None:
         super().__init__(url, retry)
         run = _new_run() if run is None else run
@@ -523,6 +562,14 @@ class _LocalStore(Store):
         self.temp_prefix = temp_prefix
         self.run = run
         self._temp_stem = f"{temp_prefix}{run}."
+        self.durable = durable
+        self._syncfs = _syncfs() if durable else None
+        # What the next sync must make durable where syncfs is missing: files written, the directories they
+        # were renamed into, and directories created (whose own entries live in their parents).
+        self._track = durable and self._syncfs is None
+        self._unsynced_files: set[str] = set()
+        self._unsynced_dirs: set[str] = set()
+        self._fresh_dirs: set[str] = set()
         self._abandoned = False  # a thread call was given up on: it may still use the directory descriptors
         self.write_many = self._write_many
 
@@ -555,6 +602,11 @@ class _LocalStore(Store):
         os.makedirs(directory, exist_ok=True)
         with self._dirs_lock:
             self._made_dirs.add(directory)
+            if self.durable:
+                # a directory made by this run is durable only once its entry in its parent is
+                while directory.startswith(self._root + os.sep):
+                    self._fresh_dirs.add(directory)
+                    directory = os.path.dirname(directory)
 
     def _directory_fd(self, directory: str) -> int | None:
         """An open descriptor of ``directory`` (created if needed), or None past the cache's bound.
@@ -586,10 +638,13 @@ class _LocalStore(Store):
         if dir_fd is None:
             name = os.path.join(directory, name)
             temp = os.path.join(directory, temp)
+        durable = self.durable and key.startswith("_")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
         try:
             try:
                 _write_all(fd, buffers)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             # A thread stuck above (a dead mount) may wake up long after the sink aborted: it must not make
@@ -603,6 +658,26 @@ class _LocalStore(Store):
             raise
         # (from several threads at once an increment may be lost: it only has to move)
         self.completed += 1
+        if durable:
+            self._sync_entries(directory, dir_fd)
+        elif self._track:
+            self._unsynced_files.add(os.path.join(directory, name))
+            self._unsynced_dirs.add(directory)
+
+    def _sync_entries(self, directory: str, dir_fd: int | None) -> None:
+        """Make the entries of ``directory`` durable, and its own entry (and its parents') if this run made it."""
+        if dir_fd is None:
+            _fsync_path(directory, directory=True)
+        else:
+            os.fsync(dir_fd)
+        with self._dirs_lock:
+            fresh = []
+            while directory in self._fresh_dirs:
+                self._fresh_dirs.discard(directory)
+                directory = os.path.dirname(directory)
+                fresh.append(directory)
+        for parent in fresh:
+            _fsync_path(parent, directory=True)
 
     def _write_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
         results: list[BaseException | None] = []
@@ -657,12 +732,69 @@ class _LocalStore(Store):
         return os.path.join(directory, f"{self._temp_stem}{next(_temp_counter)}.tmp")
 
     def replace(self, temp: str, key: str) -> None:
-        """Make a finished temporary file (from :meth:`temp_path`) the object ``key``, fenced as the store's own
-        writes. Synchronous: call it from a worker thread."""
+        """Make a finished temporary file (from :meth:`temp_path`) the object ``key``: fenced and durable as the
+        store's own writes. Synchronous: call it from a worker thread."""
         path = os.path.join(self._root, key)
+        self._check_fence(key)
+        if self.durable:
+            _fsync_path(temp)
         self._check_fence(key)
         os.replace(temp, path)
         self.completed += 1
+        if self.durable:
+            self._sync_entries(os.path.dirname(path), None)
+
+    async def sync(self) -> None:
+        """Make everything this store wrote durable (nothing to do unless ``durable``).
+
+        Linux: one ``syncfs`` of the root's filesystem (every file and directory at once, and only that
+        filesystem). Elsewhere: an fsync of each file and directory written or made since the last sync.
+        Bounded by the retry policy (its timeout times its attempts), in one attempt: a second sync would wait
+        on the same disk.
+        """
+        if not self.durable:
+            return
+        bound = self.retry.bound()
+        call = self._thread(self._sync_now)
+        if bound is None:
+            await call
+            return
+        try:
+            async with asyncio.timeout(bound) as scope:
+                await call
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise TimeoutError(f"making the objects under {self.url} durable took more than {bound:g} s") from None
+
+    def _sync_now(self) -> None:
+        with self._dirs_lock:
+            files, self._unsynced_files = self._unsynced_files, set()
+            dirs, self._unsynced_dirs = self._unsynced_dirs, set()
+            fresh, self._fresh_dirs = self._fresh_dirs, set()
+        # (copies: a write finishing right now may still add to the old sets; it is not promised to this sync)
+        files, dirs, fresh = set(files), set(dirs), set(fresh)
+        try:
+            syncfs = self._syncfs
+            if syncfs is not None:
+                fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    if syncfs(fd) != 0:
+                        code = ctypes.get_errno()
+                        raise OSError(code, f"syncfs failed: {os.strerror(code)}", self._root)
+                finally:
+                    os.close(fd)
+                return
+            for path in files:
+                _fsync_path(path)
+            for directory in dirs | {os.path.dirname(d) for d in fresh}:
+                _fsync_path(directory, directory=True)
+        except BaseException:
+            with self._dirs_lock:  # still to be made durable: the next sync tries again
+                self._unsynced_files |= files
+                self._unsynced_dirs |= dirs
+                self._fresh_dirs |= fresh
+            raise
 
     async def aclose(self) -> None:
         with self._dirs_lock:
@@ -731,6 +863,7 @@ class _LocalStore(Store):
                         break
                     with self._dirs_lock:
                         self._made_dirs.discard(directory)
+                        self._fresh_dirs.discard(directory)
                         stale = self._dir_fds.pop(directory, None)
                     if stale is not None:
                         os.close(stale)
@@ -827,6 +960,7 @@ async def open_store(
     upload_checksums: bool = True,
     temp_prefix: str = TEMP_PREFIX,
     run: str | None = None,
+    durable: bool = True,
 ) -> Store:
     """Open the store for ``url``. Must run inside the event loop that will use the store.
 
@@ -834,7 +968,8 @@ async def open_store(
     ``upload_checksums`` has the server verify each upload body: on S3 through s3fs with the CRC-32 a caller
     passes to :meth:`Store.put` (botocore computes its own CRC32 for bodies that come without one).
     Local directories only: temporary files are named ``{temp_prefix}{run}.{n}.tmp`` (``run``: unique per
-    process; a fresh one when None).
+    process; a fresh one when None), and ``durable`` fsyncs control objects and lets :meth:`Store.sync` make
+    the rest durable.
     """
     retry = retry or RetryPolicy()
     options = dict(storage_options or {})
@@ -848,7 +983,7 @@ async def open_store(
         # more threads than cores only add switching. Network filesystems want more: raise it with concurrency.
         threads = min(concurrency, max(2, os.cpu_count() or 2))
         limiter = anyio.CapacityLimiter(threads)
-        return _LocalStore(url, retry, local_path(url), limiter, temp_prefix=temp_prefix, run=run)
+        return _LocalStore(url, retry, local_path(url), limiter, temp_prefix=temp_prefix, run=run, durable=durable)
     protocol = protocol_of(url)
     cls = fsspec.get_filesystem_class(protocol)
     if getattr(cls, "async_impl", False):

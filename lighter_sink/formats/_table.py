@@ -575,7 +575,7 @@ class _LocalOutput(_Output):
 
         def close() -> None:
             self._file.close()
-            self._store.replace(self._temp, self._key)  # fenced as the store's own writes
+            self._store.replace(self._temp, self._key)  # fenced and, where asked, durable
 
         await anyio.to_thread.run_sync(close, abandon_on_cancel=True)
 
