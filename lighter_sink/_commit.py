@@ -27,6 +27,7 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -99,6 +100,11 @@ class ControlKeys:
 
     def part(self, generation: str, run: str, rank: int, sequence: int) -> str:
         return f"{self.parts}/{generation}/{run}/rank-{rank:05d}-{sequence:06d}.jsonl"
+
+    @property
+    def temp_prefix(self) -> str:
+        """How this output's temporary files begin: a sweep of one output never touches another's in flight."""
+        return f".lsink-{zlib.crc32(self.name.encode()):08x}." if self.name else ".lsink."
 
     @property
     def scratch(self) -> str:

@@ -4,8 +4,10 @@ Side by side on this project's machines (2 cores, a null S3 endpoint, 16 writes 
 3,500 objects/s of 64 KiB where s3fs put 400-650, and about twice s3fs's MiB/s at 4 MiB: s3fs spends about a
 millisecond of Python per request. Options follow s3fs's names so that ``storage_options`` carry over.
 
-obstore retries transient failures itself (5xx, throttling, connection errors) and reports what remains as
-``obstore.exceptions.GenericError``; its retry policy is set from the sink's, and the sink does not retry again.
+obstore retries transient failures itself (5xx, throttling, connection errors, timeouts of idempotent requests)
+and reports what remains as ``obstore.exceptions.GenericError``; its retry policy is set from the sink's, and the
+sink does not retry again. The sink's ``timeout`` bounds each of obstore's attempts (its client ``timeout``); the
+sink's own wait only bounds the whole retry loop, as a backstop.
 """
 
 from __future__ import annotations
@@ -36,12 +38,16 @@ class _ObstoreStore(Store):
     contiguous_writes = False
 
     def __init__(self, url: str, retry: RetryPolicy, store: Any) -> None:
-        super().__init__(url, RetryPolicy(attempts=1, timeout=retry.timeout))
+        # One attempt of ours spans obstore's whole retry loop: bounded by every attempt's timeout and back-off
+        # (obstore's retry_timeout) plus the last attempt's own timeout, which retry_timeout does not cut short.
+        bound = retry.bound()
+        super().__init__(url, RetryPolicy(attempts=1, timeout=None if bound is None else bound + (retry.timeout or 0)))
         self._store = store
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
         import obstore
 
+        self._check_fence(key)
         if len(buffers) == 1:
             await obstore.put_async(self._store, key, buffers[0])
         else:  # (an iterable would otherwise become a multipart upload)
@@ -177,7 +183,8 @@ def open_obstore(url: str, options: Mapping[str, Any], retry: RetryPolicy, uploa
         client_options.setdefault("connect_timeout", f"{min(10.0, retry.timeout)}s")
     retry_config: RetryConfig = {
         "max_retries": retry.attempts - 1,
-        "retry_timeout": timedelta(seconds=(retry.timeout or 60.0) * retry.attempts),
+        # (no retry starts after retry_timeout: with the longest back-offs, every attempt still gets its turn)
+        "retry_timeout": timedelta(seconds=retry.bound() or 60.0 * retry.attempts),
         "backoff": {
             "init_backoff": timedelta(seconds=retry.base_delay),
             "max_backoff": timedelta(seconds=retry.max_delay),

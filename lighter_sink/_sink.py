@@ -226,6 +226,7 @@ class _Engine:
         self.num_samples = sink.num_samples
         self._writer: FormatWriter | None = None
         self.upload_checksums = sink.upload_checksums
+        self.durable = sink.durable
 
         self.state = SinkState.NEW
         self.summary: dict[str, Any] | None = None
@@ -239,6 +240,7 @@ class _Engine:
         self._bytes = 0
         self._failed = 0
         self._error: BaseException | None = None
+        self._stopping = ""  # why put refuses batches from now on: "aborted" or "committing" (set under _cond)
         self._error_count = 0
         self._failed_ids: list[str] = []
         self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
@@ -317,6 +319,9 @@ class _Engine:
 
     def abort(self, *, vote: bool = True) -> None:
         running = self.state is SinkState.RUNNING
+        with self._cond:  # a put on another thread, even one waiting for room, raises from here on
+            self._stopping = "aborted"
+            self._cond.notify_all()
         if self.state in (SinkState.RUNNING, SinkState.COMMITTING):
             self._shutdown(abort=True)
         if self.state is not SinkState.COMMITTED:
@@ -388,12 +393,22 @@ class _Engine:
         nbytes = batch.host.nbytes
         with self._cond:
             waited_from = None
-            while self._error is None and self._held_bytes > 0 and self._held_bytes + nbytes > self.max_queue_bytes:
+            while (
+                self._error is None
+                and not self._stopping
+                and self._held_bytes > 0
+                and self._held_bytes + nbytes > self.max_queue_bytes
+            ):
                 if waited_from is None:
                     waited_from = time.perf_counter()
                 self._cond.wait(_WAKE_EVERY)
             if waited_from is not None:
                 self._stall += time.perf_counter() - waited_from
+            if self._stopping:
+                raise SinkStateError(
+                    f"put() raced {'abort' if self._stopping == 'aborted' else 'commit'}(): {self.url} is "
+                    f"{self._stopping}; the batch was not queued"
+                )
             self.raise_if_failed()
             self._held_bytes += nbytes
             self._pending += 1
@@ -474,8 +489,14 @@ class _Engine:
         if self._writer is not None:
             self._records.extend(await self._writer.flush())
         await self._write_part()
+        if self.durable:  # what the parts record is on disk before anything can vouch for it
+            assert self._store is not None
+            await self._store.sync()
 
     def commit(self) -> None:
+        with self._cond:  # a put racing the commit on another thread raises instead of being left out
+            self._stopping = "committing"
+            self._cond.notify_all()
         self.state = SinkState.COMMITTING
         assert self.all_ok is not None
         assert self._portal is not None
@@ -560,6 +581,8 @@ class _Engine:
         portal = self._portal
         if portal is None:
             return
+        if abort and self._store is not None:
+            self._store.fence()  # a worker thread stuck in a write and woken later makes nothing appear
         # A KeyboardInterrupt raised right after this thread took the lock, inside Condition.__enter__ and so
         # before its `with` block began, leaves the lock held for good (a CPython limitation of Python-level
         # __enter__); the loop's workers need it to wind down. Release what this thread holds; the lock is
@@ -583,6 +606,9 @@ class _Engine:
         finally:
             with self._cond:
                 self._cond.notify_all()
+            if abort:  # a flush or commit another thread still waits for is cancelled, not waited for
+                with contextlib.suppress(Exception):
+                    portal.call(portal.stop, True)
             self._portal = None
             assert self._portal_cm is not None
             self._portal_cm.__exit__(None, None, None)
@@ -602,6 +628,9 @@ class _Engine:
             retry=self.retry,
             backend=self.backend,
             upload_checksums=self.upload_checksums,
+            run=self._run,
+            temp_prefix=self.keys.temp_prefix,
+            durable=self.durable,
         )
         if not self.format.per_item_objects:
             context = WriterContext(
@@ -928,12 +957,18 @@ class _Engine:
         write_many = store.write_many
         assert write_many is not None, "stores without write_many go through the uploaders"
         # Encode and write in the same worker thread: one hop per group instead of two.
+        encoded: list[_Encoded] = []
 
-        def encode_and_write() -> tuple[list[_Encoded], list[BaseException | None]]:
-            encoded = self._encode(group)
-            return encoded, write_many([(path, buffers) for path, _, buffers in encoded])
+        def encode_and_write() -> list[BaseException | None]:
+            encoded.extend(self._encode(group))
+            return write_many([(path, buffers) for path, _, buffers in encoded])
 
-        encoded, errors = await anyio.to_thread.run_sync(encode_and_write, limiter=store.limiter)
+        try:  # bounded: a write stuck in the kernel (a dead mount) fails the group, retried as a timeout
+            errors = await store.run_bounded(encode_and_write, f"writing {len(group)} batches of predictions")
+        except TimeoutError as exc:
+            if not encoded:
+                raise  # still encoding: the group fails with its ids
+            errors = [exc] * len(encoded)
         errors = await store.retry_failed([(path, buffers) for path, _, buffers in encoded], errors)
         self._latencies.append(time.perf_counter() - started)
         await self._settle(encoded, errors)
@@ -959,6 +994,8 @@ class _Engine:
         keys = self.keys
         if self._writer is not None:
             await self._writer.commit(await read_records(store, keys, self._generation))
+            if self.durable:  # (what the format wrote at commit, a zarr array's metadata say; tables fsync their own)
+                await store.sync()
         count, nbytes = await merge_parts(store, keys, self._generation)
         summary = {**summary, "count": count, "bytes": nbytes}
         # Only the run that owns the output commits; the marker goes last (S3 has no rename), and then the
@@ -1019,6 +1056,9 @@ class Sink:
         upload_checksums: have the server verify each upload body. On S3 through s3fs the manifest's CRC-32 is
             sent as the object's checksum (no extra client work); through obstore, obstore's SHA-256. Off, none
             is sent; the manifest's crc32 still lets ``lighter-sink verify`` check every object.
+        durable: on local and mounted filesystems, make objects, manifest parts and the manifest durable (synced
+            to disk) before ``_SUCCESS`` is written, so that a power loss cannot leave a marker over empty files.
+            ``False`` skips the syncs, for scratch space. Object stores are durable once a write is answered.
         num_samples: number of samples in the run, for formats that size their output up front (``zarr``).
         rank: this process's rank; rank 0 prepares the url and commits.
         world_size: number of ranks writing to the url.
@@ -1047,6 +1087,7 @@ class Sink:
         key: str = "{id}",
         backend: Backend = "fsspec",
         upload_checksums: bool = True,
+        durable: bool = True,
         num_samples: int | None = None,
         rank: int = 0,
         world_size: int = 1,
@@ -1092,6 +1133,7 @@ class Sink:
         self.backend: Backend = backend
         self.upload_checksums = bool(upload_checksums)
         self.copy = bool(copy)
+        self.durable = bool(durable)
         self.rank = rank
         self.world_size = world_size
         self._checked: set[tuple[object, ...]] = set()

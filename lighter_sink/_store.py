@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import errno
 import functools
 import itertools
 import logging
 import os
 import random
+import sys
 import tempfile
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +32,7 @@ import anyio.to_thread
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
-from lighter_sink._errors import DestinationError
+from lighter_sink._errors import DestinationError, SinkStateError
 from lighter_sink.formats import Buffer
 
 __all__ = ["DeleteError", "RetryPolicy", "Store", "is_transient", "open_store"]
@@ -163,6 +166,13 @@ class RetryPolicy:
         """Back-off before retry number ``attempt`` (1-based): full jitter, as AWS recommends."""
         return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
+    def bound(self) -> float | None:
+        """The longest one operation may take over all its attempts: each attempt's timeout, the longest back-offs."""
+        if self.timeout is None:
+            return None
+        pauses = sum(min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1)) for attempt in range(1, self.attempts))
+        return float(self.timeout * self.attempts + pauses)
+
 
 class Store(ABC):
     """Bytes under one url. Keys are relative, '/'-separated and already validated."""
@@ -190,6 +200,54 @@ class Store(ABC):
     #: buffers off the event loop should do so.
     contiguous_writes: bool = False
 
+    #: Objects this store finished writing (advanced by worker threads): how a bounded thread call tells a
+    #: store that is slow from one that is stuck.
+    completed: int = 0
+    _fenced: bool = False
+
+    def fence(self) -> None:
+        """Let no write of this store complete from now on; synchronous, callable from any thread.
+
+        An aborting sink calls it first: a worker thread stuck in a write (a dead mount) that wakes up later,
+        long after its wait was abandoned, must not make an object or a control object appear. A write checks
+        the fence right before it makes its object visible (a rename, a request); one already past that point
+        (inside the system call) cannot be stopped.
+        """
+        self._fenced = True
+
+    def _check_fence(self, key: str) -> None:
+        if self._fenced:
+            raise SinkStateError(f"{key} was not written to {self.url}: the sink was aborted")
+
+    async def sync(self) -> None:  # noqa: B027 - optional hook: object stores acknowledge durable writes
+        """Make everything this store wrote so far durable. Object stores answer a write once it is durable."""
+
+    async def run_bounded(self, func: Callable[[], T], what: str) -> T:
+        """Run ``func`` (writes through :attr:`write_many`) in one of this store's worker threads, bounded.
+
+        The wait ends with a :class:`TimeoutError` once ``timeout`` seconds passed in which no object of this
+        store was completed: a batch that keeps making progress is slow, not stuck. The thread itself cannot be
+        stopped: it is abandoned (the fence keeps it from completing a write once the sink aborted).
+        """
+        timeout = self.retry.timeout
+        call = anyio.to_thread.run_sync(func, limiter=self.limiter, abandon_on_cancel=True)
+        if timeout is None:
+            return await call
+        task = asyncio.ensure_future(call)
+        try:
+            seen = self.completed
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=timeout)
+                if done:
+                    return task.result()
+                if self.completed == seen:
+                    raise TimeoutError(f"{what}: no write finished within {timeout:g} s")
+                seen = self.completed
+        finally:
+            if not task.done():
+                task.cancel()  # the thread is abandoned; the task ends at once
+                task.add_done_callback(_consume)
+
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], first_attempt: int = 1) -> T:
         attempt = first_attempt
         timeout = self.retry.timeout
@@ -202,11 +260,16 @@ class Store(ABC):
                 async with asyncio.timeout(timeout):
                     return await call()
             except Exception as exc:
-                if attempt >= self.retry.attempts or not is_transient(exc):
-                    raise
+                error = exc
+                if type(exc) is TimeoutError and not exc.args:  # asyncio's own, which says nothing
+                    error = TimeoutError(f"{what}: no answer within {timeout:g} s")
+                if attempt >= self.retry.attempts or not is_transient(error):
+                    if error is exc:
+                        raise
+                    raise error from None
                 self.retries += 1
                 pause = self.retry.delay(attempt)
-                logger.debug("transient error on %s (attempt %d), retrying in %.2fs: %r", what, attempt, pause, exc)
+                logger.debug("transient error on %s (attempt %d), retrying in %.2fs: %r", what, attempt, pause, error)
                 attempt += 1
                 await anyio.sleep(pause)
 
@@ -288,6 +351,12 @@ class Store(ABC):
         """Release connections."""
 
 
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned task's outcome, so that asyncio does not log it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _join(root: str, key: str) -> str:
     return f"{root.rstrip('/')}/{key}" if key else root
 
@@ -325,6 +394,7 @@ class _AsyncFsStore(Store):
         self._s3 = s3
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
+        self._check_fence(key)
         data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
         extra: dict[str, str] = {}
         # (s3fs switches to a multipart upload from 100 MiB, whose parts each carry their own checksum)
@@ -411,18 +481,24 @@ class _ThreadFsStore(Store):
         self._limiter = limiter
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter)
+        # Abandoned on cancellation: a call stuck in the filesystem holds neither the loop nor a timeout up.
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter, abandon_on_cancel=True)
+
+    def _pipe(self, key: str, data: bytes) -> None:
+        # (the fence is checked before the call only: a filesystem without renames has no later point to check)
+        self._check_fence(key)
+        self._fs.pipe_file(_join(self._root, key), data)
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
         data = bytes(buffers[0]) if len(buffers) == 1 else b"".join(buffers)
-        await self._run(self._fs.pipe_file, _join(self._root, key), data)
+        await self._run(self._pipe, key, data)
 
     async def get(self, key: str) -> bytes:
         data: bytes = await self._retrying(key, lambda: self._run(self._fs.cat_file, _join(self._root, key)))
         return data
 
     async def exists(self, key: str) -> bool:
-        return bool(await self._run(self._fs.exists, _join(self._root, key)))
+        return bool(await self._retrying(key, lambda: self._run(self._fs.exists, _join(self._root, key))))
 
     async def create(self, key: str, data: bytes) -> bool:
         path = _join(self._root, key)
@@ -438,12 +514,12 @@ class _ThreadFsStore(Store):
         for key in keys:
             path = _join(self._root, key)
             with contextlib.suppress(FileNotFoundError):
-                await self._run(self._fs.rm_file, path)
+                await self._retrying(key, functools.partial(self._run, self._fs.rm_file, path))
 
     async def list(self, prefix: str = "") -> list[str]:
         base = _join(self._root, prefix.rstrip("/"))
         try:
-            found = await self._run(lambda: self._fs.find(base, withdirs=False))
+            found = await self._retrying("list", lambda: self._run(lambda: self._fs.find(base, withdirs=False)))
         except FileNotFoundError:
             return []
         return sorted(_relative(self._root, p) for p in found)
@@ -475,22 +551,88 @@ def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:
             pending[0] = pending[0][written:]
 
 
-def _is_temporary(name: str) -> bool:
-    """Names of :class:`_LocalStore`'s temporary files: ``.{name}.{pid}.{n}.tmp``."""
-    return name.startswith(".") and name.endswith(".tmp")
+TEMP_PREFIX = ".lsink."
+
+
+def _new_run() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@functools.cache
+def _syncfs() -> Callable[[int], int] | None:
+    """Linux's ``syncfs(fd)``, which makes one filesystem's written data durable in one call; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):  # a C library without it (musl before 1.1.10, old glibc)
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _fsync_path(path: str, *, directory: bool = False) -> None:
+    """fsync a file or a directory by path; a file deleted since is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot fsync a directory (EINVAL); their entries are durable by other means.
+        if not (directory and exc.errno == errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
 
 
 class _LocalStore(Store):
-    """A local (or mounted shared) directory, written atomically and in batches per thread call."""
+    """A local (or mounted shared) directory, written atomically and in batches per thread call.
 
-    def __init__(self, url: str, retry: RetryPolicy, root: str, limiter: anyio.CapacityLimiter) -> None:
+    Temporary files are ``{temp_prefix}{run}.{n}.tmp`` in the object's directory: a name of bounded length
+    whatever the object's (a 245-byte name is legal; a name built from it would not be), in a namespace that
+    says which run left it, so that a sweep removes only earlier runs' leftovers of its own prefix. ``run``
+    must be unique per process (``n`` counts per process).
+
+    ``durable``: control objects (keys starting with ``_``) are fsynced before their rename and their directory
+    after it, and :meth:`sync` makes everything else durable.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        retry: RetryPolicy,
+        root: str,
+        limiter: anyio.CapacityLimiter,
+        *,
+        temp_prefix: str = TEMP_PREFIX,
+        run: str | None = None,
+        durable: bool = False,
+    ) -> None:
         super().__init__(url, retry)
+        run = _new_run() if run is None else run
+        for what, value in (("temp_prefix", temp_prefix), ("run", run)):
+            if not value or "/" in value or os.sep in value or len(value.encode()) > 64:
+                raise ValueError(f"{what} must be 1 to 64 bytes without path separators, got {value!r}")
         self._root = os.path.abspath(root)
         self._limiter = self.limiter = limiter
         self._made_dirs: set[str] = set()
         self._dir_fds: dict[str, int] = {}
         self._dirs_lock = threading.Lock()
-        self._pid = os.getpid()
+        self.temp_prefix = temp_prefix
+        self.run = run
+        self._temp_stem = f"{temp_prefix}{run}."
+        self.durable = durable
+        self._syncfs = _syncfs() if durable else None
+        # What the next sync must make durable where syncfs is missing: files written, the directories they
+        # were renamed into, and directories created (whose own entries live in their parents).
+        self._track = durable and self._syncfs is None
+        self._unsynced_files: set[str] = set()
+        self._unsynced_dirs: set[str] = set()
+        self._fresh_dirs: set[str] = set()
+        self._abandoned = False  # a thread call was given up on: it may still use the directory descriptors
         self.write_many = self._write_many
 
     @property
@@ -501,12 +643,32 @@ class _LocalStore(Store):
     def root(self) -> str:
         return self._root
 
+    async def _thread(self, func: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None) -> T:
+        """Run ``func`` in a worker thread; on cancellation (a timeout, an abort) stop waiting for it at once."""
+        try:
+            return await anyio.to_thread.run_sync(func, *args, limiter=limiter, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            self._abandoned = True
+            raise
+
+    async def run_bounded(self, func: Callable[[], T], what: str) -> T:
+        try:
+            return await super().run_bounded(func, what)
+        except (TimeoutError, anyio.get_cancelled_exc_class()):
+            self._abandoned = True
+            raise
+
     def _ensure_dir(self, directory: str) -> None:
         if directory in self._made_dirs:
             return
         os.makedirs(directory, exist_ok=True)
         with self._dirs_lock:
             self._made_dirs.add(directory)
+            if self.durable:
+                # a directory made by this run is durable only once its entry in its parent is
+                while directory.startswith(self._root + os.sep):
+                    self._fresh_dirs.add(directory)
+                    directory = os.path.dirname(directory)
 
     def _directory_fd(self, directory: str) -> int | None:
         """An open descriptor of ``directory`` (created if needed), or None past the cache's bound.
@@ -526,27 +688,58 @@ class _LocalStore(Store):
         return fd
 
     def _write(self, key: str, buffers: Sequence[Buffer]) -> None:
+        if self._fenced:
+            self._check_fence(key)
         if "/" in key:
             directory, name = os.path.split(os.path.join(self._root, key))
         else:
             directory, name = self._root, key
         dir_fd = self._directory_fd(directory)
-        # A hidden temporary name in the same directory: rename is atomic only within one filesystem.
-        temp = f".{name}.{self._pid}.{next(_temp_counter)}.tmp"
+        # A temporary name in the same directory: rename is atomic only within one filesystem.
+        temp = f"{self._temp_stem}{next(_temp_counter)}.tmp"
         if dir_fd is None:
             name = os.path.join(directory, name)
             temp = os.path.join(directory, temp)
+        durable = self.durable and key.startswith("_")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
         try:
             try:
                 _write_all(fd, buffers)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
+            # A thread stuck above (a dead mount) may wake up long after the sink aborted: it must not make
+            # its object appear then.
+            if self._fenced:
+                self._check_fence(key)
             os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp, dir_fd=dir_fd)
             raise
+        # (from several threads at once an increment may be lost: it only has to move)
+        self.completed += 1
+        if durable:
+            self._sync_entries(directory, dir_fd)
+        elif self._track:
+            self._unsynced_files.add(os.path.join(directory, name))
+            self._unsynced_dirs.add(directory)
+
+    def _sync_entries(self, directory: str, dir_fd: int | None) -> None:
+        """Make the entries of ``directory`` durable, and its own entry (and its parents') if this run made it."""
+        if dir_fd is None:
+            _fsync_path(directory, directory=True)
+        else:
+            os.fsync(dir_fd)
+        with self._dirs_lock:
+            fresh = []
+            while directory in self._fresh_dirs:
+                self._fresh_dirs.discard(directory)
+                directory = os.path.dirname(directory)
+                fresh.append(directory)
+        for parent in fresh:
+            _fsync_path(parent, directory=True)
 
     def _write_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
         results: list[BaseException | None] = []
@@ -559,31 +752,144 @@ class _LocalStore(Store):
         return results
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
-        await anyio.to_thread.run_sync(self._write, key, buffers, limiter=self._limiter)
+        await self._thread(self._write, key, buffers, limiter=self._limiter)
+
+    async def _write_bounded(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
+        """One thread call for ``items``; each fails with a :class:`TimeoutError` when the call is given up on."""
+        try:
+            return await self.run_bounded(functools.partial(self._write_many, items), f"writing {len(items)} objects")
+        except TimeoutError as exc:
+            return [exc] * len(items)
 
     async def put_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
         # One thread hop per batch rather than per object: tiny predictions are dominated by hop costs.
-        results = await anyio.to_thread.run_sync(self._write_many, items, limiter=self._limiter)
-        return await self.retry_failed(items, results)
+        return await self.retry_failed(items, await self._write_bounded(items))
+
+    async def retry_failed(
+        self, items: Sequence[tuple[str, Sequence[Buffer]]], results: list[BaseException | None]
+    ) -> list[BaseException | None]:
+        """Retry the objects that failed transiently, together, one bounded thread call per attempt.
+
+        Together: objects of a batch that timed out are retried in one call, so that a stuck disk fails the
+        batch after ``attempts`` timeouts, not one object after another.
+        """
+        for attempt in range(2, self.retry.attempts + 1):
+            failed = [index for index, error in enumerate(results) if error is not None and is_transient(error)]
+            if not failed:
+                break
+            self.retries += len(failed)
+            await anyio.sleep(self.retry.delay(attempt - 1))
+            retried = await self._write_bounded([items[index] for index in failed])
+            for index, error in zip(failed, retried, strict=True):
+                results[index] = error
+        return results
+
+    def temp_path(self, key: str) -> str:
+        """The absolute path of a fresh temporary file next to ``key`` (no I/O: the caller makes the directory).
+
+        For writers that stream a file themselves and then :meth:`replace` it into place: a sweep treats it
+        as this run's, and :meth:`list` does not show it.
+        """
+        directory = os.path.dirname(os.path.join(self._root, key))
+        return os.path.join(directory, f"{self._temp_stem}{next(_temp_counter)}.tmp")
+
+    def replace(self, temp: str, key: str) -> None:
+        """Make a finished temporary file (from :meth:`temp_path`) the object ``key``: fenced and durable as the
+        store's own writes. Synchronous: call it from a worker thread."""
+        path = os.path.join(self._root, key)
+        self._check_fence(key)
+        if self.durable:
+            _fsync_path(temp)
+        self._check_fence(key)
+        os.replace(temp, path)
+        self.completed += 1
+        if self.durable:
+            self._sync_entries(os.path.dirname(path), None)
+
+    async def sync(self) -> None:
+        """Make everything this store wrote durable (nothing to do unless ``durable``).
+
+        Linux: one ``syncfs`` of the root's filesystem (every file and directory at once, and only that
+        filesystem). Elsewhere: an fsync of each file and directory written or made since the last sync.
+        Bounded by the retry policy (its timeout times its attempts), in one attempt: a second sync would wait
+        on the same disk.
+        """
+        if not self.durable:
+            return
+        bound = self.retry.bound()
+        call = self._thread(self._sync_now)
+        if bound is None:
+            await call
+            return
+        try:
+            async with asyncio.timeout(bound) as scope:
+                await call
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise TimeoutError(f"making the objects under {self.url} durable took more than {bound:g} s") from None
+
+    def _sync_now(self) -> None:
+        with self._dirs_lock:
+            files, self._unsynced_files = self._unsynced_files, set()
+            dirs, self._unsynced_dirs = self._unsynced_dirs, set()
+            fresh, self._fresh_dirs = self._fresh_dirs, set()
+        # (copies: a write finishing right now may still add to the old sets; it is not promised to this sync)
+        files, dirs, fresh = set(files), set(dirs), set(fresh)
+        try:
+            syncfs = self._syncfs
+            if syncfs is not None:
+                fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    if syncfs(fd) != 0:
+                        code = ctypes.get_errno()
+                        raise OSError(code, f"syncfs failed: {os.strerror(code)}", self._root)
+                finally:
+                    os.close(fd)
+                return
+            for path in files:
+                _fsync_path(path)
+            for directory in dirs | {os.path.dirname(d) for d in fresh}:
+                _fsync_path(directory, directory=True)
+        except BaseException:
+            with self._dirs_lock:  # still to be made durable: the next sync tries again
+                self._unsynced_files |= files
+                self._unsynced_dirs |= dirs
+                self._fresh_dirs |= fresh
+            raise
 
     async def aclose(self) -> None:
         with self._dirs_lock:
             fds, self._dir_fds = list(self._dir_fds.values()), {}
+        if self._abandoned:
+            # A thread given up on may still write relative to these descriptors: closing them could let a
+            # reused number point it at another file. They are few and close with the process.
+            return
         for fd in fds:
             os.close(fd)
 
+    def _is_temporary(self, name: str) -> bool:
+        """Whether ``name`` is a temporary file of this store's prefix, whichever run wrote it."""
+        return name.startswith(self.temp_prefix) and name.endswith(".tmp")
+
     async def remove_incomplete(self) -> int:
+        """Remove temporary files of this store's prefix that another run left (an earlier, killed one).
+
+        This run's own are kept: they may be writes in flight. Other prefixes are other outputs' namespaces.
+        """
+        own = self._temp_stem
+
         def sweep() -> int:
             removed = 0
             for directory, _dirs, files in os.walk(self._root):
                 for name in files:
-                    if _is_temporary(name):
+                    if self._is_temporary(name) and not name.startswith(own):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(os.path.join(directory, name))
                             removed += 1
             return removed
 
-        removed = await anyio.to_thread.run_sync(sweep)
+        removed = await self._retrying("removing temporary files", lambda: self._thread(sweep))
         if removed:
             logger.info("removed %d temporary files left by an interrupted run under %s", removed, self.url)
         return removed
@@ -595,13 +901,16 @@ class _LocalStore(Store):
             with open(path, "rb") as f:
                 return f.read()
 
-        return await anyio.to_thread.run_sync(read, limiter=self._limiter)
+        return await self._retrying(key, lambda: self._thread(read, limiter=self._limiter))
 
     async def exists(self, key: str) -> bool:
-        return await anyio.to_thread.run_sync(os.path.exists, os.path.join(self._root, key))
+        path = os.path.join(self._root, key)
+        return await self._retrying(key, lambda: self._thread(os.path.exists, path))
 
     async def create(self, key: str, data: bytes) -> bool:
-        return await anyio.to_thread.run_sync(_create_file, os.path.join(self._root, key), data)
+        path = os.path.join(self._root, key)
+        self._check_fence(key)
+        return await self._retrying(key, lambda: self._thread(_create_file, path, data))
 
     async def delete(self, keys: Sequence[str]) -> None:
         def remove() -> None:
@@ -621,12 +930,13 @@ class _LocalStore(Store):
                         break
                     with self._dirs_lock:
                         self._made_dirs.discard(directory)
+                        self._fresh_dirs.discard(directory)
                         stale = self._dir_fds.pop(directory, None)
                     if stale is not None:
                         os.close(stale)
                     directory = os.path.dirname(directory)
 
-        await anyio.to_thread.run_sync(remove, limiter=self._limiter)
+        await self._retrying("delete", lambda: self._thread(remove, limiter=self._limiter))
 
     async def list(self, prefix: str = "") -> list[str]:
         base = os.path.join(self._root, prefix)
@@ -637,13 +947,13 @@ class _LocalStore(Store):
             keys = []
             for directory, _dirs, files in os.walk(base):
                 for name in files:
-                    if _is_temporary(name):
+                    if self._is_temporary(name):
                         continue  # an unfinished atomic write
                     full = os.path.join(directory, name)
                     keys.append(os.path.relpath(full, self._root).replace(os.sep, "/"))
             return sorted(keys)
 
-        return await anyio.to_thread.run_sync(walk, limiter=self._limiter)
+        return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
 
 
 def _create_file(path: str, data: bytes) -> bool:
@@ -751,12 +1061,18 @@ async def open_store(
     retry: RetryPolicy | None = None,
     backend: str = "fsspec",
     upload_checksums: bool = True,
+    temp_prefix: str = TEMP_PREFIX,
+    run: str | None = None,
+    durable: bool = True,
 ) -> Store:
     """Open the store for ``url``. Must run inside the event loop that will use the store.
 
     ``backend`` is ``"fsspec"`` (every protocol) or ``"obstore"`` (S3 only; see ``_obstore``).
     ``upload_checksums`` has the server verify each upload body: on S3 through s3fs with the CRC-32 a caller
     passes to :meth:`Store.put` (botocore computes its own CRC32 for bodies that come without one).
+    Local directories only: temporary files are named ``{temp_prefix}{run}.{n}.tmp`` (``run``: unique per
+    process; a fresh one when None), and ``durable`` fsyncs control objects and lets :meth:`Store.sync` make
+    the rest durable.
     """
     retry = retry or RetryPolicy()
     options = dict(storage_options or {})
@@ -769,7 +1085,8 @@ async def open_store(
         # Writes to one local directory contend on the directory lock and, for small files, on the GIL:
         # more threads than cores only add switching. Network filesystems want more: raise it with concurrency.
         threads = min(concurrency, max(2, os.cpu_count() or 2))
-        return _LocalStore(url, retry, local_path(url), anyio.CapacityLimiter(threads))
+        limiter = anyio.CapacityLimiter(threads)
+        return _LocalStore(url, retry, local_path(url), limiter, temp_prefix=temp_prefix, run=run, durable=durable)
     protocol = protocol_of(url)
     cls = fsspec.get_filesystem_class(protocol)
     if getattr(cls, "async_impl", False):

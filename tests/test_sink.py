@@ -573,7 +573,7 @@ def test_resume_skips_stored_ids_and_records_unrecorded_objects(tmp_path: Path) 
     # an interrupted run stored two objects but recorded neither, and left a temporary file
     np.save(tmp_path / "0005.npy", np.array([5.0], dtype=np.float32))
     np.save(tmp_path / "0006.npy", np.array([6.0], dtype=np.float32))
-    (tmp_path / ".0007.npy.1.2.tmp").write_bytes(b"half")
+    (tmp_path / ".lsink.killed-run.2.tmp").write_bytes(b"half")
     (tmp_path / "_SUCCESS").unlink()
     mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.npy")}
     with Sink(tmp_path, key="{id:04d}", mode="resume") as sink:

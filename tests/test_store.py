@@ -109,7 +109,7 @@ async def test_local_store_writes_atomically_and_lists(tmp_path: os.PathLike[str
     assert await store.get("b.npy") == b"two!"
     assert await store.list() == ["a/1.npy", "b.npy"]
     # a leftover temporary file from a killed writer is not an object
-    with open(os.path.join(tmp_path, "a", ".2.npy.1.1.tmp"), "wb") as f:
+    with open(os.path.join(tmp_path, "a", ".lsink.killed-run.1.tmp"), "wb") as f:
         f.write(b"partial")
     assert await store.list("a") == ["a/1.npy"]
     await store.delete(["a/1.npy", "missing"])

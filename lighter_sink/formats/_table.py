@@ -562,9 +562,10 @@ class _LocalOutput(_Output):
     """A local directory: streamed to a hidden temporary file, renamed into place when complete."""
 
     def __init__(self, store: Any, key: str) -> None:
-        self._path = os.path.join(store.root, key)
-        # the sink's temporary-name pattern (.{name}.{pid}.{n}.tmp), which resume sweeps after a crash
-        self._temp = os.path.join(store.root, f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        self._store = store
+        self._key = key
+        # a temporary name of the store's own (bounded whatever the key; swept after a crash)
+        self._temp = store.temp_path(key)
         self._file: Any = None
         self._pieces: list[bytes] = []
         self._size = 0
@@ -583,16 +584,17 @@ class _LocalOutput(_Output):
                 self._file = open(self._temp, "wb")  # noqa: SIM115 - closed in finish() or discard()
             self._file.writelines(pieces)
 
-        await anyio.to_thread.run_sync(write)
+        # (an abort does not wait for a write stuck on a dead mount; the store's fence keeps it from landing)
+        await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
 
     async def finish(self) -> None:
         await self._spill()
 
         def close() -> None:
             self._file.close()
-            os.replace(self._temp, self._path)
+            self._store.replace(self._temp, self._key)  # fenced and, where asked, durable
 
-        await anyio.to_thread.run_sync(close)
+        await anyio.to_thread.run_sync(close, abandon_on_cancel=True)
 
     async def discard(self) -> None:
         def remove() -> None:
