@@ -581,8 +581,6 @@ class _Engine:
         portal = self._portal
         if portal is None:
             return
-        if abort and self._store is not None:
-            self._store.fence()  # a worker thread stuck in a write and woken later makes nothing appear
         # A KeyboardInterrupt raised right after this thread took the lock, inside Condition.__enter__ and so
         # before its `with` block began, leaves the lock held for good (a CPython limitation of Python-level
         # __enter__); the loop's workers need it to wind down. Release what this thread holds; the lock is
@@ -601,6 +599,10 @@ class _Engine:
             if self._service is not None:
                 with contextlib.suppress(Exception):
                     _result(self._service)
+            if abort and self._store is not None:
+                # The workers and the open are over or abandoned: a thread stuck in a write and woken later
+                # makes nothing appear, not even once the lease below is given up and another run writes.
+                self._store.fence()
             with contextlib.suppress(Exception):
                 self._call(self._aclose_store)
         finally:
@@ -959,9 +961,11 @@ class _Engine:
         # Encode and write in the same worker thread: one hop per group instead of two.
         encoded: list[_Encoded] = []
 
+        since = store.fence_epoch  # (encoding may be what got stuck: a format's own writer function)
+
         def encode_and_write() -> list[BaseException | None]:
             encoded.extend(self._encode(group))
-            return write_many([(path, buffers) for path, _, buffers in encoded])
+            return write_many([(path, buffers) for path, _, buffers in encoded], since)
 
         try:  # bounded: a write stuck in the kernel (a dead mount) fails the group, retried as a timeout
             errors = await store.run_bounded(encode_and_write, f"writing {len(group)} batches of predictions")

@@ -192,7 +192,8 @@ class Store(ABC):
 
     #: Capability: a thread-safe synchronous ``write_many(items) -> errors`` for callers already on a worker
     #: thread (they save a thread hop per group), or None when writes must go through :meth:`put_many`.
-    write_many: Callable[[Sequence[tuple[str, Sequence[Buffer]]]], list[BaseException | None]] | None = None
+    #: ``since`` is the :attr:`fence_epoch` taken when the caller's work began (default: when this call began).
+    write_many: Callable[..., list[BaseException | None]] | None = None
     #: Bounds the worker threads this store's I/O may occupy.
     limiter: anyio.CapacityLimiter | None = None
 
@@ -203,7 +204,7 @@ class Store(ABC):
     #: Objects this store finished writing (advanced by worker threads): how a bounded thread call tells a
     #: store that is slow from one that is stuck.
     completed: int = 0
-    _fenced: bool = False
+    _fence_epoch: int = 0
 
     def fence(self) -> None:
         """Let no write of this store complete from now on; synchronous, callable from any thread.
@@ -213,10 +214,17 @@ class Store(ABC):
         the fence right before it makes its object visible (a rename, a request); one already past that point
         (inside the system call) cannot be stopped.
         """
-        self._fenced = True
+        self._fence_epoch += 1
 
-    def _check_fence(self, key: str) -> None:
-        if self._fenced:
+    @property
+    def fence_epoch(self) -> int:
+        """Taken when a write begins, and given back to the check before it completes: a write begun before the
+        latest :meth:`fence` never completes; one the sink begins afterwards on purpose (giving up its lease)
+        does."""
+        return self._fence_epoch
+
+    def _check_fence(self, key: str, since: int) -> None:
+        if since != self._fence_epoch:
             raise SinkStateError(f"{key} was not written to {self.url}: the sink was aborted")
 
     async def sync(self) -> None:  # noqa: B027 - optional hook: object stores acknowledge durable writes
@@ -394,7 +402,7 @@ class _AsyncFsStore(Store):
         self._s3 = s3
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
-        self._check_fence(key)
+        # (no fence: an asyncio request is cancelled with its task, and nothing of it wakes up later)
         data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
         extra: dict[str, str] = {}
         # (s3fs switches to a multipart upload from 100 MiB, whose parts each carry their own checksum)
@@ -484,14 +492,14 @@ class _ThreadFsStore(Store):
         # Abandoned on cancellation: a call stuck in the filesystem holds neither the loop nor a timeout up.
         return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter, abandon_on_cancel=True)
 
-    def _pipe(self, key: str, data: bytes) -> None:
+    def _pipe(self, key: str, data: bytes, since: int) -> None:
         # (the fence is checked before the call only: a filesystem without renames has no later point to check)
-        self._check_fence(key)
+        self._check_fence(key, since)
         self._fs.pipe_file(_join(self._root, key), data)
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
         data = bytes(buffers[0]) if len(buffers) == 1 else b"".join(buffers)
-        await self._run(self._pipe, key, data)
+        await self._run(self._pipe, key, data, self.fence_epoch)
 
     async def get(self, key: str) -> bytes:
         data: bytes = await self._retrying(key, lambda: self._run(self._fs.cat_file, _join(self._root, key)))
@@ -687,9 +695,8 @@ class _LocalStore(Store):
                 fd = self._dir_fds[directory] = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         return fd
 
-    def _write(self, key: str, buffers: Sequence[Buffer]) -> None:
-        if self._fenced:
-            self._check_fence(key)
+    def _write(self, key: str, buffers: Sequence[Buffer], since: int) -> None:
+        self._check_fence(key, since)
         if "/" in key:
             directory, name = os.path.split(os.path.join(self._root, key))
         else:
@@ -711,8 +718,7 @@ class _LocalStore(Store):
                 os.close(fd)
             # A thread stuck above (a dead mount) may wake up long after the sink aborted: it must not make
             # its object appear then.
-            if self._fenced:
-                self._check_fence(key)
+            self._check_fence(key, since)
             os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -741,18 +747,22 @@ class _LocalStore(Store):
         for parent in fresh:
             _fsync_path(parent, directory=True)
 
-    def _write_many(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
+    def _write_many(
+        self, items: Sequence[tuple[str, Sequence[Buffer]]], since: int | None = None
+    ) -> list[BaseException | None]:
+        if since is None:
+            since = self.fence_epoch  # (a call stuck on its first object must not write the rest once woken)
         results: list[BaseException | None] = []
         for key, buffers in items:
             try:
-                self._write(key, buffers)
+                self._write(key, buffers, since)
                 results.append(None)
             except Exception as exc:
                 results.append(exc)
         return results
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
-        await self._thread(self._write, key, buffers, limiter=self._limiter)
+        await self._thread(self._write, key, buffers, self.fence_epoch, limiter=self._limiter)
 
     async def _write_bounded(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
         """One thread call for ``items``; each fails with a :class:`TimeoutError` when the call is given up on."""
@@ -793,14 +803,15 @@ class _LocalStore(Store):
         directory = os.path.dirname(os.path.join(self._root, key))
         return os.path.join(directory, f"{self._temp_stem}{next(_temp_counter)}.tmp")
 
-    def replace(self, temp: str, key: str) -> None:
-        """Make a finished temporary file (from :meth:`temp_path`) the object ``key``: fenced and durable as the
-        store's own writes. Synchronous: call it from a worker thread."""
+    def replace(self, temp: str, key: str, since: int) -> None:
+        """Make a finished temporary file (from :meth:`temp_path`) the object ``key``: fenced (``since`` is the
+        :attr:`fence_epoch` taken when its writing began) and durable as the store's own writes. Synchronous:
+        call it from a worker thread."""
         path = os.path.join(self._root, key)
-        self._check_fence(key)
+        self._check_fence(key, since)
         if self.durable:
             _fsync_path(temp)
-        self._check_fence(key)
+        self._check_fence(key, since)
         os.replace(temp, path)
         self.completed += 1
         if self.durable:
@@ -909,8 +920,13 @@ class _LocalStore(Store):
 
     async def create(self, key: str, data: bytes) -> bool:
         path = os.path.join(self._root, key)
-        self._check_fence(key)
-        return await self._retrying(key, lambda: self._thread(_create_file, path, data))
+        since = self.fence_epoch
+
+        def create() -> bool:
+            self._check_fence(key, since)
+            return _create_file(path, data, durable=self.durable)
+
+        return await self._retrying(key, lambda: self._thread(create))
 
     async def delete(self, keys: Sequence[str]) -> None:
         def remove() -> None:
@@ -956,7 +972,7 @@ class _LocalStore(Store):
         return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
 
 
-def _create_file(path: str, data: bytes) -> bool:
+def _create_file(path: str, data: bytes, *, durable: bool) -> bool:
     """Create ``path`` holding ``data`` unless it exists, atomically: written aside, then hard-linked into place
     (a link fails if the name exists, and a reader never sees the file half written)."""
     directory = os.path.dirname(path)
@@ -967,7 +983,8 @@ def _create_file(path: str, data: bytes) -> bool:
     try:
         try:
             _write_all(fd, [data])
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         try:
@@ -983,7 +1000,8 @@ def _create_file(path: str, data: bytes) -> bool:
                 return False
             try:
                 _write_all(target, [data])
-                os.fsync(target)
+                if durable:
+                    os.fsync(target)
             finally:
                 os.close(target)
         return True

@@ -204,16 +204,20 @@ async def test_a_local_read_stuck_in_the_kernel_is_bounded(tmp_path: Path) -> No
 
 @pytest.mark.anyio
 async def test_a_fenced_store_makes_no_object_appear(tmp_path: Path) -> None:
+    """A write begun before the fence never completes; one begun after it (the sink giving up its lease) does."""
     store = await open_store(str(tmp_path))
     try:
         await store.put("0.npy", [b"before"])
+        temp = store.temp_path("_SUCCESS")  # a write in progress when the sink aborts: its thread wakes later
+        since = store.fence_epoch
+        Path(temp).write_bytes(b"{}")
         store.fence()
         with pytest.raises(SinkStateError, match="_SUCCESS was not written"):
-            await store.put("_SUCCESS", [b"{}"])
-        assert await store.put_many([("1.npy", [b"x"])]) != [None]
+            store.replace(temp, "_SUCCESS", since)
+        await store.put("_lease.json", [b"released"])
     finally:
         await store.aclose()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == ["0.npy", "_lease.json"]
 
 
 @pytest.mark.s3

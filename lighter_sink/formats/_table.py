@@ -566,6 +566,7 @@ class _LocalOutput(_Output):
         self._key = key
         # a temporary name of the store's own (bounded whatever the key; swept after a crash)
         self._temp = store.temp_path(key)
+        self._since = store.fence_epoch  # (a write stuck from before an abort never replaces the table)
         self._file: Any = None
         self._pieces: list[bytes] = []
         self._size = 0
@@ -592,7 +593,7 @@ class _LocalOutput(_Output):
 
         def close() -> None:
             self._file.close()
-            self._store.replace(self._temp, self._key)  # fenced and, where asked, durable
+            self._store.replace(self._temp, self._key, self._since)  # fenced and, where asked, durable
 
         await anyio.to_thread.run_sync(close, abandon_on_cancel=True)
 
