@@ -156,9 +156,10 @@ def _split_path(path: str) -> tuple[str, str]:
 class CsvWriter(PredictionSink):
     """Write the ``keys`` of every ``predict_step`` output as one CSV file, as Lighter's ``CsvWriter``.
 
-    The rows are written in the background while predict runs (per-rank parts under ``_table_parts/``), and merged
-    at the end into ``path``, sorted by id. ``path`` may be a local file or any fsspec url; its directory also
-    receives ``_manifest.jsonl`` and, once every rank succeeded, ``_SUCCESS``.
+    The rows are written in the background while predict runs (per-rank parts), and merged at the end into
+    ``path``, sorted by id. ``path`` may be a local file or any fsspec url. The table's own control objects go
+    under ``_{file name}/`` in its directory (``_scores.csv/_manifest.jsonl`` and, once every rank succeeded,
+    ``_scores.csv/_SUCCESS``), apart from those of a ``FileWriter`` writing to the same directory.
 
     Columns: ``id`` first, then the other keys in their order. The ``id`` column holds the output's ``"id"``
     entry when ``keys`` names it and the output has it (ints or strings), otherwise Lighter's rank-aware counter.

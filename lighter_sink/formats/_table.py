@@ -5,6 +5,9 @@ Layout under the url::
     predictions.csv            (or predictions.jsonl) written by rank 0 at commit: readable by csv, pandas, json
     _table_parts/rank-00000/   per-rank sorted runs of rows, written during the run, removed at commit
 
+(A table named otherwise, ``CsvFormat(filename="scores.csv")``, keeps its parts and control objects under
+``_scores.csv/``, so that it can share its directory with another output.)
+
 Columns are ``id`` followed by the values: a scalar prediction gives one column ``value``, a vector of ``k``
 values gives ``value_0 .. value_{k-1}``. ``columns=[...]`` names them instead: a prediction is then a vector
 with one value per column, or a ``(len(columns), w)`` matrix whose rows become list cells (``[0.1, 0.9]``).
@@ -14,7 +17,9 @@ module reads them. Ids that are counters are written as numbers, other ids as st
 
 Streaming: each rank keeps at most a few thousand encoded rows in memory; they go to a part object, sorted by
 id, every ``4096`` rows and at flush. A row is recorded in the manifest only once its part is stored, so a
-killed run never records a row it lost. At commit rank 0 merges the sorted parts (an external merge: at most 32
+killed run never records a row it lost, and rows whose part could not be stored stay pending for the next
+attempt (the writer returns their records from the ``write`` or ``flush`` that stored them; the sink records
+them). At commit rank 0 merges the sorted parts (an external merge: at most 32
 objects are read at once, more parts are first merged into intermediate runs), keeps exactly the rows the
 manifest vouches for (same id, same CRC-32 of the line: rows of stale parts from an interrupted earlier run are
 left out, and a resumed run keeps the previous table's rows, reading that table whole), writes the table and
