@@ -72,15 +72,15 @@ class BufferPool:
         self.reused = 0  # buffers taken from the pool rather than allocated
         self._closed = False
 
-    def take(self, nbytes: int) -> np.ndarray:
-        """A buffer of ``nbytes`` bytes (uint8): a pooled one, else a new one."""
+    def take(self, nbytes: int) -> np.ndarray | None:
+        """A pooled buffer of ``nbytes`` bytes (uint8), or None."""
         with self._lock:
             free = self._free.get(nbytes)
             if free:
                 self.nbytes -= nbytes
                 self.reused += 1
                 return free.pop()
-        return np.empty(nbytes, dtype=np.uint8)
+        return None
 
     def give_back(self, buffers: Iterable[np.ndarray], room: int) -> None:
         """Keep ``buffers`` for reuse while the pool holds at most ``room`` bytes; nothing may read them any more.
@@ -184,10 +184,15 @@ def _pooled_copy(tensor: torch.Tensor, pool: BufferPool, pooled: list[np.ndarray
             array = None
         if array is not None:
             buffer = pool.take(array.nbytes)
-            target = buffer.view(array.dtype).reshape(array.shape)
-            if array.flags.c_contiguous:
+            contiguous = array.flags.c_contiguous
+            if buffer is None:
+                # A miss copies as _cpu_copy does (np.empty would ask for huge pages from 4 MiB on: the kernel
+                # may compact memory to find them, while this thread holds the lock).
+                buffer = np.frombuffer(bytearray(array.data) if contiguous else bytearray(array.nbytes), np.uint8)
+            elif contiguous:
                 buffer.data[:] = array.data.cast("B")  # (a memcpy that keeps the lock: see _cpu_copy)
-            else:
+            target = buffer.view(array.dtype).reshape(array.shape)
+            if not contiguous:
                 np.copyto(target, array)  # a strided view: numpy gathers it
             pooled.append(buffer)
             return torch.from_numpy(target)

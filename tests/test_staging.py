@@ -259,23 +259,23 @@ def test_prediction_sink_passes_copy_false_to_its_sink(tmp_path: Path) -> None:
 
 def test_the_pool_matches_sizes_and_keeps_no_more_than_its_room() -> None:
     pool = BufferPool()
-    first = pool.take(4096)
-    assert first.nbytes == 4096 and pool.reused == 0
+    assert pool.take(4096) is None and pool.reused == 0
+    first = np.empty(4096, dtype=np.uint8)
     pool.give_back([first, np.empty(4096, dtype=np.uint8)], room=8192)
     assert pool.nbytes == 8192
     pool.give_back([np.empty(4096, dtype=np.uint8)], room=8192)  # no room left: dropped
     assert pool.nbytes == 8192
-    assert pool.take(1024).nbytes == 1024 and pool.reused == 0  # another size: a new buffer
+    assert pool.take(1024) is None and pool.reused == 0  # another size: none
     assert pool.take(4096) is not None and pool.reused == 1 and pool.nbytes == 4096
     pool.give_back([np.empty(6000, dtype=np.uint8)], room=8192)  # a new size evicts the others to fit
     assert pool.nbytes == 6000
-    assert pool.take(4096) is not first and pool.reused == 1
+    assert pool.take(4096) is None and pool.reused == 1  # evicted
     pool.give_back([np.empty(9000, dtype=np.uint8)], room=8192)  # larger than the room: never kept
     assert pool.nbytes == 6000
     pool.close()
     assert pool.nbytes == 0
     pool.give_back([np.empty(6000, dtype=np.uint8)], room=8192)  # closed: keeps nothing
-    assert pool.nbytes == 0 and pool.take(6000) is not None and pool.reused == 1
+    assert pool.nbytes == 0 and pool.take(6000) is None and pool.reused == 1
 
 
 def test_staging_into_pooled_buffers_copies_every_kind_as_it_was() -> None:
