@@ -60,7 +60,7 @@ from lighter_sink._errors import (
 )
 from lighter_sink._ids import KeyTemplate, validate_identifiers
 from lighter_sink._manifest import Record, encode_records, merge_parts, read_records, write_success
-from lighter_sink._staging import HostBatch, stage
+from lighter_sink._staging import BufferPool, HostBatch, stage
 from lighter_sink._store import RetryPolicy, Store, check_local_destination, is_local_url, local_path, open_store
 from lighter_sink._version import __version__
 from lighter_sink.formats import Buffer, Format, FormatWriter, WriterContext, get_format
@@ -183,6 +183,7 @@ class _Upload:
     errors: list[BaseException | None]
     left: int
     started: float
+    retries: int = 0  # the store's retry count when the group was handed to it
 
 
 # The caller's thread never blocks without a timeout: a signal (Ctrl-C) may be delivered to any thread, and a
@@ -231,6 +232,7 @@ class _Engine:
         self.state = SinkState.NEW
         self.summary: dict[str, Any] | None = None
         self._cond = threading.Condition()
+        self.pool = BufferPool()  # staging buffers of stored batches, for later puts to copy into
         self._held_bytes = 0
         self._pending = 0
         self._high_water = 0
@@ -435,10 +437,14 @@ class _Engine:
                 self._fail(exc, [])
                 return
 
-    def _release(self, nbytes: int) -> None:
+    def _release(self, nbytes: int, recycle: list[np.ndarray] | None = None) -> None:
+        """Free a batch's place in the queue. ``recycle``: its staging buffers, given only once every object made
+        from them was stored at the first attempt (a write that failed or timed out may still read them)."""
         with self._cond:
             self._held_bytes -= nbytes
             self._pending -= 1
+            if recycle is not None:  # (pooled and queued bytes together stay within max_queue_bytes)
+                self.pool.give_back(recycle, self.max_queue_bytes - self._held_bytes)
             self._cond.notify_all()
 
     def _fail(self, exc: BaseException, keys: Sequence[str]) -> None:
@@ -606,6 +612,7 @@ class _Engine:
             with contextlib.suppress(Exception):
                 self._call(self._aclose_store)
         finally:
+            self.pool.close()
             with self._cond:
                 self._cond.notify_all()
             if abort:  # a flush or commit another thread still waits for is cancelled, not waited for
@@ -857,15 +864,19 @@ class _Engine:
     ) -> None:
         async with receive:
             async for group in receive:
-                handed_over = False
+                handed_over = stored = False
                 try:
                     if self._error is None:
                         if uploads is None:
+                            retries = _retries(self._store)
                             await self._write_group(group)
+                            # (a failed object fails the sink, a retried one counts: either way no recycling)
+                            stored = self._writer is None and self._error is None and _retries(self._store) == retries
                         else:
                             contiguous = self._store is not None and self._store.contiguous_writes
                             encoded = await anyio.to_thread.run_sync(self._encode, group, contiguous)
                             upload = _Upload(group, encoded, [None] * len(encoded), len(encoded), time.perf_counter())
+                            upload.retries = _retries(self._store)
                             handed_over = bool(encoded)  # from here on, the upload of its last object releases it
                             for index in range(len(encoded)):
                                 await uploads.put((upload, index))
@@ -874,7 +885,7 @@ class _Engine:
                 finally:
                     if not handed_over:
                         for batch in group:
-                            self._release(batch.host.nbytes)
+                            self._release(batch.host.nbytes, batch.host.pooled if stored else None)
 
     async def _uploader(self, store: Store, uploads: asyncio.Queue[tuple[_Upload, int] | None]) -> None:
         while (job := await uploads.get()) is not None:
@@ -893,14 +904,16 @@ class _Engine:
 
     async def _uploaded(self, upload: _Upload) -> None:
         """Every object of a group was tried: record what was stored, report what failed, free its bytes."""
+        stored = False
         try:
             self._latencies.append(time.perf_counter() - upload.started)
             await self._settle(upload.encoded, upload.errors)
+            stored = self._error is None and _retries(self._store) == upload.retries
         except Exception as exc:
             self._fail(exc, [i for b in upload.group for i in b.ids])
         finally:
             for batch in upload.group:
-                self._release(batch.host.nbytes)
+                self._release(batch.host.nbytes, batch.host.pooled if stored else None)
 
     async def _settle(self, encoded: Sequence[_Encoded], errors: Sequence[BaseException | None]) -> None:
         stored = [record for (_, record, _), error in zip(encoded, errors, strict=True) if error is None]
@@ -1248,7 +1261,7 @@ class Sink:
             values = _select(values, write)
             ids = [ids[i] for i in write]
             keys = [keys[i] for i in write]
-        host = stage(values, len(ids), copy=self.copy)
+        host = stage(values, len(ids), copy=self.copy, pool=engine.pool)
         self._check(host)
         if check:
             engine.claim(ids, keys)  # only once the batch is accepted: a refused batch may be put again
@@ -1316,6 +1329,10 @@ class Sink:
 _GIL_FREE_COPY = 64 * 2**10
 _RELEASE_SECONDS = 5.0
 _CHECKED_KINDS = 256
+
+
+def _retries(store: Store | None) -> int:
+    return store.retries if store is not None else -1
 
 
 def _joined(buffers: Sequence[Buffer], nbytes: int) -> Buffer:

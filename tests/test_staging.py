@@ -1,3 +1,4 @@
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lighter_sink import PredictionError, PredictionSink, Sink
-from lighter_sink._staging import stage
+from lighter_sink import PredictionError, PredictionSink, Sink, WriteError
+from lighter_sink._staging import BufferPool, stage
+from tests import _faulty
 from tests.conftest import quiet_trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -253,3 +255,119 @@ def test_prediction_sink_passes_copy_false_to_its_sink(tmp_path: Path) -> None:
     quiet_trainer(sink).predict(_FreshModel(), DataLoader(TensorDataset(torch.arange(40)), batch_size=8))
     assert sink.sink is not None and sink.sink.copy is False
     assert all((np.load(tmp_path / f"{i}.npy") == 2 * i).all() for i in range(40))
+
+
+def test_the_pool_matches_sizes_and_keeps_no_more_than_its_room() -> None:
+    pool = BufferPool()
+    assert pool.take(4096) is None and pool.reused == 0
+    first = np.empty(4096, dtype=np.uint8)
+    pool.give_back([first, np.empty(4096, dtype=np.uint8)], room=8192)
+    assert pool.nbytes == 8192
+    pool.give_back([np.empty(4096, dtype=np.uint8)], room=8192)  # no room left: dropped
+    assert pool.nbytes == 8192
+    assert pool.take(1024) is None and pool.reused == 0  # another size: none
+    assert pool.take(4096) is not None and pool.reused == 1 and pool.nbytes == 4096
+    pool.give_back([np.empty(6000, dtype=np.uint8)], room=8192)  # a new size evicts the others to fit
+    assert pool.nbytes == 6000
+    assert pool.take(4096) is None and pool.reused == 1  # evicted
+    pool.give_back([np.empty(9000, dtype=np.uint8)], room=8192)  # larger than the room: never kept
+    assert pool.nbytes == 6000
+    pool.close()
+    assert pool.nbytes == 0
+    pool.give_back([np.empty(6000, dtype=np.uint8)], room=8192)  # closed: keeps nothing
+    assert pool.nbytes == 0 and pool.take(6000) is None and pool.reused == 1
+
+
+def test_staging_into_pooled_buffers_copies_every_kind_as_it_was() -> None:
+    pool = BufferPool()
+    for _ in range(2):  # the second round copies into the buffers the first one gave back
+        for kind, make in _KINDS.items():
+            value = make(2**13)  # 64-512 KiB
+            expected = value.resolve_neg().clone()
+            host = stage(value, value.shape[0], pool=pool)
+            if not value.is_neg() and value.is_contiguous() and value.numel():
+                value.zero_()
+            batch = host.values
+            assert isinstance(batch, torch.Tensor) and batch.is_contiguous(), kind
+            torch.testing.assert_close(batch, expected, rtol=0, atol=0)
+            assert host.nbytes == expected.nbytes
+            pool.give_back(host.pooled or [], room=2**30)
+            batch.zero_()  # given back: a later put overwrites it
+    assert pool.reused >= 7  # every kind numpy has a view for
+    samples = [torch.full((2**15,), float(i)) for i in range(3)]  # 128 KiB each, one buffer per sample
+    host = stage(samples, 3, pool=pool)
+    assert host.pooled is not None and len(host.pooled) == 3
+    assert [float(s[0]) for s in host.samples()] == [0.0, 1.0, 2.0]
+    assert stage(samples, 3, copy=False, pool=pool).pooled is None  # no copy, no pool
+    assert stage(torch.ones(4, 8), 4, pool=pool).pooled is None  # small batches are cloned
+
+
+_SHAPES = [(8, 32), (8, 2048), (6, 8192), (8, 32768), (3, 2048)]  # 1 KiB to 1 MiB a batch
+
+
+def _put_reused(put_batch: Callable[[list[int], object], None], batches: int) -> dict[int, np.ndarray]:
+    """Put ``batches`` batches of several sizes, each from one reused buffer per size changed right after put, and
+    a list of large samples every fifth batch; returns what each id was put with."""
+    buffers = [torch.empty(shape) for shape in _SHAPES]
+    put: dict[int, np.ndarray] = {}
+    next_id = 0
+    for step in range(batches):
+        buffer = buffers[step % len(buffers)]
+        rows = buffer.shape[0]
+        buffer.copy_(step * 100 + torch.arange(rows, dtype=torch.float32).unsqueeze(1))
+        ids = list(range(next_id, next_id + rows))
+        if step % 5 == 4:
+            samples = [row.clone() for row in buffer]
+            put_batch(ids, samples)
+            for sample in samples:
+                sample.fill_(-1.0)
+        else:
+            put_batch(ids, buffer)
+        put |= {i: buffer[i - next_id].numpy().copy() for i in ids}
+        buffer.fill_(-1.0)  # the model's next step overwrites its output
+        next_id += rows
+    return put
+
+
+def test_recycled_staging_buffers_never_change_what_is_stored(tmp_path: Path) -> None:
+    # A small queue: buffers go round the pool many times, and the queue is often full.
+    with Sink(tmp_path, max_queue_bytes=3 * 2**20, concurrency=4) as sink:
+        put = _put_reused(sink.put_batch, 150)
+        sink.flush()
+        pool = sink._engine.pool
+        assert pool.reused > 50, "the test must exercise recycling"
+        assert pool.nbytes <= 3 * 2**20
+    wrong = [i for i, value in put.items() if not np.array_equal(np.load(tmp_path / f"{i}.npy"), value)]
+    assert not wrong, f"{len(wrong)} of {len(put)} stored predictions differ from what was put: {wrong[:10]}"
+    assert pool.nbytes == 0  # freed at close
+
+
+def test_recycling_survives_retried_writes_on_an_object_store() -> None:
+    plan = _faulty.Plan(fail=ConnectionError("connection reset"), fail_first=12)
+    with Sink("faulty://pool/run", storage_options=_faulty.options(plan), max_queue_bytes=3 * 2**20) as sink:
+        put = _put_reused(sink.put_batch, 150)
+        sink.flush()
+        assert sink._engine.pool.reused > 20
+    assert plan.failures == 12
+    wrong = [i for i, value in put.items() if not np.array_equal(_read_npy(plan, i), value)]
+    assert not wrong, f"{len(wrong)} of {len(put)} stored predictions differ from what was put: {wrong[:10]}"
+    assert sink.summary is not None and sink.summary["count"] == len(put)
+
+
+def test_after_failed_writes_what_is_stored_is_what_was_put_and_failed_ids_are_reported() -> None:
+    failing = {f"/pool/run/{i}.npy" for i in (301, 302, 517)}
+    plan = _faulty.Plan(fail=PermissionError("denied"), fail_when=failing.__contains__)
+    sink = Sink("faulty://pool/run", storage_options=_faulty.options(plan), max_queue_bytes=3 * 2**20, retries=1)
+    with pytest.raises(WriteError) as info, sink:
+        _put_reused(sink.put_batch, 150)
+    put = _put_reused(lambda ids, values: None, 150)
+    assert info.value.ids and not set(info.value.ids) - {"301", "302", "517"}
+    stored = {int(path.rsplit("/", 1)[1].removesuffix(".npy")) for path in plan.files if path.endswith(".npy")}
+    assert stored and not {int(i) for i in info.value.ids} & stored
+    wrong = [i for i in stored if not np.array_equal(_read_npy(plan, i), put[i])]
+    assert not wrong, f"{len(wrong)} of {len(stored)} stored predictions differ from what was put: {wrong[:10]}"
+    assert sink.summary is None and not any(path.endswith("_SUCCESS") for path in plan.files)
+
+
+def _read_npy(plan: _faulty.Plan, identifier: int) -> np.ndarray:
+    return np.asarray(np.load(io.BytesIO(_faulty.read(plan, f"/pool/run/{identifier}.npy"))))
