@@ -379,6 +379,25 @@ def test_csv_writer_is_lighters_drop_in(tmp_path: Path) -> None:
     assert not (path.parent / "_SUCCESS").exists()
 
 
+def test_a_file_writer_and_a_csv_writer_share_a_directory_as_in_lighter_configs(tmp_path: Path) -> None:
+    """Lighter's usual layout: a FileWriter on out/ and a CsvWriter on out/scores.csv in one trainer."""
+    from lighter_sink.lighter import FileWriter
+
+    out = tmp_path / "out"
+    files = FileWriter(out, value_key="pred", writer_fn="tensor", name_key="id")
+    table = CsvWriter(out / "scores.csv", keys=["id", "pred", "target"])
+    _trainer(files, table).predict(
+        _Outputs(), DataLoader(_Labelled(40, size=8), batch_size=16), return_predictions=False
+    )
+    assert len(list(out.glob("case-*.pt"))) == 40
+    assert len(_csv_rows(out / "scores.csv")) == 40
+    assert json.loads((out / "_SUCCESS").read_text())["count"] == 40
+    assert json.loads((out / "_scores.csv" / "_SUCCESS").read_text())["count"] == 40
+    result = verify(str(out))
+    assert result.ok, result.problems
+    assert result.records == 80
+
+
 def test_csv_writer_explains_missing_keys_and_text_values(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="besides 'id'"):
         CsvWriter(tmp_path / "p.csv", keys=["id"])
