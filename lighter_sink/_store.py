@@ -972,6 +972,15 @@ class _LocalStore(Store):
         return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
 
 
+def _write_and_close(fd: int, data: bytes, *, durable: bool) -> None:
+    try:
+        _write_all(fd, [data])
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _create_file(path: str, data: bytes, *, durable: bool) -> bool:
     """Create ``path`` holding ``data`` unless it exists, atomically: written aside, then hard-linked into place
     (a link fails if the name exists, and a reader never sees the file half written)."""
@@ -981,12 +990,7 @@ def _create_file(path: str, data: bytes, *, durable: bool) -> bool:
     # remove it between the write and the link)
     fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".lsink-create")
     try:
-        try:
-            _write_all(fd, [data])
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_and_close(fd, data, durable=durable)
         try:
             os.link(temp, path)
         except FileExistsError:
@@ -998,12 +1002,7 @@ def _create_file(path: str, data: bytes, *, durable: bool) -> bool:
                 target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
                 return False
-            try:
-                _write_all(target, [data])
-                if durable:
-                    os.fsync(target)
-            finally:
-                os.close(target)
+            _write_and_close(target, data, durable=durable)
         return True
     finally:
         with contextlib.suppress(FileNotFoundError):
