@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import time
@@ -81,10 +82,10 @@ async def _raw_obstore(url: str, options: dict[str, Any], payloads: list[bytes],
 
 
 def _sink(
-    url: str, options: dict[str, Any], values: torch.Tensor, *, tasks: int, backend: str, checksums: bool
+    url: str, options: dict[str, Any], values: torch.Tensor, *, tasks: int, backend: str, checksums: bool, copy: bool
 ) -> tuple[float, float]:
     """Seconds until every object is stored and recorded (the final flush), and the commit's seconds after it."""
-    sink = Sink(url, storage_options=options, concurrency=tasks, backend=backend, upload_checksums=checksums)  # type: ignore[arg-type]
+    sink = Sink(url, storage_options=options, concurrency=tasks, backend=backend, upload_checksums=checksums, copy=copy)  # type: ignore[arg-type]
     with sink:
         sink.flush()  # the client is up and the url prepared: start the clock here, as for the raw clients
         started = time.perf_counter()
@@ -96,23 +97,35 @@ def _sink(
 
 
 def _variants(
-    server: Any, payloads: list[bytes], values: torch.Tensor, *, tasks: int, checksums: bool, has_obstore: bool
+    server: Any,
+    payloads: list[bytes],
+    values: torch.Tensor,
+    *,
+    tasks: int,
+    checksums: bool,
+    has_obstore: bool,
+    copies: tuple[bool, ...],
 ) -> dict[str, Any]:
     options = server.storage_options
     variants: dict[str, Any] = {
         "raw s3fs": lambda p: asyncio.run(_raw_s3fs(f"bench/{p}", options, payloads, tasks, checksums)),
-        "Sink (s3fs)": lambda p: _sink(
-            server.url(p), options, values, tasks=tasks, backend="fsspec", checksums=checksums
-        ),
     }
     if has_obstore:
         variants["raw obstore"] = lambda p: asyncio.run(
             _raw_obstore(server.url(p), options, payloads, tasks, checksums)
         )
-        variants["Sink (obstore)"] = lambda p: _sink(
-            server.url(p), options, values, tasks=tasks, backend="obstore", checksums=checksums
-        )
+    backends = [("s3fs", "fsspec"), *([("obstore", "obstore")] if has_obstore else [])]
+    for client, backend in backends:
+        for copy in copies:
+            name = f"Sink ({client})" + ("" if copy else " no copy")
+            variants[name] = functools.partial(
+                _run_sink, server, options, values, tasks=tasks, backend=backend, checksums=checksums, copy=copy
+            )
     return variants
+
+
+def _run_sink(server: Any, options: dict[str, Any], values: torch.Tensor, prefix: str, **kwargs: Any) -> Any:
+    return _sink(server.url(prefix), options, values, **kwargs)
 
 
 def main() -> None:
@@ -123,6 +136,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--no-upload-checksums", action="store_true")
+    parser.add_argument(
+        "--copy",
+        choices=("on", "off", "both"),
+        default="on",
+        help="the sinks' copy at put: on (the default), off, or both side by side (off: 'Sink (...) no copy')",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     checksums = not args.no_upload_checksums
@@ -141,8 +160,15 @@ def main() -> None:
                 payloads = [bytes(memoryview(v.numpy())) for v in values]
                 times: dict[str, list[float]] = {}
                 commits: dict[str, list[float]] = {}
+                copies = {"on": (True,), "off": (False,), "both": (True, False)}[args.copy]
                 variants = _variants(
-                    server, payloads, values, tasks=args.concurrency, checksums=checksums, has_obstore=has_obstore
+                    server,
+                    payloads,
+                    values,
+                    tasks=args.concurrency,
+                    checksums=checksums,
+                    has_obstore=has_obstore,
+                    copies=copies,
                 )
                 for round_ in range(args.rounds):
                     for variant, run in variants.items():
