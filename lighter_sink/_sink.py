@@ -677,14 +677,14 @@ class _Engine:
                     "mode='error' refuses a non-empty url; use mode='overwrite' or mode='resume'"
                 )
         lease, previous = await acquire_lease(store, keys, self._run)
-        self._lease = lease
+        self._lease = lease  # (held from here on: an abort releases it)
         if self.mode == "resume" and (previous is None or previous.state == "running"):
             # The generation resumed: the dead or finished run's, else the committed output's.
             if previous is not None:
                 generation = previous.generation
             else:
                 generation = await stored_generation(store, keys) or self._run
-            await self._set_lease(lease.renewed(generation=generation, state="running"))
+            lease = await self._set_lease(lease.renewed(generation=generation, state="running"))
             await store.delete([keys.success])  # a stale marker must never vouch for this run
             await store.remove_incomplete()
             if self.format.per_item_objects:
@@ -692,15 +692,16 @@ class _Engine:
         else:
             # overwrite, error, or a resume of a run that died before it wrote (while it removed an earlier
             # output, say): a new generation, and nothing of the earlier one may stay reachable before it writes.
-            await self._set_lease(lease.renewed(generation=self._run, state="clearing"))
+            lease = await self._set_lease(lease.renewed(generation=self._run, state="clearing"))
             await self._clear_output()
-            await self._set_lease(self._lease.renewed(state="running") if self._lease is not None else lease)
-        self._generation = self._lease.generation if self._lease is not None else self._run
+            lease = await self._set_lease(lease.renewed(state="running"))
+        self._generation = lease.generation
 
-    async def _set_lease(self, lease: Lease) -> None:
+    async def _set_lease(self, lease: Lease) -> Lease:
         assert self._store is not None
         await self._store.put(self.keys.lease, [lease.to_bytes()])
         self._lease = lease
+        return lease
 
     def _owned(self, key: str) -> bool:
         return owned_key(key, self.format, self.key)
