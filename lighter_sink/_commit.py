@@ -37,8 +37,9 @@ import anyio.to_thread
 from lighter_sink._checksum import crc32
 from lighter_sink._errors import CommitError, DestinationError
 from lighter_sink._ids import KeyTemplate
-from lighter_sink._manifest import Record, read_records
+from lighter_sink._manifest import read_records
 from lighter_sink._store import Store
+from lighter_sink._types import Record
 from lighter_sink.formats import Format
 
 __all__ = [

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from lighter_sink._errors import CommitError
 from lighter_sink._ids import is_numeric_id
+from lighter_sink._types import Record, decode_records
 
 if TYPE_CHECKING:
     from lighter_sink._commit import ControlKeys
@@ -30,46 +31,6 @@ __all__ = [
 
 MANIFEST = "_manifest.jsonl"
 SUCCESS = "_SUCCESS"
-CHECKSUM = "crc32"
-
-
-class Record(NamedTuple):
-    """What the manifest says of one stored prediction (a named tuple: a run creates millions)."""
-
-    id: str
-    path: str
-    nbytes: int
-    crc32: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    def to_json(self) -> str:
-        # The same text as json.dumps of the dict, several times faster: only the strings need escaping.
-        shape = ",".join(map(str, self.shape))
-        return (
-            f'{{"id":{json.dumps(self.id)},"path":{json.dumps(self.path)},"nbytes":{self.nbytes},'
-            f'"{CHECKSUM}":"{self.crc32}","shape":[{shape}],"dtype":{json.dumps(self.dtype)}}}'
-        )
-
-    @classmethod
-    def from_json(cls, line: str) -> Record:
-        data = json.loads(line)
-        return cls(
-            id=str(data["id"]),
-            path=data["path"],
-            nbytes=int(data["nbytes"]),
-            crc32=data[CHECKSUM],
-            shape=tuple(data["shape"]),
-            dtype=data["dtype"],
-        )
-
-
-def encode_records(records: Iterable[Record]) -> bytes:
-    return "".join(r.to_json() + "\n" for r in records).encode()
-
-
-def decode_records(data: bytes) -> list[Record]:
-    return [Record.from_json(line) for line in data.decode().splitlines() if line.strip()]
 
 
 def id_order(identifier: str) -> tuple[int, int, str]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from lighter_sink._errors import ConfigurationError
 from lighter_sink._store import RetryPolicy, Store
-from lighter_sink.formats import Buffer
+from lighter_sink._types import Buffer
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig

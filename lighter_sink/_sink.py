@@ -59,11 +59,12 @@ from lighter_sink._errors import (
     WriteError,
 )
 from lighter_sink._ids import KeyTemplate, validate_identifiers
-from lighter_sink._manifest import Record, encode_records, merge_parts, read_records, write_success
+from lighter_sink._manifest import merge_parts, read_records, write_success
 from lighter_sink._staging import BufferPool, HostBatch, stage
 from lighter_sink._store import RetryPolicy, Store, check_local_destination, is_local_url, local_path, open_store
+from lighter_sink._types import Buffer, Record, encode_records
 from lighter_sink._version import __version__
-from lighter_sink.formats import Buffer, Format, FormatWriter, WriterContext, get_format
+from lighter_sink.formats import Format, FormatWriter, WriterContext, get_format
 
 __all__ = ["Mode", "Sink", "SinkState", "SinkStats"]
 

@@ -33,7 +33,7 @@ import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
 from lighter_sink._errors import DestinationError, SinkStateError
-from lighter_sink.formats import Buffer
+from lighter_sink._types import Buffer, Output
 
 __all__ = ["DeleteError", "RetryPolicy", "Store", "is_transient", "open_store"]
 
@@ -355,8 +355,31 @@ class Store(ABC):
     async def delete_prefix(self, prefix: str) -> None:
         await self.delete(await self.list(prefix))
 
+    def open_output(self, key: str) -> Output:
+        """An object written piece by piece: held in memory and stored in one PUT (object stores have no append)."""
+        return _HeldOutput(self, key)
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook: most stores hold no connection
         """Release connections."""
+
+
+class _HeldOutput:
+    """Object stores: the pieces are held and stored in one PUT of the whole object (no append, no rename)."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self._store = store
+        self._key = key
+        self._pieces: list[Buffer] = []
+
+    async def write(self, data: Buffer) -> None:
+        self._pieces.append(data)
+
+    async def finish(self) -> None:
+        pieces, self._pieces = self._pieces, []
+        await self._store.put(self._key, [b"".join(pieces)])
+
+    async def discard(self) -> None:
+        self._pieces = []
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -794,6 +817,10 @@ class _LocalStore(Store):
                 results[index] = error
         return results
 
+    def open_output(self, key: str) -> Output:
+        """A local object written piece by piece: streamed to a temporary file, renamed into place whole."""
+        return _FileOutput(self, key)
+
     def temp_path(self, key: str) -> str:
         """The absolute path of a fresh temporary file next to ``key`` (no I/O: the caller makes the directory).
 
@@ -970,6 +997,59 @@ class _LocalStore(Store):
             return sorted(keys)
 
         return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
+
+
+_OUTPUT_PIECE = 1 << 20  # a local output is written in pieces of this size
+
+
+class _FileOutput:
+    """A local object streamed to a hidden temporary file and renamed into place when complete."""
+
+    def __init__(self, store: _LocalStore, key: str) -> None:
+        self._store = store
+        self._key = key
+        # a temporary name of the store's own (bounded whatever the key; swept after a crash)
+        self._temp = store.temp_path(key)
+        self._since = store.fence_epoch  # (a write stuck from before an abort never replaces the object)
+        self._file: Any = None
+        self._pieces: list[Buffer] = []
+        self._size = 0
+
+    async def write(self, data: Buffer) -> None:
+        self._pieces.append(data)
+        self._size += memoryview(data).nbytes
+        if self._size >= _OUTPUT_PIECE:
+            await self._spill()
+
+    async def _spill(self) -> None:
+        pieces, self._pieces, self._size = self._pieces, [], 0
+
+        def write() -> None:
+            if self._file is None:
+                os.makedirs(os.path.dirname(self._temp), exist_ok=True)
+                self._file = open(self._temp, "wb")  # noqa: SIM115 - closed in finish() or discard()
+            self._file.writelines(pieces)
+
+        # (an abort does not wait for a write stuck on a dead mount; the store's fence keeps it from landing)
+        await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
+
+    async def finish(self) -> None:
+        await self._spill()
+
+        def close() -> None:
+            self._file.close()
+            self._store.replace(self._temp, self._key, self._since)  # fenced and, where asked, durable
+
+        await anyio.to_thread.run_sync(close, abandon_on_cancel=True)
+
+    async def discard(self) -> None:
+        def remove() -> None:
+            if self._file is not None:
+                self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temp)
+
+        await anyio.to_thread.run_sync(remove)
 
 
 def _write_and_close(fd: int, data: bytes, *, durable: bool) -> None:

@@ -27,8 +27,9 @@ from lighter_sink._checksum import crc32
 from lighter_sink._commit import ControlKeys, current_generation, owned_key
 from lighter_sink._errors import ConfigurationError, IdentifierError
 from lighter_sink._ids import KeyTemplate, is_numeric_id, validate_identifier
-from lighter_sink._manifest import Record, decode_records, id_order, read_records, sorted_ids
+from lighter_sink._manifest import id_order, read_records, sorted_ids
 from lighter_sink._store import RetryPolicy, Store, open_store
+from lighter_sink._types import Record, decode_records
 from lighter_sink.formats import get_format
 
 __all__ = ["OutputInfo", "Problem", "ProblemKind", "VerifyResult", "inspect_output", "verify"]

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from lighter_sink._errors import PredictionError
-
-if TYPE_CHECKING:
-    from lighter_sink._manifest import Record
+from lighter_sink._types import Buffer, Record
 
 __all__ = ["Buffer", "EncodedItem", "Format", "FormatWriter", "WriterContext"]
-
-Buffer = bytes | bytearray | memoryview
 
 
 @dataclass(slots=True)

@@ -37,13 +37,12 @@ import csv
 import heapq
 import io
 import json
-import os
 import time
 import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import anyio
 import anyio.to_thread
@@ -51,17 +50,14 @@ import torch
 
 from lighter_sink._errors import CommitError, ConfigurationError, PredictionError
 from lighter_sink._ids import is_numeric_id
+from lighter_sink._types import Output, Record
 from lighter_sink.formats._base import Format, FormatWriter, WriterContext
-
-if TYPE_CHECKING:
-    from lighter_sink._manifest import Record
 
 __all__ = ["CsvFormat", "JsonlFormat", "TableFormat"]
 
 PARTS_DIR = "_table_parts"
 _PART_ROWS = 4096  # rows per part object and per intermediate run object
 _FAN_IN = 32  # objects merged at once: bounds rank 0's memory at commit
-_WRITE_BYTES = 1 << 20  # local output is written in pieces of this size
 _TEXT_DTYPES = {torch.bfloat16: torch.float32, torch.float8_e4m3fn: torch.float32, torch.float8_e5m2: torch.float32}
 _JSON_SPECIAL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity", "True": "true", "False": "false"}
 
@@ -371,8 +367,6 @@ class _TableWriter(FormatWriter):
         return [record for _, record in pending]
 
     def _encode(self, ids: Sequence[str], samples: Sequence[torch.Tensor], layout: Layout) -> list[tuple[_Row, Record]]:
-        from lighter_sink._manifest import Record
-
         cells, dtype = _cells(samples, layout)
         lines = self._format.lines(ids, cells, layout, dtype)
         shape = tuple(samples[0].shape)
@@ -410,7 +404,7 @@ class _TableWriter(FormatWriter):
             level += 1
             groups = [readers[i : i + _FAN_IN] for i in range(0, len(readers), _FAN_IN)]
             readers = [await merge.spill(group, f"{level}-{i:06d}") for i, group in enumerate(groups)]
-        output = _LocalOutput(store, filename) if store.is_local else _MemoryOutput(store, filename)
+        output = store.open_output(filename)
         try:
             await merge.write_table(readers, output)
         except BaseException:
@@ -509,7 +503,7 @@ class _Merge:
 
         return _Reader([loader(k) for k in keys])
 
-    async def write_table(self, readers: Sequence[_Reader], output: _Output) -> None:
+    async def write_table(self, readers: Sequence[_Reader], output: Output) -> None:
         remaining = dict(self._wanted)
         started = False
 
@@ -531,82 +525,3 @@ class _Merge:
                 f"{len(remaining)} rows recorded in the manifest are in no table part (for example {some}); "
                 f"{self._format.filename} was not written"
             )
-
-
-class _Output:
-    async def write(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    async def finish(self) -> None:
-        raise NotImplementedError
-
-    async def discard(self) -> None:
-        raise NotImplementedError
-
-
-class _MemoryOutput(_Output):
-    """Object stores: one PUT of the whole table (no append, no rename)."""
-
-    def __init__(self, store: Any, key: str) -> None:
-        self._store = store
-        self._key = key
-        self._pieces: list[bytes] = []
-
-    async def write(self, data: bytes) -> None:
-        self._pieces.append(data)
-
-    async def finish(self) -> None:
-        await self._store.put(self._key, [b"".join(self._pieces)])
-        self._pieces = []
-
-    async def discard(self) -> None:
-        self._pieces = []
-
-
-class _LocalOutput(_Output):
-    """A local directory: streamed to a hidden temporary file, renamed into place when complete."""
-
-    def __init__(self, store: Any, key: str) -> None:
-        self._store = store
-        self._key = key
-        # a temporary name of the store's own (bounded whatever the key; swept after a crash)
-        self._temp = store.temp_path(key)
-        self._since = store.fence_epoch  # (a write stuck from before an abort never replaces the table)
-        self._file: Any = None
-        self._pieces: list[bytes] = []
-        self._size = 0
-
-    async def write(self, data: bytes) -> None:
-        self._pieces.append(data)
-        self._size += len(data)
-        if self._size >= _WRITE_BYTES:
-            await self._spill()
-
-    async def _spill(self) -> None:
-        pieces, self._pieces, self._size = self._pieces, [], 0
-
-        def write() -> None:
-            if self._file is None:
-                self._file = open(self._temp, "wb")  # noqa: SIM115 - closed in finish() or discard()
-            self._file.writelines(pieces)
-
-        # (an abort does not wait for a write stuck on a dead mount; the store's fence keeps it from landing)
-        await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
-
-    async def finish(self) -> None:
-        await self._spill()
-
-        def close() -> None:
-            self._file.close()
-            self._store.replace(self._temp, self._key, self._since)  # fenced and, where asked, durable
-
-        await anyio.to_thread.run_sync(close, abandon_on_cancel=True)
-
-    async def discard(self) -> None:
-        def remove() -> None:
-            if self._file is not None:
-                self._file.close()
-            if os.path.exists(self._temp):
-                os.unlink(self._temp)
-
-        await anyio.to_thread.run_sync(remove)

@@ -49,13 +49,13 @@ import torch
 from lighter_sink._checksum import crc32
 from lighter_sink._errors import CommitError, ConfigurationError, IdentifierError, PredictionError
 from lighter_sink._ids import is_numeric_id
+from lighter_sink._types import Record
 from lighter_sink.formats._base import NON_NUMPY_DTYPES, Format, FormatWriter, WriterContext, require_numpy_dtype
 
 if TYPE_CHECKING:
     from zarr.abc.store import Store as ZarrStore
     from zarr.core.array import AsyncArray
 
-    from lighter_sink._manifest import Record
     from lighter_sink._store import RetryPolicy
 
 __all__ = ["ZarrFormat", "open_zarr_store", "row_checksum"]
@@ -277,8 +277,6 @@ class _ZarrWriter(FormatWriter):
     # ------------------------------------------------------------------ FormatWriter
 
     async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> list[Record]:
-        from lighter_sink._manifest import Record
-
         rows = [_parse_row(i, self._num_samples) for i in ids]
         if not rows:
             return []

@@ -1,0 +1,102 @@
+"""The ground floor: the types every room shares. It imports nothing of the package.
+
+* :data:`Buffer`: bytes as the formats make them and the stores send them (never joined without need).
+* :class:`Record`: what the manifest says of one stored prediction.
+* :class:`ObjectStore` and :class:`Output`: the narrow interface a format that streams or updates in place (tables,
+  zarr) gets to the sink's store. It has no url and no credentials: the sink opened the store, with its retries,
+  timeouts and statistics, and every byte a format stores goes through it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple, Protocol
+
+__all__ = ["CHECKSUM", "Buffer", "ObjectStore", "Output", "Record", "decode_records", "encode_records"]
+
+Buffer = bytes | bytearray | memoryview
+
+#: The manifest's name of a record's checksum field.
+CHECKSUM = "crc32"
+
+
+class Record(NamedTuple):
+    """What the manifest says of one stored prediction (a named tuple: a run creates millions)."""
+
+    id: str
+    path: str
+    nbytes: int
+    crc32: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> str:
+        # The same text as json.dumps of the dict, several times faster: only the strings need escaping.
+        shape = ",".join(map(str, self.shape))
+        return (
+            f'{{"id":{json.dumps(self.id)},"path":{json.dumps(self.path)},"nbytes":{self.nbytes},'
+            f'"{CHECKSUM}":"{self.crc32}","shape":[{shape}],"dtype":{json.dumps(self.dtype)}}}'
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> Record:
+        data = json.loads(line)
+        return cls(
+            id=str(data["id"]),
+            path=data["path"],
+            nbytes=int(data["nbytes"]),
+            crc32=data[CHECKSUM],
+            shape=tuple(data["shape"]),
+            dtype=data["dtype"],
+        )
+
+
+def encode_records(records: Iterable[Record]) -> bytes:
+    """JSON lines, one record each (the body of a manifest part)."""
+    return "".join(r.to_json() + "\n" for r in records).encode()
+
+
+def decode_records(data: bytes) -> list[Record]:
+    return [Record.from_json(line) for line in data.decode().splitlines() if line.strip()]
+
+
+class Output(Protocol):
+    """One object written piece by piece (a table at commit): it appears whole at :meth:`finish`, or never."""
+
+    async def write(self, data: Buffer) -> None: ...
+
+    async def finish(self) -> None:
+        """Make the object visible, whole (a rename locally, one PUT on an object store)."""
+
+    async def discard(self) -> None:
+        """Drop what was written; nothing appears."""
+
+
+class ObjectStore(Protocol):
+    """Bytes under the sink's url, by relative ``/``-separated key: what a format may do with storage.
+
+    Every call is bounded and retried by the sink's policy, and counted in its statistics.
+    """
+
+    async def get(self, key: str) -> bytes:
+        """Read a whole object; raises ``FileNotFoundError`` when absent."""
+        ...
+
+    async def put(self, key: str, buffers: Sequence[Buffer], crc32: int | None = None) -> None:
+        """Store one object; it becomes visible whole or not at all."""
+
+    async def exists(self, key: str) -> bool: ...
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        """Remove objects; missing ones are ignored."""
+
+    async def delete_prefix(self, prefix: str) -> None: ...
+
+    async def list(self, prefix: str = "") -> list[str]:
+        """Keys of every object below ``prefix`` (recursively)."""
+        ...
+
+    def open_output(self, key: str) -> Output:
+        """An object to write piece by piece, streamed where the store can (a local file), else held and put."""
+        ...
