@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
+from lighter_sink._config import SinkConfig, SinkOptions
 from lighter_sink._errors import (
     CommitError,
     ConfigurationError,
@@ -14,7 +15,9 @@ from lighter_sink._errors import (
     WriteError,
 )
 from lighter_sink._resume import RemainingSubset, remaining
-from lighter_sink._sink import Sink, SinkState, SinkStats
+from lighter_sink._run import SinkState
+from lighter_sink._sink import Sink
+from lighter_sink._stats import SinkProgress, SinkStats
 from lighter_sink._version import __version__
 from lighter_sink.formats import Format, available_formats, get_format, register_format
 
@@ -47,7 +50,10 @@ __all__ = [
     "PredictionSink",
     "RemainingSubset",
     "Sink",
+    "SinkConfig",
     "SinkError",
+    "SinkOptions",
+    "SinkProgress",
     "SinkState",
     "SinkStateError",
     "SinkStats",

@@ -6,17 +6,19 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lighter_sink._config import SinkOptions
 from lighter_sink._errors import ConfigurationError, DestinationError, PredictionError
-from lighter_sink._ids import RankCounter, validate_identifiers
+from lighter_sink._ids import CounterIds, RankCounter, as_id_list
 from lighter_sink._resume import RemainingSubset
-from lighter_sink._sink import DEFAULT_CONCURRENCY, DEFAULT_MAX_QUEUE_BYTES, Backend, Mode, Sink, _num_samples
+from lighter_sink._sink import Sink
+from lighter_sink._staging import count_samples
 from lighter_sink._store import check_local_destination, is_local_url, local_path
 from lighter_sink.formats import Format, get_format
 
@@ -37,22 +39,13 @@ class PredictionSink(Callback):
     Args:
         url: a local directory or an fsspec url (``s3://bucket/prefix``, ``gs://...``, ``memory://...``).
         format: a registered format name or a :class:`~lighter_sink.formats.Format`.
-        storage_options: passed to fsspec (credentials, ``endpoint_url``); never logged.
         value_key: for dict outputs, the entry holding the batched predictions (default ``"pred"`` if present).
         id_key: for dict outputs, the entry holding per-sample ids; default: a rank-aware counter.
-        max_queue_bytes: host bytes queued before the predict loop is made to wait.
-        concurrency: writes in flight.
-        retries: attempts per object for transient storage errors.
-        timeout: seconds one write attempt may take.
-        mode: ``"overwrite"``, ``"resume"`` or ``"error"`` (see :class:`~lighter_sink.Sink`).
-        backend: ``"fsspec"`` or ``"obstore"`` (S3 only, faster per request; see :class:`~lighter_sink.Sink`).
-        upload_checksums: have the server verify upload bodies (see :class:`~lighter_sink.Sink`).
-        num_samples: samples in the run, for formats that size their output up front (``zarr``); by default
-            the length of the (single) predict dataset.
-        key: object key template, e.g. ``"{id:08d}"`` or ``"{hash:.2}/{id}"`` (see :class:`~lighter_sink.Sink`).
-        copy: copy each batch's predictions at the end of its step, so a model may reuse its output buffers
-            (``out=``, CUDA graphs); ``False`` saves the copy when predict_step returns fresh tensors each time
-            (see :class:`~lighter_sink.Sink`).
+        **options: the options every entry point shares, documented in :class:`~lighter_sink.SinkConfig`
+            (``storage_options``, ``max_queue_bytes``, ``concurrency``, ``retries``, ``timeout``, ``mode``,
+            ``key``, ``backend``, ``upload_checksums``, ``durable``, ``num_samples``, ``copy``). ``num_samples``
+            defaults to the length of the (single) predict dataset; ``copy`` copies each batch's predictions at
+            the end of its step, so a model may reuse its output buffers (``out=``, CUDA graphs).
 
     Ids: without ``id_key``, rank ``r`` of ``W`` numbers its samples ``r, r + W, ...`` per dataloader, which is
     the dataset index with Lightning's distributed sampler and an unshuffled dataloader. Counter ids at or past
@@ -68,42 +61,20 @@ class PredictionSink(Callback):
         url: str | os.PathLike[str],
         *,
         format: str | Format = "npy",
-        storage_options: Mapping[str, Any] | None = None,
         value_key: str | None = None,
         id_key: str | None = None,
-        key: str = "{id}",
-        backend: Backend = "fsspec",
-        upload_checksums: bool = True,
-        num_samples: int | None = None,
-        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        retries: int = 5,
-        timeout: float | None = 60.0,
-        mode: Mode = "overwrite",
-        copy: bool = True,
+        **options: Unpack[SinkOptions],
     ) -> None:
         super().__init__()
         self.url = os.fspath(url)
         self.format = get_format(format)
         self.value_key = value_key
         self.id_key = id_key
-        self._sink_kwargs: dict[str, Any] = {
-            "format": self.format,
-            "storage_options": storage_options,
-            "max_queue_bytes": max_queue_bytes,
-            "concurrency": concurrency,
-            "retries": retries,
-            "timeout": timeout,
-            "mode": mode,
-            "key": key,
-            "backend": backend,
-            "upload_checksums": upload_checksums,
-            "num_samples": num_samples,
-            "copy": copy,
-        }
+        self._options = options
         # Validate everything now, before any compute: building a Sink checks arguments and starts nothing.
         # (A format that needs the number of samples gets it from the predict dataset in setup.)
-        Sink(self.url, **{**self._sink_kwargs, "num_samples": self._sink_kwargs["num_samples"] or 0})
+        checked: SinkOptions = {**options, "num_samples": options.get("num_samples") or 0}
+        Sink(self.url, format=self.format, **checked)
         self._sink: Sink | None = None
         self._counters: dict[int, RankCounter] = {}
         self._lengths: list[int | None] = []
@@ -141,15 +112,17 @@ class PredictionSink(Callback):
                     "to storage shared by all nodes (a shared filesystem or an object store url)"
                 )
         self._counters = {}
-        num_samples = self._sink_kwargs.get("num_samples")
+        num_samples = self._options.get("num_samples")
         if num_samples is None and self.format.needs_num_samples:
             num_samples = _predict_length(trainer)
+        run_options: SinkOptions = {**self._options, "num_samples": num_samples}
         self._sink = Sink(
             url,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             all_ok=lambda ok: bool(strategy.reduce_boolean_decision(ok, all=True)),
-            **{**self._sink_kwargs, "num_samples": num_samples},
+            format=self.format,
+            **run_options,
         )
         self._sink.open()
 
@@ -191,8 +164,8 @@ class PredictionSink(Callback):
         sink = self._sink
         if sink is None:
             raise ConfigurationError("PredictionSink received a batch before setup(stage='predict')")
-        values, ids = self._split(outputs)
-        count = _num_samples(values)
+        values, ids = self.split_outputs(outputs)
+        count = count_samples(values)
         if ids is None:  # counter ids stand for the batch's samples: the predictions must be those samples
             samples = self._batch_size(batch, batch_idx, dataloader_idx)
             if samples is not None:
@@ -213,13 +186,13 @@ class PredictionSink(Callback):
             index_map = self._index_maps[dataloader_idx] if dataloader_idx < len(self._index_maps) else None
             if index_map is not None:
                 positions = [index_map[p] for p in positions]
-            sink._put([f"{prefix}{p}" for p in positions], values, unique=True)
+            sink.put_batch(CounterIds(f"{prefix}{p}" for p in positions), values)
         else:
             if len(ids) != count:
                 raise PredictionError(
                     f"id_key {self.id_key!r} gives {len(ids)} ids but value_key holds {count} predictions"
                 )
-            sink._put(validate_identifiers([f"{prefix}{i}" for i in ids] if prefix else ids), values, unique=False)
+            sink.put_batch([f"{prefix}{i}" for i in ids] if prefix else ids, values)
         # Lightning appends this batch after the hook returns; drop what it kept so host memory stays flat.
         for kept in trainer.predict_loop._predictions:
             kept.clear()
@@ -234,7 +207,7 @@ class PredictionSink(Callback):
         if sink is None:
             return {}
         # (every half second from the predict loop's thread: the three figures, not a full stats snapshot)
-        queued, mb_per_second, stall = sink._engine.progress()
+        queued, mb_per_second, stall = sink.progress()
         return {
             "queue": f"{100 * queued / sink.max_queue_bytes:.0f}%",
             "MB/s": f"{mb_per_second:.1f}",
@@ -324,7 +297,12 @@ class PredictionSink(Callback):
             else "predict_step's output"
         )
 
-    def _split(self, outputs: Any) -> tuple[Any, list[Any] | None]:
+    def split_outputs(self, outputs: Any) -> tuple[Any, list[Any] | None]:
+        """``(predictions, ids or None)`` of one ``predict_step`` output; override it for outputs of your own shape.
+
+        Raises:
+            PredictionError: the output does not hold what ``value_key``/``id_key`` name.
+        """
         if isinstance(outputs, Mapping):
             value_key = self.value_key or ("pred" if "pred" in outputs else None)
             if value_key is None:
@@ -342,7 +320,7 @@ class PredictionSink(Callback):
                     raise PredictionError(
                         f"id_key {self.id_key!r} is not in the predict_step output; keys: {sorted(map(str, outputs))}"
                     )
-                ids = _as_id_list(outputs[self.id_key], self.id_key)
+                ids = as_id_list(outputs[self.id_key], self.id_key)
             return outputs[value_key], ids
         if self.value_key is not None or self.id_key is not None:
             raise PredictionError(f"value_key/id_key need predict_step to return a dict, got {type(outputs).__name__}")
@@ -386,20 +364,6 @@ def _described(values: Any) -> str:
         more = ", ..." if len(values) > 4 else ""
         return f"a {type(values).__name__} of {len(values)} with shapes {', '.join(shapes)}{more}"
     return type(values).__name__
-
-
-def _as_id_list(ids: Any, key: str) -> list[Any]:
-    if isinstance(ids, torch.Tensor):
-        # (the dtype's flag, not Tensor.is_floating_point(): torch gives up the GIL in that call, and getting it
-        # back from the sink's busy threads costs the predict loop milliseconds)
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.ndim != 1:
-            raise PredictionError(
-                f"id_key {key!r} must hold a 1-d integer tensor or a list, got {ids.dtype} {tuple(ids.shape)}"
-            )
-        return [int(i) for i in ids.tolist()]
-    if isinstance(ids, Sequence) and not isinstance(ids, str | bytes):
-        return list(ids)
-    raise PredictionError(f"id_key {key!r} must hold a list of ids or an integer tensor, got {type(ids).__name__}")
 
 
 def _predict_length(trainer: pl.Trainer) -> int | None:

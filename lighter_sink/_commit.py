@@ -1,274 +1,267 @@
-"""Who owns an output, and where its control objects live: the lease, the generation, the control keys.
+"""The commit protocol: prepare the output for a run, record what it stored, and commit it.
 
-One run owns an output at a time. At open, rank 0 creates ``_lease.json`` atomically (``O_EXCL``-like locally, a
-conditional PUT on S3 and GCS) and renews it while the run lives; another run on the same output is refused
-while the lease is fresh. A crashed run's lease runs out after :data:`LEASE_SECONDS` (at once when it ran on this
-host and its process is gone); a run that ended, committed or aborted, gives it up.
-
-An output's records belong to a *generation*: a run with ``mode="overwrite"`` starts a new one (and removes what
-the earlier generation stored before it writes anything), a resumed run continues the generation it resumes.
-Manifest parts live under ``_parts/{generation}/{run}/``, so a commit merges only its own generation's parts and
-no run sweeps another's. Several outputs may share a directory (a table beside one-file-per-prediction objects):
-each has its own control objects, under ``_{name}/`` for every output but the one that fills the url.
-
-Layout of the control objects of one output (``base`` is ``""`` or ``_{name}/``)::
-
-    {base}_lease.json                                   the run that owns the output now
-    {base}_parts/{generation}/{run}/rank-00000-000001.jsonl   records, written as the run goes
-    {base}_manifest.jsonl                               every record, merged at commit
-    {base}_SUCCESS                                      written last
+Rank 0 takes the output's lease (see :mod:`lighter_sink._lease`), makes the url what ``mode`` says before anything
+is written, renews the lease while the run lives, and at the end (once every rank flushed) finishes the format's
+output, merges the manifest parts and writes ``_SUCCESS`` last. Only the sink writes control objects.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import socket
 import time
-import uuid
-import zlib
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
 from lighter_sink._checksum import crc32
-from lighter_sink._errors import CommitError, DestinationError
+from lighter_sink._errors import CommitError, ConfigurationError, DestinationError
+from lighter_sink._handoff import Handoff
 from lighter_sink._ids import KeyTemplate
-from lighter_sink._manifest import read_records
-from lighter_sink._store import Store
-from lighter_sink._types import Record
-from lighter_sink.formats import Format
+from lighter_sink._layout import ControlKeys
+from lighter_sink._lease import (
+    LEASE_SECONDS,
+    RENEW_SECONDS,
+    Lease,
+    acquire_lease,
+    check_lease,
+    read_lease,
+    renew_lease,
+    stored_generation,
+)
+from lighter_sink._manifest import merge_parts, read_records, write_success
+from lighter_sink._store import Store, check_local_destination, local_path
+from lighter_sink._types import Record, encode_records
+from lighter_sink.formats import Format, FormatWriter
 
-__all__ = [
-    "LEASE_SECONDS",
-    "ControlKeys",
-    "Lease",
-    "acquire_lease",
-    "current_generation",
-    "new_token",
-    "orphan_records",
-    "owned_key",
-    "stored_generation",
-]
+__all__ = ["Ownership", "default_all_ok", "orphan_records", "owned_key"]
 
 logger = logging.getLogger(__name__)
-
-#: A lease not renewed for this long belongs to a run that died: another run may take the output over.
-LEASE_SECONDS = 60.0
-#: How often the holder renews it: several renewals may fail in a row before it runs out.
-RENEW_SECONDS = LEASE_SECONDS / 6
-
-# starting: taken, nothing done yet; clearing: removing the earlier output; running: writing
-LeaseState = Literal["starting", "clearing", "running"]
+_RELEASE_SECONDS = 5.0
 
 
-def new_token() -> str:
-    """A run's name: sortable by start time, unique across hosts."""
-    return f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
+def default_all_ok(world_size: int) -> Callable[[bool], bool]:
+    """The ranks' agreement: True on every rank only when every rank passed True (an all-reduce of a flag)."""
+    if world_size == 1:
+        return lambda ok: ok
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigurationError(
+            f"world_size={world_size} needs torch.distributed to be initialised, or an all_ok callable "
+            "that returns True only when every rank passed True"
+        )
+
+    def all_ok(ok: bool) -> bool:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if ok else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    return all_ok
 
 
-@dataclass(frozen=True, slots=True)
-class ControlKeys:
-    """The keys of one output's control objects; ``name`` is ``""`` for the output that fills the url."""
+class Ownership:
+    """One rank's part in the commit protocol, on the sink's event loop.
 
-    name: str = ""
+    Rank 0 takes the output (:meth:`prepare`), keeps it (:meth:`keep_lease`), commits it (:meth:`commit`) and
+    gives it up (:meth:`release`); every rank learns the generation it writes (:meth:`join`).
+    """
 
-    @property
-    def base(self) -> str:
-        return f"_{self.name}/" if self.name else ""
+    def __init__(
+        self,
+        url: str,
+        fmt: Format,
+        key: KeyTemplate,
+        mode: str,
+        *,
+        keys: ControlKeys,
+        run: str,
+        rank: int,
+        handoff: Handoff,
+    ) -> None:
+        self.url = url
+        self.format = fmt
+        self.key = key
+        self.mode = mode
+        self.keys = keys
+        self.run = run
+        self.rank = rank
+        self.handoff = handoff
+        self.store: Store | None = None
+        self.generation: str | None = None
+        self.lease: Lease | None = None  # rank 0's, while it holds the output
+        self._lease_lock = anyio.Lock()
+        self._renewal: anyio.CancelScope | None = None
 
-    @property
-    def manifest(self) -> str:
-        return f"{self.base}_manifest.jsonl"
-
-    @property
-    def success(self) -> str:
-        return f"{self.base}_SUCCESS"
-
-    @property
-    def lease(self) -> str:
-        return f"{self.base}_lease.json"
-
-    @property
-    def parts(self) -> str:
-        return f"{self.base}_parts"
-
-    def generation_parts(self, generation: str) -> str:
-        return f"{self.parts}/{generation}"
-
-    def part(self, generation: str, run: str, rank: int, sequence: int) -> str:
-        return f"{self.parts}/{generation}/{run}/rank-{rank:05d}-{sequence:06d}.jsonl"
-
-    @property
-    def temp_prefix(self) -> str:
-        """How this output's temporary files begin: a sweep of one output never touches another's in flight."""
-        return f".lsink-{zlib.crc32(self.name.encode()):08x}." if self.name else ".lsink."
-
-    @property
-    def scratch(self) -> str:
-        """Where a format keeps this output's intermediate objects (a table's sorted runs of rows)."""
-        return f"{self.base}_table_parts"
-
-
-_HOST = socket.gethostname()
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """What ``_lease.json`` says: which run owns the output, since when, and how far it got."""
-
-    run: str
-    generation: str
-    host: str
-    pid: int
-    renewed_at: float
-    state: LeaseState = "starting"
-    released: bool = False  # given up by a run that ended before it could finish (kept: it says how far it got)
-
-    @classmethod
-    def mine(cls, run: str, generation: str = "") -> Lease:
-        return cls(run, generation or run, _HOST, os.getpid(), time.time())
-
-    def to_bytes(self) -> bytes:
-        data = {
-            "run": self.run,
-            "generation": self.generation,
-            "host": self.host,
-            "pid": self.pid,
-            "renewed_at": self.renewed_at,
-            "state": self.state,
-            "released": self.released,
-        }
-        return json.dumps(data, sort_keys=True).encode() + b"\n"
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Lease:
-        """Parse a lease; raises ``ValueError`` for anything that is not one."""
+    async def prepare(self) -> None:
+        """Rank 0: take the output (its lease), then make it what ``mode`` says before anything is written."""
         try:
-            raw: Any = json.loads(data)
-            return cls(
-                run=str(raw["run"]),
-                generation=str(raw["generation"]),
-                host=str(raw["host"]),
-                pid=int(raw["pid"]),
-                renewed_at=float(raw["renewed_at"]),
-                state=raw.get("state", "running"),
-                released=bool(raw.get("released", False)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a lease: {exc!r}") from None
+            await self._prepare()
+        except DestinationError:
+            raise
+        except Exception as exc:
+            raise DestinationError(f"cannot prepare {self.url}: {type(exc).__name__}: {exc}") from exc
 
-    def renewed(self, **changes: Any) -> Lease:
-        return replace(self, renewed_at=time.time(), **changes)
-
-    def age(self) -> float:
-        return time.time() - self.renewed_at
-
-    def live(self) -> bool:
-        """Whether the run holding it may still be writing."""
-        if self.released or self.age() > LEASE_SECONDS:
-            return False
-        if self.host == _HOST and self.pid != os.getpid():
-            # A process of this host that is gone renews nothing any more: no need to wait for the expiry.
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:  # alive, another user's
-                return True
-        return True
-
-    def describe(self) -> str:
-        return f"run {self.run} (host {self.host}, pid {self.pid}), which renewed its lease {self.age():.0f} s ago"
-
-
-async def read_lease(store: Store, keys: ControlKeys) -> Lease | None:
-    """The output's lease, or ``None`` when there is none (or it cannot be parsed: a lease is never torn)."""
-    try:
-        data = await store.get(keys.lease)
-    except FileNotFoundError:
-        return None
-    try:
-        return Lease.from_bytes(data)
-    except ValueError:
-        logger.warning("%s/%s is not a lease; it is replaced", store.url, keys.lease)
-        return None
-
-
-async def current_generation(store: Store, keys: ControlKeys) -> str | None:
-    """The generation an output's records belong to: its lease's, else :func:`stored_generation`'s."""
-    lease = await read_lease(store, keys)
-    return lease.generation if lease is not None else await stored_generation(store, keys)
-
-
-async def stored_generation(store: Store, keys: ControlKeys) -> str | None:
-    """The generation of an output no run holds: its marker's, else the one generation whose parts are stored
-    (an overwrite removes every other's); ``None`` when nothing says."""
-    try:
-        summary = json.loads(await store.get(keys.success))
-    except (FileNotFoundError, ValueError):
-        summary = None
-    generation = summary.get("generation") if isinstance(summary, dict) else None
-    if isinstance(generation, str) and generation:
-        return generation
-    stored = {key[len(keys.parts) + 1 :].split("/", 1)[0] for key in await store.list(keys.parts)}
-    return stored.pop() if len(stored) == 1 else None
-
-
-async def acquire_lease(store: Store, keys: ControlKeys, run: str) -> tuple[Lease, Lease | None]:
-    """Take the output for ``run``; return the new lease and the one it replaced (a dead or finished run's).
-
-    Raises:
-        DestinationError: another run holds a live lease (the message names it and when it last renewed).
-    """
-    mine = Lease.mine(run)
-    previous: Lease | None = None
-    for _ in range(5):
-        if await store.create(keys.lease, mine.to_bytes()):
-            # Read it back: on a store that ignores conditional writes, the last of two racing writers wins here.
-            held = await read_lease(store, keys)
-            if held is None or held.run != run:
+    async def _prepare(self) -> None:
+        store = self.store
+        assert store is not None
+        if store.is_local:
+            await anyio.to_thread.run_sync(check_local_destination, local_path(self.url))
+        keys = self.keys
+        if self.mode == "error":
+            existing = await store.list()
+            if existing:
                 raise DestinationError(
-                    f"{store.url} was taken by another run at the same moment"
-                    + (f": {held.describe()}" if held is not None else "")
+                    f"{self.url} already holds {len(existing)} objects (for example {existing[0]!r}) and "
+                    "mode='error' refuses a non-empty url; use mode='overwrite' or mode='resume'"
                 )
-            return mine, previous
-        existing = await read_lease(store, keys)
-        if existing is not None and existing.run == run:  # (an earlier attempt of this very call got through)
-            return mine, previous
-        if existing is not None and existing.live():
-            raise DestinationError(
-                f"{store.url} is being written by another run: {existing.describe()}. A lease runs out "
-                f"{LEASE_SECONDS:.0f} s after its last renewal (at once when its process on this host is gone); "
-                "wait for that run to finish, or write to another url"
-            )
-        if existing is not None:
-            previous = existing
-        await store.delete([keys.lease])
-    raise DestinationError(f"{store.url}: could not take the lease; other runs keep taking it")
+        lease, previous = await acquire_lease(store, keys, self.run)
+        self.lease = lease  # (held from here on: an abort releases it)
+        if self.mode == "resume" and (previous is None or previous.state == "running"):
+            # The generation resumed: the dead or finished run's, else the committed output's.
+            if previous is not None:
+                generation = previous.generation
+            else:
+                generation = await stored_generation(store, keys) or self.run
+            lease = await self._set_lease(lease.renewed(generation=generation, state="running"))
+            await store.delete([keys.success])  # a stale marker must never vouch for this run
+            await store.remove_incomplete()
+            if self.format.per_item_objects:
+                await self._adopt_orphans(generation)
+        else:
+            # overwrite, error, or a resume of a run that died before it wrote (while it removed an earlier
+            # output, say): a new generation, and nothing of the earlier one may stay reachable before it writes.
+            lease = await self._set_lease(lease.renewed(generation=self.run, state="clearing"))
+            await self._clear_output()
+            lease = await self._set_lease(lease.renewed(state="running"))
+        self.generation = lease.generation
 
+    async def _set_lease(self, lease: Lease) -> Lease:
+        assert self.store is not None
+        await self.store.put(self.keys.lease, [lease.to_bytes()])
+        self.lease = lease
+        return lease
 
-async def renew_lease(store: Store, keys: ControlKeys, lease: Lease) -> Lease:
-    """Write ``lease`` again with a fresh time, once it was checked to be still ours.
+    async def _clear_output(self) -> None:
+        """Overwrite: remove the earlier output (marker first), everything it recorded, and every object this
+        output's format and key could have written, so that nothing of it can be adopted or listed later."""
+        store = self.store
+        assert store is not None
+        keys = self.keys
+        await store.delete([keys.success])
+        recorded = {record.path for record in (await read_records(store, keys, None)).values()}
+        control = (keys.parts + "/", keys.scratch + "/")
+        doomed = [
+            key
+            for key in await store.list()
+            if key == keys.manifest
+            or key.startswith(control)
+            or key in recorded
+            or owned_key(key, self.format, self.key)
+        ]
+        if doomed:
+            logger.info("overwrite: removing %d objects of an earlier run under %s", len(doomed), self.url)
+        await store.delete(doomed)
+        await store.remove_incomplete()
 
-    Raises:
-        CommitError: another run took the output over.
-    """
-    await check_lease(store, keys, lease)
-    fresh = lease.renewed()
-    await store.put(keys.lease, [fresh.to_bytes()])
-    return fresh
+    async def _adopt_orphans(self, generation: str) -> None:
+        """Resume: record what the resumed run stored but could not record (see :func:`orphan_records`)."""
+        assert self.store is not None
+        records = await orphan_records(self.store, self.keys, generation, self.format, self.key)
+        if records:
+            await self.store.put(self.keys.part(generation, self.run, self.rank, 0), [encode_records(records)])
 
+    async def join(self) -> None:
+        """Every rank, once rank 0 prepared the output: learn its generation, and on resume what is recorded."""
+        store = self.store
+        assert store is not None
+        if self.generation is None:
+            lease = await read_lease(store, self.keys)
+            if lease is None:
+                raise DestinationError(f"rank 0's lease of {self.url} is missing; another run removed it")
+            self.generation = lease.generation
+        if self.mode == "resume":
+            recorded = await read_records(store, self.keys, self.generation)
+            if self.format.per_item_objects:
+                self.handoff.stored = {record.path for record in recorded.values()}
+            else:  # rows of an array or a table
+                self.handoff.stored = {self.key.render(i) for i in recorded}
 
-async def check_lease(store: Store, keys: ControlKeys, lease: Lease) -> None:
-    """Raise :class:`CommitError` unless ``lease`` is still the output's lease."""
-    held = await read_lease(store, keys)
-    if held is None or held.run != lease.run:
-        who = held.describe() if held is not None else "nobody (the lease is gone)"
-        raise CommitError(f"{store.url} is no longer owned by this run ({lease.run}): it is held by {who}")
+    async def keep_lease(self) -> None:
+        """Rank 0: renew the lease while the run lives; losing it fails the run (another run took the output)."""
+        store = self.store
+        assert store is not None
+        renewed_at = time.monotonic()
+        with anyio.CancelScope() as self._renewal:
+            while True:
+                await anyio.sleep(RENEW_SECONDS)
+                async with self._lease_lock:
+                    if self.lease is None:
+                        return
+                    try:
+                        self.lease = await renew_lease(store, self.keys, self.lease)
+                        renewed_at = time.monotonic()
+                    except CommitError as exc:
+                        self.handoff.fail(exc, [])
+                        return
+                    except Exception as exc:
+                        if time.monotonic() - renewed_at > LEASE_SECONDS:
+                            self.handoff.fail(CommitError(f"could not renew the lease of {self.url}: {exc!r}"), [])
+                            return
+                        logger.warning("renewing the lease of %s failed, trying again: %r", self.url, exc)
+
+    def stop_renewing(self) -> None:
+        """On the loop: end :meth:`keep_lease` (the run is ending; :meth:`release` gives the lease up)."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+
+    async def release(self, *, committed: bool) -> None:
+        """Give the output up: delete the lease once the run committed, or aborted while writing (its parts say
+        which generation a resumed run continues); an abort before that leaves it marked released, so that a
+        resumed run knows the earlier output may be half removed and starts a new generation."""
+        store = self.store
+        if store is None:
+            return
+        async with self._lease_lock:
+            lease, self.lease = self.lease, None
+            if lease is None:
+                return
+            held = await read_lease(store, self.keys)
+            if held is None or held.run != lease.run:
+                return
+            if committed or lease.state == "running":
+                await store.delete([self.keys.lease])
+            else:
+                await store.put(self.keys.lease, [lease.renewed(released=True).to_bytes()])
+
+    async def release_briefly(self, timeout: float | None) -> None:
+        """Best effort, briefly: an abort is prompt, and a lease left behind runs out on its own."""
+        with anyio.move_on_after(min(timeout or _RELEASE_SECONDS, _RELEASE_SECONDS)):
+            await self.release(committed=False)  # (a no-op after a commit, which deleted it)
+
+    async def commit(self, writer: FormatWriter | None, summary: Mapping[str, Any], *, durable: bool) -> dict[str, Any]:
+        """Rank 0, once every rank flushed: finish the format's output, merge the manifest, write ``_SUCCESS``."""
+        store = self.store
+        assert store is not None and self.generation is not None and self.lease is not None
+        keys = self.keys
+        if writer is not None:
+            await writer.commit(await read_records(store, keys, self.generation))
+            if durable:  # (what the format wrote at commit, a zarr array's metadata say; tables fsync their own)
+                await store.sync()
+        count, nbytes = await merge_parts(store, keys, self.generation)
+        result = {**summary, "count": count, "bytes": nbytes}
+        # Only the run that owns the output commits; the marker goes last (S3 has no rename), and then the
+        # output is given up.
+        await check_lease(store, keys, self.lease)
+        await write_success(store, keys, result)
+        try:
+            await self.release(committed=True)
+        except Exception as exc:  # committed all the same: the lease runs out on its own
+            logger.warning("committed %s, but its lease could not be removed: %r", self.url, exc)
+        return result
 
 
 def owned_key(key: str, fmt: Format, template: KeyTemplate) -> bool:

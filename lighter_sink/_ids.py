@@ -9,10 +9,21 @@ import unicodedata
 import zlib
 from collections.abc import Sequence
 from numbers import Integral
+from typing import Any
 
-from lighter_sink._errors import IdentifierError
+import torch
 
-__all__ = ["KeyTemplate", "RankCounter", "is_numeric_id", "validate_identifier", "validate_identifiers"]
+from lighter_sink._errors import ConfigurationError, IdentifierError, PredictionError
+
+__all__ = [
+    "CounterIds",
+    "KeyTemplate",
+    "RankCounter",
+    "as_id_list",
+    "is_numeric_id",
+    "validate_identifier",
+    "validate_identifiers",
+]
 
 # A format spec that writes a number's digits in one base, at most signed, prefixed, grouped or padded with zeros
 # or spaces on the left (no fill character, no alignment), and refuses text: one-to-one on non-negative ints.
@@ -43,6 +54,16 @@ class RankCounter:
         start = self._next
         self._next += count * self.world_size
         return range(start, self._next, self.world_size)
+
+
+class CounterIds(list[str]):
+    """Ids a :class:`RankCounter` handed out, as text: valid keys that never repeat within a run.
+
+    A sink takes them without validating each id again, and without checking them against the ids it saw when
+    distinct ids give distinct keys (an injective key template): the predict loop's hot path.
+    """
+
+    __slots__ = ()
 
 
 def is_numeric_id(identifier: str) -> bool:
@@ -124,7 +145,6 @@ class KeyTemplate:
     """
 
     def __init__(self, template: str = "{id}") -> None:
-        from lighter_sink._errors import ConfigurationError
 
         if not isinstance(template, str) or not template:
             raise ConfigurationError(f"key must be a non-empty format string such as '{{id}}', got {template!r}")
@@ -211,3 +231,22 @@ class KeyTemplate:
                 f"key template {self.template!r} cannot format the id {identifier!r}{text}: {exc}"
             ) from None
         return validate_identifier(key)
+
+
+def as_id_list(ids: Any, key: str) -> list[Any]:
+    """The ids an output entry ``key`` holds, as a list: a 1-d integer tensor or a sequence.
+
+    Raises:
+        PredictionError: anything else (a float tensor, a string, a 2-d tensor).
+    """
+    if isinstance(ids, torch.Tensor):
+        # (the dtype's flag, not Tensor.is_floating_point(): torch gives up the GIL in that call, and getting it
+        # back from the sink's busy threads costs the predict loop milliseconds)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.ndim != 1:
+            raise PredictionError(
+                f"id_key {key!r} must hold a 1-d integer tensor or a list, got {ids.dtype} {tuple(ids.shape)}"
+            )
+        return [int(i) for i in ids.tolist()]
+    if isinstance(ids, Sequence) and not isinstance(ids, str | bytes):
+        return list(ids)
+    raise PredictionError(f"id_key {key!r} must hold a list of ids or an integer tensor, got {type(ids).__name__}")

@@ -10,15 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lighter_sink._errors import CommitError
 from lighter_sink._ids import is_numeric_id
+from lighter_sink._layout import ControlKeys
+from lighter_sink._store import Store
 from lighter_sink._types import Record, decode_records
-
-if TYPE_CHECKING:
-    from lighter_sink._commit import ControlKeys
-    from lighter_sink._store import Store
 
 __all__ = [
     "MANIFEST",

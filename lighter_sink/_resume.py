@@ -8,8 +8,10 @@ from typing import Any, TypeVar
 import anyio
 from torch.utils.data import Dataset, Subset
 
-from lighter_sink._commit import ControlKeys, orphan_records, read_lease, stored_generation
+from lighter_sink._commit import orphan_records
 from lighter_sink._ids import KeyTemplate
+from lighter_sink._layout import ControlKeys
+from lighter_sink._lease import read_lease, stored_generation
 from lighter_sink._manifest import read_records
 from lighter_sink._store import open_store
 from lighter_sink.formats import Format, get_format

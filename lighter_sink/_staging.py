@@ -23,7 +23,7 @@ import torch
 
 from lighter_sink._errors import PredictionError
 
-__all__ = ["BufferPool", "HostBatch", "stage"]
+__all__ = ["BufferPool", "HostBatch", "count_samples", "stage"]
 
 _NUMPY_DTYPES = frozenset(
     {
@@ -277,3 +277,24 @@ def _waiter(events: list[torch.cuda.Event]) -> Callable[[], None] | None:
             event.synchronize()
 
     return wait
+
+
+def count_samples(values: object) -> int:
+    """The number of samples in a batch of predictions (dim 0, or a list's length).
+
+    Raises:
+        PredictionError: neither a batched tensor nor a list of tensors.
+    """
+    if isinstance(values, list | tuple):
+        return len(values)
+    if isinstance(values, torch.Tensor) and values.is_nested:
+        return values.size(0)  # (a nested tensor has no shape; staging refuses it with the reason)
+    shape = getattr(values, "shape", None)
+    if shape is None:
+        raise PredictionError(
+            f"predictions must be a batched tensor or a list of tensors, got {type(values).__name__}; "
+            "return tensors from predict_step, or a dict and name the entry with value_key"
+        )
+    if len(shape) == 0:
+        raise PredictionError("the prediction batch is a 0-dim tensor; expected a batch with samples along dim 0")
+    return int(shape[0])

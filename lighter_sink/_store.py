@@ -194,6 +194,11 @@ class Store(ABC):
     #: thread (they save a thread hop per group), or None when writes must go through :meth:`put_many`.
     #: ``since`` is the :attr:`fence_epoch` taken when the caller's work began (default: when this call began).
     write_many: Callable[..., list[BaseException | None]] | None = None
+
+    @property
+    def supports_write_many(self) -> bool:
+        return self.write_many is not None
+
     #: Bounds the worker threads this store's I/O may occupy.
     limiter: anyio.CapacityLimiter | None = None
 

@@ -24,9 +24,11 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from lighter_sink._checksum import crc32
-from lighter_sink._commit import ControlKeys, current_generation, owned_key
+from lighter_sink._commit import owned_key
 from lighter_sink._errors import ConfigurationError, IdentifierError
 from lighter_sink._ids import KeyTemplate, is_numeric_id, validate_identifier
+from lighter_sink._layout import ControlKeys
+from lighter_sink._lease import current_generation
 from lighter_sink._manifest import id_order, read_records, sorted_ids
 from lighter_sink._store import RetryPolicy, Store, open_store
 from lighter_sink._types import Record, decode_records

@@ -22,14 +22,15 @@ import numbers
 import os
 import posixpath
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from typing_extensions import override
 
-from lighter_sink._callback import PredictionSink, _as_id_list
+from lighter_sink._callback import PredictionSink
+from lighter_sink._config import SinkOptions
 from lighter_sink._errors import ConfigurationError, FormatNotFoundError, PredictionError
-from lighter_sink._sink import DEFAULT_CONCURRENCY, DEFAULT_MAX_QUEUE_BYTES, Mode
+from lighter_sink._ids import as_id_list
 from lighter_sink._store import is_local_url
 from lighter_sink.formats import CsvFormat, Format, FunctionFormat, WriterFunction, available_formats, get_format
 from lighter_sink.formats._image import require_pillow
@@ -80,14 +81,8 @@ class FileWriter(PredictionSink):
         name_key: the entry holding per-sample names (ints or strings, ``/`` makes sub-directories).
         extension: for a writer function, the suffix of the files it writes when it declares no ``suffix``
             parameter.
-        storage_options: passed to fsspec (credentials, ``endpoint_url``); never logged.
-        max_queue_bytes: host bytes queued before the predict loop is made to wait.
-        concurrency: writes in flight.
-        retries: attempts per file for transient storage errors.
-        timeout: seconds one write attempt may take.
-        mode: ``"overwrite"`` (Lighter's behaviour), ``"resume"`` or ``"error"``.
-        copy: copy each batch's predictions at the end of its step, so a model may reuse its output buffers;
-            ``False`` saves the copy when predict_step returns fresh tensors (see :class:`~lighter_sink.Sink`).
+        **options: the options every entry point shares, documented in :class:`~lighter_sink.SinkConfig`
+            (``storage_options``, ``concurrency``, ``mode``: ``"overwrite"`` is Lighter's behaviour, ``copy``, ...).
 
     Raises:
         FormatNotFoundError: ``writer_fn`` names no writer nor format; the message lists them.
@@ -104,26 +99,10 @@ class FileWriter(PredictionSink):
         name_key: str | None = None,
         *,
         extension: str | None = None,
-        storage_options: Mapping[str, Any] | None = None,
-        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        retries: int = 5,
-        timeout: float | None = 60.0,
-        mode: Mode = "overwrite",
-        copy: bool = True,
+        **options: Unpack[SinkOptions],
     ) -> None:
         super().__init__(
-            directory,
-            format=_resolve(writer_fn, extension),
-            storage_options=storage_options,
-            value_key=value_key,
-            id_key=name_key,
-            max_queue_bytes=max_queue_bytes,
-            concurrency=concurrency,
-            retries=retries,
-            timeout=timeout,
-            mode=mode,
-            copy=copy,
+            directory, format=_resolve(writer_fn, extension), value_key=value_key, id_key=name_key, **options
         )
         self.writer_fn = writer_fn
 
@@ -171,12 +150,9 @@ class CsvWriter(PredictionSink):
     Args:
         path: the CSV file: a local path or an fsspec url (``s3://bucket/run/predictions.csv``).
         keys: the entries of the ``predict_step`` output dict to write, as Lighter's ``keys``.
-        storage_options: passed to fsspec (credentials, ``endpoint_url``); never logged.
-        max_queue_bytes: host bytes queued before the predict loop is made to wait.
-        concurrency: writes in flight.
-        retries: attempts per part for transient storage errors.
-        timeout: seconds one write attempt may take.
-        mode: ``"overwrite"`` (Lighter's behaviour), ``"resume"`` or ``"error"``.
+        **options: the options every entry point shares, documented in :class:`~lighter_sink.SinkConfig`
+            (``storage_options``, ``concurrency``, ``mode``: ``"overwrite"`` is Lighter's behaviour, ...).
+            ``copy`` defaults to ``False`` here: the columns are stacked into a new tensor every batch already.
 
     Raises:
         ConfigurationError: ``keys`` names no output besides ``id``, repeats a key, or ``path`` names no file.
@@ -186,13 +162,7 @@ class CsvWriter(PredictionSink):
         self,
         path: str | os.PathLike[str],
         keys: Sequence[str],
-        *,
-        storage_options: Mapping[str, Any] | None = None,
-        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        retries: int = 5,
-        timeout: float | None = 60.0,
-        mode: Mode = "overwrite",
+        **options: Unpack[SinkOptions],
     ) -> None:
         if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
             raise ConfigurationError(f"keys must be a list of output names, got {keys!r}")
@@ -202,17 +172,8 @@ class CsvWriter(PredictionSink):
             raise ConfigurationError(f"keys must name at least one output besides 'id', got {self.keys!r}")
         self._path = os.fspath(path)
         directory, name = _split_path(self._path)
-        super().__init__(
-            directory,
-            format=CsvFormat(columns=self.value_keys, filename=name),
-            storage_options=storage_options,
-            max_queue_bytes=max_queue_bytes,
-            concurrency=concurrency,
-            retries=retries,
-            timeout=timeout,
-            mode=mode,
-            copy=False,  # (_split stacks the columns into a new tensor every batch: the sink's own already)
-        )
+        options.setdefault("copy", False)  # (split_outputs stacks the columns into a new tensor every batch)
+        super().__init__(directory, format=CsvFormat(columns=self.value_keys, filename=name), **options)
 
     @property
     def path(self) -> str:
@@ -223,7 +184,7 @@ class CsvWriter(PredictionSink):
         return f"CsvWriter({self._path!r}, keys={self.keys!r})"
 
     @override
-    def _split(self, outputs: Any) -> tuple[Any, list[Any] | None]:
+    def split_outputs(self, outputs: Any) -> tuple[Any, list[Any] | None]:
         if not isinstance(outputs, Mapping):
             raise PredictionError(
                 f"CsvWriter needs predict_step to return a dict with the keys {self.keys}, got {type(outputs).__name__}"
@@ -233,7 +194,7 @@ class CsvWriter(PredictionSink):
             raise PredictionError(
                 f"CsvWriter keys {missing} are not in the predict_step output; keys: {sorted(map(str, outputs))}"
             )
-        ids = _as_id_list(outputs["id"], "id") if "id" in self.keys and "id" in outputs else None
+        ids = as_id_list(outputs["id"], "id") if "id" in self.keys and "id" in outputs else None
         count = len(ids) if ids is not None else _batch_size(outputs, self.value_keys)
         columns = [_column(outputs[k], k, count) for k in self.value_keys]
         widths = {tuple(c.shape[1:]) for c in columns}

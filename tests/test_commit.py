@@ -227,7 +227,7 @@ def test_overwrite_fails_before_writing_when_the_bucket_denies_deletes(
 
 
 def test_a_crashed_runs_lease_on_another_host_is_taken_once_it_expired(tmp_path: Path) -> None:
-    from lighter_sink._commit import LEASE_SECONDS
+    from lighter_sink._lease import LEASE_SECONDS
 
     lease = tmp_path / "_lease.json"
     tmp_path.mkdir(exist_ok=True)

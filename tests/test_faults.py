@@ -511,7 +511,7 @@ def _texts_of_error(error: BaseException) -> list[str]:
 def _texts_of_sink(callback: PredictionSink) -> list[str]:
     sink = callback.sink
     assert sink is not None
-    store = sink._engine._store
+    store = sink._run.engine.store
     assert store is not None
     return [repr(callback), str(callback), repr(sink), repr(store), repr(sink.stats), json.dumps(sink.stats.as_dict())]
 

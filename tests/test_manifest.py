@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from lighter_sink._commit import ControlKeys
 from lighter_sink._errors import CommitError
+from lighter_sink._layout import ControlKeys
 from lighter_sink._manifest import MANIFEST, id_order, merge_parts, sorted_ids
 from lighter_sink._store import open_store
 from lighter_sink._types import Record, encode_records

@@ -288,7 +288,7 @@ def test_abort_winds_down_even_if_an_interrupt_left_the_queue_lock_held() -> Non
     finished = threading.Event()
 
     def interrupted_then_aborted() -> None:
-        sink._engine._cond.acquire()  # what the interrupted `with` left behind on the caller's thread
+        sink._run.handoff.cond.acquire()  # what the interrupted `with` left behind on the caller's thread
         sink.abort()
         finished.set()
 
@@ -302,7 +302,7 @@ def test_abort_winds_down_even_if_an_interrupt_left_the_queue_lock_held() -> Non
 def test_put_never_wakes_the_event_loop_from_the_callers_thread() -> None:
     """Waking the loop is a system call that gives up the GIL; the predict loop then waits to get it back."""
     with Sink("memory://sink-test/waker") as sink:
-        loop = sink._engine._loop
+        loop = sink._run._loop
         assert loop is not None
         wakers: list[str] = []
         putting = threading.Event()
@@ -327,7 +327,7 @@ def test_put_never_wakes_the_event_loop_from_the_callers_thread() -> None:
 def test_an_event_loop_that_cannot_be_woken_fails_the_run_instead_of_hanging() -> None:
     sink = Sink("memory://sink-test/closed-loop").open()
     sink.flush()  # the store is open: from here on nothing but the waker calls into the loop from a thread
-    loop = sink._engine._loop
+    loop = sink._run._loop
     assert loop is not None
 
     def closed(*args: object) -> None:

@@ -334,7 +334,7 @@ def test_recycled_staging_buffers_never_change_what_is_stored(tmp_path: Path) ->
     with Sink(tmp_path, max_queue_bytes=3 * 2**20, concurrency=4) as sink:
         put = _put_reused(sink.put_batch, 150)
         sink.flush()
-        pool = sink._engine.pool
+        pool = sink._run.handoff.pool
         assert pool.reused > 50, "the test must exercise recycling"
         assert pool.nbytes <= 3 * 2**20
     wrong = [i for i, value in put.items() if not np.array_equal(np.load(tmp_path / f"{i}.npy"), value)]
@@ -347,7 +347,7 @@ def test_recycling_survives_retried_writes_on_an_object_store() -> None:
     with Sink("faulty://pool/run", storage_options=_faulty.options(plan), max_queue_bytes=3 * 2**20) as sink:
         put = _put_reused(sink.put_batch, 150)
         sink.flush()
-        assert sink._engine.pool.reused > 20
+        assert sink._run.handoff.pool.reused > 20
     assert plan.failures == 12
     wrong = [i for i, value in put.items() if not np.array_equal(_read_npy(plan, i), value)]
     assert not wrong, f"{len(wrong)} of {len(put)} stored predictions differ from what was put: {wrong[:10]}"

@@ -1,0 +1,253 @@
+"""The caller's side of a sink: checking ids, the byte-bounded hand-off to the event loop, and its errors.
+
+``put`` runs on the caller's thread and must cost microseconds: it checks the batch's ids, waits only while the
+queue holds ``max_queue_bytes`` (a condition variable, woken every :data:`WAKE_EVERY` seconds so that Ctrl-C
+stays prompt), appends the batch to an outbox and, when no hand-over is pending, tells the waker thread. The waker
+wakes the event loop, which takes the whole outbox at once: the caller's thread makes no system call and never
+gives up the GIL. The first background error is kept here and raised on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from lighter_sink._errors import IdentifierError, SinkStateError, WriteError
+from lighter_sink._ids import KeyTemplate
+from lighter_sink._staging import BufferPool, HostBatch
+
+__all__ = ["WAKE_EVERY", "Batch", "Handoff", "wait_for"]
+
+logger = logging.getLogger(__name__)
+
+# The caller's thread never blocks without a timeout: a signal (Ctrl-C) may be delivered to any thread, and a
+# main thread blocked in a lock is not woken by one that went elsewhere; waking up this often lets the
+# interpreter raise KeyboardInterrupt promptly.
+WAKE_EVERY = 0.25
+_FAILED_IDS_KEPT = 100
+T = TypeVar("T")
+
+
+def wait_for(future: Future[T]) -> T:
+    """``future.result()``, waited for in slices so that the calling thread stays interruptible."""
+    while True:
+        try:
+            return future.result(timeout=WAKE_EVERY)
+        except TimeoutError:
+            if future.done():
+                raise  # the call itself raised TimeoutError
+            continue
+
+
+@dataclass(slots=True)
+class Batch:
+    ids: list[str]
+    keys: list[str]  # object keys without the extension
+    host: HostBatch
+
+
+class Handoff:
+    """The queue between the caller and the loop, bounded in host bytes, with the run's first error.
+
+    Every field is guarded by :attr:`cond` (a reentrant condition): the caller's thread, the waker and the loop's
+    workers all take it, briefly.
+    """
+
+    def __init__(self, url: str, max_queue_bytes: int, key: KeyTemplate, suffix: str) -> None:
+        self.url = url
+        self.max_queue_bytes = max_queue_bytes
+        self.key = key
+        self.suffix = suffix  # what a key needs to be an object path (the extension of per-item formats)
+        self.cond = threading.Condition()
+        self.pool = BufferPool()  # staging buffers of stored batches, for later puts to copy into
+        self.held_bytes = 0
+        self.pending = 0
+        self.high_water = 0
+        self.stall = 0.0
+        self.batches = 0
+        self.failed_count = 0
+        self.skipped = 0
+        self.error: BaseException | None = None
+        self.open_error: BaseException | None = None  # the url could not be prepared (a deferred open)
+        self._error_count = 0
+        self._failed_ids: list[str] = []
+        self._stopping = ""  # why put refuses batches from now on: "aborted" or "committing"
+        self._seen: dict[str, str] = {}  # key -> the id put under it in this run, for ids that are checked
+        self.stored: set[str] | None = None  # resume: object paths already in storage
+        # Batches put but not yet on the event loop. While a hand-over is scheduled and the loop is busy, puts
+        # only append here, so one loop wake-up carries many batches and put never waits for the loop.
+        self._outbox: list[Batch] = []
+        self._hand_over_scheduled = False
+        self._wakes: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._waker: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ ids
+
+    def check_unique(self, ids: Sequence[str], keys: Sequence[str]) -> None:
+        """Refuse an id already put in this run, and two ids with one key (in this run or in this batch).
+
+        Two such ids would write one object, and the manifest would list both at its path: one prediction lost.
+        The ids of a batch are distinct (``validate_identifiers``), so its keys are too when the template is
+        injective.
+        """
+        seen = self._seen
+        if not seen.keys().isdisjoint(keys):  # one lookup per key, in C; the loop only names the culprit
+            for identifier, key in zip(ids, keys, strict=True):
+                owner = seen.get(key)
+                if owner is not None:
+                    raise self._collision(owner, identifier, key)
+        if not self.key.injective and len(set(keys)) != len(keys):
+            first: dict[str, str] = {}
+            for identifier, key in zip(ids, keys, strict=True):
+                owner = first.setdefault(key, identifier)
+                if owner != identifier:
+                    raise self._collision(owner, identifier, key)
+
+    def _collision(self, owner: str, identifier: str, key: str) -> IdentifierError:
+        if owner == identifier:
+            return IdentifierError(f"identifier {identifier!r} was already put in this run; ids must be unique")
+        return IdentifierError(
+            f"identifiers {owner!r} and {identifier!r} both give the key {key!r} (key template "
+            f"{self.key.template!r}); each id needs a key of its own"
+        )
+
+    def claim(self, ids: Sequence[str], keys: Sequence[str]) -> None:
+        self._seen.update(zip(keys, ids, strict=True))
+
+    def split_stored(self, keys: Sequence[str]) -> list[int]:
+        """Resume: the positions whose object is not stored yet (all of them in the other modes)."""
+        stored = self.stored
+        if stored is None:
+            return list(range(len(keys)))
+        suffix = self.suffix
+        write = [position for position, key in enumerate(keys) if key + suffix not in stored]
+        with self.cond:
+            self.skipped += len(keys) - len(write)
+        return write
+
+    # ------------------------------------------------------------------ the hand-off
+
+    def submit(self, batch: Batch) -> None:
+        """Wait for room, then add ``batch`` to the outbox and wake the loop if no hand-over is pending."""
+        nbytes = batch.host.nbytes
+        with self.cond:
+            waited_from = None
+            while (
+                self.error is None
+                and not self._stopping
+                and self.held_bytes > 0
+                and self.held_bytes + nbytes > self.max_queue_bytes
+            ):
+                if waited_from is None:
+                    waited_from = time.perf_counter()
+                self.cond.wait(WAKE_EVERY)
+            if waited_from is not None:
+                self.stall += time.perf_counter() - waited_from
+            if self._stopping:
+                raise SinkStateError(
+                    f"put() raced {'abort' if self._stopping == 'aborted' else 'commit'}(): {self.url} is "
+                    f"{self._stopping}; the batch was not queued"
+                )
+            self.raise_if_failed()
+            self.held_bytes += nbytes
+            self.pending += 1
+            self.batches += 1
+            self.high_water = max(self.high_water, self.held_bytes)
+            self._outbox.append(batch)
+            if self._hand_over_scheduled:
+                return
+            self._hand_over_scheduled = True
+        # The waker thread wakes the loop: the caller's thread never gives up the GIL here. Waking the loop
+        # itself (call_soon_threadsafe writes to a socket) releases the GIL for the system call, and on a busy
+        # machine the caller then waited milliseconds to get it back from the loop and the encoders.
+        self._wakes.put(True)
+
+    def take(self) -> list[Batch]:
+        """On the loop: every batch handed over so far (the next put schedules a new hand-over)."""
+        with self.cond:
+            batches, self._outbox = self._outbox, []
+            self._hand_over_scheduled = False
+        return batches
+
+    def start_waker(self, loop: asyncio.AbstractEventLoop, hand_over: Callable[[], None]) -> None:
+        """Start the waker thread: one ``hand_over`` call on ``loop`` per hand-over that :meth:`submit` scheduled."""
+
+        def wake() -> None:
+            while self._wakes.get():
+                try:
+                    # Not portal.start_task_soon: it waits for the loop to accept the task. This only wakes it.
+                    loop.call_soon_threadsafe(hand_over)
+                except RuntimeError as exc:  # the loop is closed: nothing queued can be written any more
+                    self.fail(exc, [])
+                    return
+
+        self._waker = threading.Thread(target=wake, name="lighter-sink-waker", daemon=True)
+        self._waker.start()
+
+    def stop_waker(self) -> None:
+        """Every hand-over scheduled so far reaches the loop before this returns."""
+        waker, self._waker = self._waker, None
+        if waker is not None:
+            self._wakes.put(False)
+            while waker.is_alive():
+                waker.join(WAKE_EVERY)
+
+    def stop(self, reason: str) -> None:
+        """Refuse every later put (``reason``: "aborted" or "committing"), waking one that waits for room."""
+        with self.cond:
+            self._stopping = reason
+            self.cond.notify_all()
+
+    def release(self, nbytes: int, recycle: list[np.ndarray] | None = None) -> None:
+        """Free a batch's place in the queue. ``recycle``: its staging buffers, given only once every object made
+        from them was stored at the first attempt (a write that failed or timed out may still read them)."""
+        with self.cond:
+            self.held_bytes -= nbytes
+            self.pending -= 1
+            if recycle is not None:  # (pooled and queued bytes together stay within max_queue_bytes)
+                self.pool.give_back(recycle, self.max_queue_bytes - self.held_bytes)
+            self.cond.notify_all()
+
+    def drop_all(self) -> None:
+        """The loop's workers were cancelled: what was queued will never be written; wake any put waiting."""
+        with self.cond:
+            self.held_bytes = self.pending = 0
+            self.cond.notify_all()
+
+    def wait_drained(self) -> None:
+        with self.cond:
+            while self.pending and self.error is None:
+                self.cond.wait(WAKE_EVERY)
+        self.raise_if_failed()
+
+    # ------------------------------------------------------------------ errors
+
+    def fail(self, exc: BaseException, keys: Sequence[str]) -> None:
+        with self.cond:
+            self.failed_count += len(keys)
+            if len(self._failed_ids) < _FAILED_IDS_KEPT:
+                self._failed_ids.extend(keys[: _FAILED_IDS_KEPT - len(self._failed_ids)])
+            if self.error is None:
+                self.error = exc
+                logger.error("writing to %s failed: %s: %s", self.url, type(exc).__name__, exc)
+            else:
+                self._error_count += 1
+            self.cond.notify_all()
+
+    def raise_if_failed(self) -> None:
+        error = self.error
+        if error is None:
+            return
+        if self.open_error is not None:
+            raise self.open_error  # the url could not be prepared: that error, as the caller would have had it
+        reason = f"{type(error).__name__}: {error}"
+        raise WriteError(self.url, self._failed_ids, reason, failures=1 + self._error_count) from error

@@ -1,0 +1,65 @@
+"""What a sink reports: a consistent snapshot of its counters, and the three figures a progress bar shows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+__all__ = ["SinkProgress", "SinkStats", "percentile"]
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStats:
+    """A snapshot of what the sink did so far.
+
+    Attributes:
+        items: predictions stored.
+        bytes: encoded bytes stored.
+        batches: batches handed to ``put``/``put_batch``.
+        stall_seconds: time ``put`` spent blocked because the queue was full.
+        queue_bytes: host bytes queued or being written right now.
+        queue_high_water_bytes: the most host bytes ever held at once.
+        write_seconds_p50: median time to write one group of objects.
+        write_seconds_p99: 99th percentile of the same.
+        retries: transient storage errors that were retried.
+        failed: predictions that could not be stored.
+        skipped: predictions not written because an earlier run stored them (``mode="resume"``).
+        elapsed_seconds: time since the sink was opened.
+    """
+
+    items: int
+    bytes: int
+    batches: int
+    stall_seconds: float
+    queue_bytes: int
+    queue_high_water_bytes: int
+    write_seconds_p50: float | None
+    write_seconds_p99: float | None
+    retries: int
+    failed: int
+    skipped: int
+    elapsed_seconds: float
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / 1e6 / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mb_per_second": self.mb_per_second}
+
+
+class SinkProgress(NamedTuple):
+    """What a progress bar shows, cheaply (no latency percentiles): see :meth:`~lighter_sink.Sink.progress`."""
+
+    queue_bytes: int
+    mb_per_second: float
+    stall_seconds: float
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
