@@ -40,9 +40,9 @@ class RankCounter:
 
     def __init__(self, rank: int = 0, world_size: int = 1) -> None:
         if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
+            raise ConfigurationError(f"world_size must be >= 1, got {world_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+            raise ConfigurationError(f"rank must be in [0, {world_size}), got {rank}")
         self.rank = rank
         self.world_size = world_size
         self._next = rank
@@ -50,7 +50,7 @@ class RankCounter:
     def take(self, count: int) -> range:
         """Reserve ``count`` consecutive ids of this rank and return them."""
         if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
+            raise ConfigurationError(f"count must be >= 0, got {count}")
         start = self._next
         self._next += count * self.world_size
         return range(start, self._next, self.world_size)
