@@ -644,8 +644,6 @@ class _Engine:
         )
         if not self.format.per_item_objects:
             context = WriterContext(
-                url=self.url,
-                storage_options=self.storage_options,
                 store=self._store,
                 rank=self.rank,
                 world_size=self.world_size,
