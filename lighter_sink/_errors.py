@@ -5,7 +5,9 @@ catch precisely (``except ValueError`` for bad input, ``except OSError`` for sto
 
     SinkError
     ├── ConfigurationError (ValueError)       a bad argument, caught at construction
-    │   └── FormatNotFoundError (KeyError)    an unknown format name
+    │   ├── FormatNotFoundError (KeyError)    an unknown format name
+    │   └── MissingDependencyError            a format needs an optional package that is not installed
+    │       (ImportError)
     ├── PredictionError (ValueError)          a prediction that cannot be stored (type, dtype, shape, lengths)
     ├── IdentifierError (ValueError)          an identifier that cannot become an object key, or a duplicate
     ├── DestinationError (OSError)            the url cannot be used (a regular file, not empty in mode="error", ...)
@@ -28,6 +30,7 @@ __all__ = [
     "DestinationError",
     "FormatNotFoundError",
     "IdentifierError",
+    "MissingDependencyError",
     "PredictionError",
     "SinkError",
     "SinkStateError",
@@ -49,6 +52,21 @@ class FormatNotFoundError(ConfigurationError, KeyError):
     def __str__(self) -> str:
         # KeyError quotes its argument; this message is a sentence.
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(ConfigurationError, ImportError):
+    """A format needs an optional package that is not installed; the message names the extra to install.
+
+    Both a :class:`ConfigurationError` (the choice of format cannot work here) and an :class:`ImportError`
+    (what Python raises for a missing package), so code catching either keeps working.
+
+    Attributes:
+        name: the missing package's import name (``"zarr"``, ``"PIL"``), as :class:`ImportError` has it.
+    """
+
+    def __init__(self, message: str, *, name: str | None = None) -> None:
+        # ImportError's own initialiser: the first in the order of bases (ValueError's) takes no ``name``
+        ImportError.__init__(self, message, name=name)
 
 
 class PredictionError(SinkError, ValueError):

@@ -309,8 +309,6 @@ class Run:
         self.engine.store = self.ownership.store = store
         if not config.format.per_item_objects:
             context = WriterContext(
-                url=self.url,
-                storage_options=config.storage_options,
                 store=store,
                 rank=self.rank,
                 world_size=self.world_size,

@@ -5,15 +5,28 @@
 * :class:`ObjectStore` and :class:`Output`: the narrow interface a format that streams or updates in place (tables,
   zarr) gets to the sink's store. It has no url and no credentials: the sink opened the store, with its retries,
   timeouts and statistics, and every byte a format stores goes through it.
+* :class:`Problem`: one thing ``verify`` found wrong with an output; formats that check their own rows (tables,
+  zarr) report them too.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol
 
-__all__ = ["CHECKSUM", "Buffer", "ObjectStore", "Output", "Record", "decode_records", "encode_records"]
+__all__ = [
+    "CHECKSUM",
+    "Buffer",
+    "ObjectStore",
+    "Output",
+    "Problem",
+    "ProblemKind",
+    "Record",
+    "decode_records",
+    "encode_records",
+]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -100,3 +113,30 @@ class ObjectStore(Protocol):
     def open_output(self, key: str) -> Output:
         """An object to write piece by piece, streamed where the store can (a local file), else held and put."""
         ...
+
+
+ProblemKind = Literal[
+    "incomplete", "invalid", "mismatch", "missing", "size", "checksum", "unreadable", "duplicate", "unlisted"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with an output.
+
+    Attributes:
+        kind: ``incomplete`` (no ``_SUCCESS``), ``invalid`` (a marker, manifest or record that cannot be parsed
+            or names an unsafe path), ``mismatch`` (``_SUCCESS`` and the manifest disagree), ``missing`` (a
+            recorded object or the manifest is absent), ``size`` / ``checksum`` (an object differs from its
+            record), ``unreadable`` (reading it failed), ``duplicate`` (an id, or one object, listed twice),
+            ``unlisted`` (an object the output's format and key could have written that the manifest does not
+            list: left by an earlier run, or written by another).
+        path: the object concerned, relative to the url.
+        id: the prediction's identifier, when the problem concerns one prediction.
+        detail: what was expected and what was found.
+    """
+
+    kind: ProblemKind
+    path: str
+    id: str | None
+    detail: str

@@ -4,20 +4,20 @@ Both work from what the sink leaves under the url (``_SUCCESS``, ``_manifest.jso
 same stores the sink writes with, so every fsspec url and storage option the sink accepts works here too.
 Nothing is printed: the functions return results and the command line formats them.
 
-Records of formats without one object per prediction are rows: a row of the ``zarr`` array (its record's path
-is the row's chunk key; the row is read back through zarr and its raw values checksummed) or a row of a ``csv`` /
-``jsonl`` table (several records share the table's path; the table is parsed and each id's line checksummed).
+Records are checked as the output's format says (:meth:`~lighter_sink.formats.Format.open_check`): an object of
+its own is read whole and compared with its record; the rows of a ``zarr`` array or of a ``csv`` / ``jsonl``
+table are read back by their format. When no marker names the format (an unfinished run), every registered format
+is asked whether the stored records look like its own.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -26,19 +26,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from lighter_sink._checksum import crc32
 from lighter_sink._commit import owned_key
 from lighter_sink._errors import ConfigurationError, IdentifierError
-from lighter_sink._ids import KeyTemplate, is_numeric_id, validate_identifier
+from lighter_sink._ids import KeyTemplate, validate_identifier
 from lighter_sink._layout import ControlKeys
 from lighter_sink._lease import current_generation
 from lighter_sink._manifest import id_order, read_records, sorted_ids
 from lighter_sink._store import RetryPolicy, Store, open_store
-from lighter_sink._types import Record, decode_records
-from lighter_sink.formats import get_format
+from lighter_sink._types import Problem, ProblemKind, Record, decode_records
+from lighter_sink.formats import CheckContext, RecordCheck, available_formats, get_format
 
 __all__ = ["OutputInfo", "Problem", "ProblemKind", "VerifyResult", "inspect_output", "verify"]
-
-ProblemKind = Literal[
-    "incomplete", "invalid", "mismatch", "missing", "size", "checksum", "unreadable", "duplicate", "unlisted"
-]
 
 #: ``progress(done, total)``: called after every ``progress_every`` objects checked.
 ProgressCallback = Callable[[int, int], None]
@@ -47,28 +43,6 @@ ProgressCallback = Callable[[int, int], None]
 _THREAD_CRC_BYTES = 1 << 20
 # Reads only: a few attempts are enough to ride out throttling without hiding a dead store for minutes.
 _READ_RETRY = RetryPolicy(attempts=3, timeout=60.0)
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing wrong with an output.
-
-    Attributes:
-        kind: ``incomplete`` (no ``_SUCCESS``), ``invalid`` (a marker, manifest or record that cannot be parsed
-            or names an unsafe path), ``mismatch`` (``_SUCCESS`` and the manifest disagree), ``missing`` (a
-            recorded object or the manifest is absent), ``size`` / ``checksum`` (an object differs from its
-            record), ``unreadable`` (reading it failed), ``duplicate`` (an id, or one object, listed twice),
-            ``unlisted`` (an object the output's format and key could have written that the manifest does not
-            list: left by an earlier run, or written by another).
-        path: the object concerned, relative to the url.
-        id: the prediction's identifier, when the problem concerns one prediction.
-        detail: what was expected and what was found.
-    """
-
-    kind: ProblemKind
-    path: str
-    id: str | None
-    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,20 +140,20 @@ def verify(
         Every problem found; ``result.ok`` is true when there is none.
 
     Raises:
-        ValueError: ``concurrency`` or ``progress_every`` is not positive.
+        ConfigurationError: ``concurrency`` or ``progress_every`` is not positive (a :class:`ValueError`).
         OSError: the marker or the manifest could not be read for another reason than being absent
             (denied access, unreachable endpoint, ...).
     """
     if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        raise ConfigurationError(f"concurrency must be >= 1, got {concurrency}")
     if progress_every < 1:
-        raise ValueError(f"progress_every must be >= 1, got {progress_every}")
+        raise ConfigurationError(f"progress_every must be >= 1, got {progress_every}")
     options = dict(storage_options or {})
 
     async def run() -> VerifyResult:
         store = await open_store(url, options, concurrency=concurrency, retry=_READ_RETRY)
         try:
-            return await _verify(store, options, concurrency, progress, progress_every)
+            return await _verify(store, concurrency, progress, progress_every)
         finally:
             await store.aclose()
 
@@ -239,7 +213,6 @@ def _outputs(listing: Sequence[str]) -> list[ControlKeys]:
 
 async def _verify(
     store: Store,
-    options: Mapping[str, Any],
     concurrency: int,
     progress: ProgressCallback | None,
     progress_every: int,
@@ -256,7 +229,7 @@ async def _verify(
             and not any(k.startswith(("_SUCCESS", "_manifest", "_parts/")) for k in listing)
         ):
             continue  # only named outputs live here
-        results.append(await _verify_output(store, keys, listing, options, concurrency, progress, progress_every))
+        results.append(await _verify_output(store, keys, listing, concurrency, progress, progress_every))
     summary = next((summary for summary, *_ in results if summary is not None), None)
     return VerifyResult(
         url=store.url,
@@ -273,7 +246,6 @@ async def _verify_output(  # noqa: PLR0917 - private, called once
     store: Store,
     keys: ControlKeys,
     listing: Sequence[str],
-    options: Mapping[str, Any],
     concurrency: int,
     progress: ProgressCallback | None,
     progress_every: int,
@@ -314,15 +286,16 @@ async def _verify_output(  # noqa: PLR0917 - private, called once
             )
     problems += _duplicates_and_unlisted(records, summary, listing, keys)
 
-    checks = _Checks(store, options, keys.scratch)
+    checks: list[RecordCheck] = []
     try:
-        await checks.prepare(records, summary.get("format") if summary else None)
+        await _open_checks(store, records, summary.get("format") if summary else None, keys, checks)
         checked, bytes_read, object_problems = await _check_objects(
-            checks.check, records, concurrency, progress, progress_every
+            _dispatch(store, checks), records, concurrency, progress, progress_every
         )
     finally:
-        await checks.aclose()
-    object_problems += checks.problems
+        for check in checks:
+            await check.aclose()
+    object_problems += [problem for check in checks for problem in check.problems]
     object_problems.sort(key=lambda p: (id_order(p.id or ""), p.path))
     return None if marker is None else summary, len(records), checked, bytes_read, [*problems, *object_problems]
 
@@ -394,6 +367,45 @@ async def _check_objects(
     return done, bytes_read, problems
 
 
+async def _open_checks(
+    store: Store, records: Sequence[Record], name: object, keys: ControlKeys, checks: list[RecordCheck]
+) -> None:
+    """Ask the output's format how its records are checked (into ``checks``, to be closed by the caller).
+
+    Without a marker naming a format registered here, each registered format of rows (not one object per
+    prediction) is asked in turn about the records no earlier one took, and answers for those it recognises from
+    what is stored; the rest are checked as objects of their own.
+    """
+    try:
+        formats = None if name is None else [get_format(str(name))]
+    except ConfigurationError:  # a format registered only in the process that wrote the output
+        formats = None
+    if formats is not None:
+        check = await formats[0].open_check(store, records, CheckContext(keys.scratch))
+        checks.extend([check] if check is not None else [])
+        return
+    context = CheckContext(keys.scratch, guessed=True)
+    left = list(records)
+    for fmt in (get_format(n) for n in available_formats()):
+        if not fmt.per_item_objects and left:
+            check = await fmt.open_check(store, left, context)
+            if check is not None:
+                checks.append(check)
+                left = [r for r in left if not check.covers(r)]
+
+
+def _dispatch(store: Store, checks: Sequence[RecordCheck]) -> Callable[[Record], Awaitable[tuple[Problem | None, int]]]:
+    """One record's check: the first format check that covers it, else as an object of its own."""
+
+    async def check(record: Record) -> tuple[Problem | None, int]:
+        for candidate in checks:
+            if candidate.covers(record):
+                return await candidate.check(record)
+        return await _check_one(store, record)
+
+    return check
+
+
 def _crc32(data: bytes) -> int:
     return crc32(data, 0)
 
@@ -421,151 +433,6 @@ async def _check_one(store: Store, record: Record) -> tuple[Problem | None, int]
         detail = f"crc32 is {crc:08x}, the manifest says {expected_crc:08x}"
         return Problem("checksum", record.path, record.id, detail), len(data)
     return None, len(data)
-
-
-class _Checks:
-    """How each record is checked: as an object of its own, a row of the zarr array, or a row of a table."""
-
-    def __init__(self, store: Store, options: Mapping[str, Any], scratch: str) -> None:
-        self._store = store
-        self._options = options
-        self._scratch = scratch
-        self._tables: dict[str, dict[str, list[tuple[int, int]]] | None] = {}
-        self._array: Any = None
-        self._array_missing = False
-        self._chunks: set[str] = set()
-        self._close_zarr: Callable[[], Awaitable[Any]] | None = None
-        #: problems found while preparing: rows of a table that no record lists, ids a table repeats
-        self.problems: list[Problem] = []
-
-    async def prepare(self, records: Sequence[Record], fmt: object) -> None:
-        from lighter_sink.formats._zarr import CHUNKS, METADATA
-
-        per_path = Counter(r.path for r in records)
-        tables = {
-            path
-            for path, count in per_path.items()
-            if count > 1 or (fmt in ("csv", "jsonl") and path.endswith((".csv", ".jsonl")))
-        }
-        for path in sorted(tables):
-            await self._load_table(path, fmt, [r.id for r in records if r.path == path])
-        # without a marker (an incomplete run) the format is unknown: zarr.json at the url says it is an array
-        has_metadata = fmt in ("zarr", None) and await self._store.exists(METADATA)
-        if has_metadata and any(r.path.startswith(CHUNKS + "/") for r in records):
-            await self._open_array()
-        elif fmt == "zarr" and records:
-            self._array_missing = True
-            self.problems.append(
-                Problem("missing", METADATA, None, "rows of a zarr array are recorded; zarr.json is absent")
-            )
-
-    async def _load_table(self, path: str, fmt: object, ids: Sequence[str]) -> None:
-        from lighter_sink.formats._table import CsvFormat, JsonlFormat, TableFormat
-
-        table: TableFormat = JsonlFormat() if fmt == "jsonl" or path.endswith(".jsonl") else CsvFormat()
-        try:
-            data = await self._store.get(path)
-        except FileNotFoundError:
-            # an uncommitted run: its rows are still in the per-rank parts the commit would have merged
-            self._tables[path] = await self._part_rows() if fmt is None else None
-            return
-        lines = data.splitlines(keepends=True)
-        if isinstance(table, CsvFormat):
-            lines = lines[1:]  # the header
-        rows: dict[str, list[tuple[int, int]]] = {}
-        for number, line in enumerate(lines, start=1):
-            try:
-                identifier = table.row_id(line)
-            except (ValueError, KeyError, TypeError, StopIteration) as exc:
-                self.problems.append(Problem("invalid", path, None, f"line {number} cannot be parsed: {exc!r}"))
-                continue
-            rows.setdefault(identifier, []).append((len(line), zlib.crc32(line)))
-        self._tables[path] = rows
-        listed = set(ids)
-        for identifier, found in rows.items():
-            if identifier not in listed:
-                self.problems.append(
-                    Problem("mismatch", path, identifier, "a row of the table the manifest does not list")
-                )
-            elif len(found) > 1:
-                self.problems.append(
-                    Problem("invalid", path, identifier, f"the table holds {len(found)} rows for this id")
-                )
-
-    async def _part_rows(self) -> dict[str, list[tuple[int, int]]] | None:
-        rows: dict[str, list[tuple[int, int]]] = {}
-        keys = [k for k in await self._store.list(self._scratch) if k.endswith(".part")]
-        for key in keys:
-            _header, _, body = (await self._store.get(key)).partition(b"\n")
-            for raw in body.splitlines(keepends=True):
-                encoded_id, _, line = raw.partition(b"\t")
-                rows.setdefault(str(json.loads(encoded_id)), []).append((len(line), zlib.crc32(line)))
-        return rows if keys else None
-
-    async def _open_array(self) -> None:
-        from zarr.api.asynchronous import open_array
-        from zarr.storage import StorePath
-
-        from lighter_sink.formats._zarr import CHUNKS, open_zarr_store
-
-        zarr_store, self._close_zarr = await open_zarr_store(
-            self._store.url, self._options, retry=_READ_RETRY, read_only=True
-        )
-        self._array = await open_array(store=StorePath(zarr_store), zarr_format=3, mode="r")
-        # one listing instead of a request per row: a missing chunk reads back as fill values, not as an error
-        self._chunks = set(await self._store.list(CHUNKS))
-
-    async def check(self, record: Record) -> tuple[Problem | None, int]:
-        if record.path in self._tables:
-            return self._check_row(record)
-        if self._array is not None or self._array_missing:
-            from lighter_sink.formats._zarr import CHUNKS
-
-            if record.path.startswith(CHUNKS + "/"):
-                return await self._check_array_row(record)
-        return await _check_one(self._store, record)
-
-    def _check_row(self, record: Record) -> tuple[Problem | None, int]:
-        rows = self._tables[record.path]
-        if rows is None:
-            return Problem("missing", record.path, record.id, "the table holding this row is absent"), 0
-        found = rows.get(record.id)
-        if not found:
-            return Problem("missing", record.path, record.id, "recorded in the manifest but not in the table"), 0
-        # parts of an uncommitted run may also hold stale copies of a row: one copy must match
-        problems = [(_compare(record, nbytes, crc), nbytes) for nbytes, crc in found]
-        return next((p for p in problems if p[0] is None), problems[0])
-
-    async def _check_array_row(self, record: Record) -> tuple[Problem | None, int]:
-        from lighter_sink.formats._zarr import row_checksum
-
-        if self._array is None or record.path not in self._chunks:
-            return Problem("missing", record.path, record.id, "recorded in the manifest but the chunk is absent"), 0
-        if not is_numeric_id(record.id) or int(record.id) >= self._array.shape[0]:
-            return Problem("invalid", record.path, record.id, f"not a row of an array of {self._array.shape[0]}"), 0
-        row = int(record.id)
-        try:
-            values = await self._array.getitem(slice(row, row + 1))
-        except OSError as exc:
-            return Problem("unreadable", record.path, record.id, f"{type(exc).__name__}: {exc}"), 0
-        nbytes, crc = row_checksum(values[0])
-        return _compare(record, nbytes, crc), nbytes
-
-    async def aclose(self) -> None:
-        if self._close_zarr is not None:
-            await self._close_zarr()
-
-
-def _compare(record: Record, nbytes: int, crc: int) -> Problem | None:
-    try:
-        expected_crc = int(record.crc32, 16)
-    except ValueError as exc:
-        return Problem("invalid", record.path, record.id, f"unusable record: {exc}")
-    if nbytes != record.nbytes:
-        return Problem("size", record.path, record.id, f"has {nbytes} bytes, the manifest says {record.nbytes}")
-    if crc != expected_crc:
-        return Problem("checksum", record.path, record.id, f"crc32 is {crc:08x}, the manifest says {expected_crc:08x}")
-    return None
 
 
 async def _inspect(store: Store) -> OutputInfo:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from lighter_sink import (
     ConfigurationError,
     IdentifierError,
+    MissingDependencyError,
     PredictionError,
     PredictionSink,
     Sink,
@@ -29,6 +31,8 @@ from lighter_sink._demo import DemoModel, SyntheticImages
 from lighter_sink._verify import verify
 from lighter_sink.formats import CsvFormat, JsonlFormat, _table, available_formats
 from lighter_sink.lighter import CsvWriter
+from tests import _faulty
+from tests._proxy import FaultProxy
 from tests.conftest import S3Server
 from tests.conftest import quiet_trainer as _trainer
 
@@ -217,6 +221,74 @@ def test_verify_reads_zarr_rows_back(tmp_path: Path) -> None:
     (tmp_path / "c" / "2" / "0").unlink()
     problems = {(p.id, p.kind) for p in verify(str(tmp_path)).problems}
     assert problems == {("2", "missing"), ("4", "checksum")}
+
+
+def test_zarr_overwrite_replaces_a_stale_array_of_more_dimensions(tmp_path: Path) -> None:
+    # the stale chunks c/i/0/0 put directories where this run's chunks c/i/0 go
+    with Sink(tmp_path, format="zarr", num_samples=4) as sink:
+        sink.put_batch(range(4), torch.ones(4, 2, 3))
+    with Sink(tmp_path, format="zarr", num_samples=4) as sink:
+        sink.put_batch(range(2), torch.full((2, 5), 3.0))
+    array = zarr.open_array(str(tmp_path), mode="r")
+    assert array.shape == (4, 5)
+    np.testing.assert_array_equal(array[:2], np.full((2, 5), 3.0))
+    assert sorted(str(p.relative_to(tmp_path / "c")) for p in (tmp_path / "c").rglob("*") if p.is_file()) == [
+        "0/0",
+        "1/0",
+    ]
+    assert verify(str(tmp_path)).ok
+
+
+def test_zarr_chunk_writes_go_through_the_sinks_store_and_are_retried_one_by_one() -> None:
+    # The first three chunk writes fail with a connection reset: each is retried alone, and counted.
+    plan = _faulty.Plan(
+        fail=ConnectionResetError(errno.ECONNRESET, "reset"), fail_first=3, fail_when=lambda path: "/c/" in path
+    )
+    url = "faulty://zarr-retried"
+    values = torch.arange(40 * 3, dtype=torch.float32).reshape(40, 3)
+    with Sink(url, format="zarr", num_samples=40, storage_options=_faulty.options(plan), retries=3) as sink:
+        sink.put_batch(range(40), values)
+    assert plan.failures == 3
+    assert sink.stats.retries == 3
+    assert sink.stats.failed == 0
+    result = verify(url, _faulty.options(plan))
+    assert result.ok and result.checked == 40, result.problems[:3]
+    stored = zarr.open_array(url, mode="r", storage_options=_faulty.options(plan))
+    np.testing.assert_array_equal(stored[:], values.numpy())
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_zarr_rows_reach_s3_through_a_faulty_network(fault_proxy: FaultProxy, s3_bucket: str, backend: str) -> None:
+    # One in five PUTs answered 503 SlowDown while 150 rows are written: every chunk is retried on its own, so all
+    # arrive (a row write of 64 chunks retried as a whole would almost never get through).
+    url = f"s3://{s3_bucket}/zarr-faulty"
+    options = fault_proxy.storage_options
+    values = torch.arange(150 * 4, dtype=torch.float32).reshape(150, 4)
+    with Sink(url, format="zarr", num_samples=150, storage_options=options, backend=backend, retries=10) as sink:  # type: ignore[arg-type]
+        sink.flush()  # the lease is taken
+        fault_proxy.configure(error_rate=0.2)
+        sink.put_batch(range(150), values)
+        sink.flush()
+        fault_proxy.configure(error_rate=0.0)
+    assert fault_proxy.stats.errors > 0  # the faults really happened
+    assert sink.stats.failed == 0
+    if backend == "fsspec":  # (obstore retries inside its own client, uncounted)
+        assert sink.stats.retries == fault_proxy.stats.errors
+    result = verify(url, options)
+    assert result.ok and result.checked == 150, result.problems[:3]
+    np.testing.assert_array_equal(zarr.open_array(url, mode="r", storage_options=options)[:], values.numpy())
+
+
+def test_zarr_names_the_extra_when_zarr_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "zarr", None)  # None in sys.modules makes the import fail
+    with (
+        pytest.raises(MissingDependencyError, match=r"pip install 'lighter-sink\[zarr\]'") as info,
+        Sink(tmp_path, format="zarr", num_samples=2) as sink,
+    ):
+        sink.put(0, torch.ones(2))
+    assert isinstance(info.value, ImportError) and isinstance(info.value, ConfigurationError)
+    assert info.value.name == "zarr"
 
 
 # ---------------------------------------------------------------------- tables

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from lighter_sink._errors import ConfigurationError, FormatNotFoundError
-from lighter_sink.formats._base import Buffer, EncodedItem, Format, FormatWriter, WriterContext
+from lighter_sink.formats._base import (
+    Buffer,
+    CheckContext,
+    EncodedItem,
+    Format,
+    FormatWriter,
+    RecordCheck,
+    WriterContext,
+)
 from lighter_sink.formats._function import FunctionFormat, WriterFunction
 from lighter_sink.formats._image import PngFormat
 from lighter_sink.formats._npy import NpyFormat
@@ -14,6 +22,7 @@ from lighter_sink.formats._zarr import ZarrFormat
 
 __all__ = [
     "Buffer",
+    "CheckContext",
     "CsvFormat",
     "EncodedItem",
     "Format",
@@ -22,6 +31,7 @@ __all__ = [
     "JsonlFormat",
     "NpyFormat",
     "PngFormat",
+    "RecordCheck",
     "TableFormat",
     "TextFormat",
     "TorchFormat",

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from lighter_sink._errors import PredictionError
-from lighter_sink._types import Buffer, Record
+from lighter_sink._types import Buffer, ObjectStore, Problem, Record
 
-__all__ = ["Buffer", "EncodedItem", "Format", "FormatWriter", "WriterContext"]
+__all__ = [
+    "Buffer",
+    "CheckContext",
+    "EncodedItem",
+    "Format",
+    "FormatWriter",
+    "RecordCheck",
+    "WriterContext",
+    "record_problem",
+]
 
 
 @dataclass(slots=True)
@@ -35,12 +44,11 @@ class EncodedItem:
 
 @dataclass(frozen=True, slots=True)
 class WriterContext:
-    """What a :class:`FormatWriter` knows of the run (built on the sink's event loop).
+    """What a :class:`FormatWriter` knows of the run (built on the sink's event loop): no url, no credentials.
 
     Attributes:
-        url: the sink's url.
-        storage_options: fsspec options (credentials: never log them).
-        store: the sink's store for ``url``, to write part objects with (``await store.put(key, [bytes])``).
+        store: the sink's store, by key relative to the url (``await store.put(key, [bytes])``); every call is
+            bounded, retried and counted by the sink's policy.
         rank: this process's rank.
         world_size: number of ranks.
         num_samples: samples in the run when known (the predict dataset's length, or ``Sink(num_samples=)``).
@@ -49,9 +57,7 @@ class WriterContext:
             is the output's own, and overwriting the output removes it.
     """
 
-    url: str
-    storage_options: Mapping[str, Any]
-    store: Any
+    store: ObjectStore
     rank: int
     world_size: int
     num_samples: int | None
@@ -84,6 +90,56 @@ class FormatWriter:
         """Release resources; called on every rank, after a commit or an abort."""
 
 
+@dataclass(frozen=True, slots=True)
+class CheckContext:
+    """What ``verify`` tells a format of the output it checks.
+
+    Attributes:
+        scratch: the prefix under which the output's writer kept intermediate objects (a table's sorted parts).
+        guessed: the output's ``_SUCCESS`` does not name this format (the run did not finish, or its format is
+            not registered here): every registered format of rows is asked in turn about the records no earlier
+            one took, and answers only for those it recognises as its own from what is stored.
+    """
+
+    scratch: str
+    guessed: bool = False
+
+
+class RecordCheck:
+    """Checks the rows of a format's output against their records (made by :meth:`Format.open_check`).
+
+    :meth:`check` is called for every record that :meth:`covers`, several at once.
+    """
+
+    def __init__(self) -> None:
+        #: problems found while preparing that belong to no record (a table's row that no record lists, ...)
+        self.problems: list[Problem] = []
+
+    def covers(self, record: Record) -> bool:
+        """Whether ``record`` is a row this check reads (others are checked as whole objects)."""
+        raise NotImplementedError
+
+    async def check(self, record: Record) -> tuple[Problem | None, int]:
+        """The record's problem (``None`` when its row matches) and the bytes read to check it."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release what preparing the check acquired."""
+
+
+def record_problem(record: Record, nbytes: int, crc: int) -> Problem | None:
+    """What is wrong with a row of ``nbytes`` bytes and CRC-32 ``crc`` read back for ``record``, if anything."""
+    try:
+        expected_crc = int(record.crc32, 16)
+    except ValueError as exc:
+        return Problem("invalid", record.path, record.id, f"unusable record: {exc}")
+    if nbytes != record.nbytes:
+        return Problem("size", record.path, record.id, f"has {nbytes} bytes, the manifest says {record.nbytes}")
+    if crc != expected_crc:
+        return Problem("checksum", record.path, record.id, f"crc32 is {crc:08x}, the manifest says {expected_crc:08x}")
+    return None
+
+
 # dtypes numpy has no type for: torch stores them (format "pt"), numpy-based formats refuse them up front
 NON_NUMPY_DTYPES = frozenset({torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2})
 
@@ -101,14 +157,14 @@ class Format:
 
     * ``per_item_objects``: each prediction becomes its own object ``{url}/{key}{extension}``.
     * ``needs_num_samples``: the format must know the number of samples before the first write.
-    * ``appendable``: a second run may add rows to what a first run stored.
+
+    ``verify`` asks the format how its records are checked (:meth:`open_check`) instead of knowing formats.
     """
 
     name: ClassVar[str] = ""
     extension: ClassVar[str] = ""
     per_item_objects: ClassVar[bool] = True
     needs_num_samples: ClassVar[bool] = False
-    appendable: ClassVar[bool] = True
 
     @property
     def namespace(self) -> str:
@@ -141,6 +197,17 @@ class Format:
     def open_writer(self, context: WriterContext) -> FormatWriter:
         """For formats without per-item objects: the writer that stores this rank's predictions."""
         raise NotImplementedError(f"format {self.name!r} writes one object per prediction")
+
+    async def open_check(
+        self, store: ObjectStore, records: Sequence[Record], context: CheckContext
+    ) -> RecordCheck | None:
+        """How ``verify`` checks the records this format stores otherwise than as whole objects.
+
+        ``None`` (the default, right for one object per prediction): every record is an object of its own, read
+        whole and compared with its record. Formats of rows (an array, a table) return a :class:`RecordCheck`
+        that reads their rows back through ``store``.
+        """
+        return None
 
     def describe(self, data: bytes) -> tuple[tuple[int, ...], str]:
         """Shape and dtype of an encoded object.

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from lighter_sink._errors import ConfigurationError, PredictionError
+from lighter_sink._errors import ConfigurationError, MissingDependencyError, PredictionError
 from lighter_sink.formats._base import EncodedItem, Format
 
 __all__ = ["PngFormat", "require_pillow"]
@@ -39,11 +39,12 @@ _EXPECTED = "an image (H, W), (C, H, W) or (H, W, C) with C in 1, 3, 4, or a vol
 
 
 def require_pillow() -> None:
-    """Raise :class:`ImportError` naming the extra to install when Pillow is missing."""
+    """Raise :class:`MissingDependencyError` (an :class:`ImportError`) naming the extra to install when Pillow is
+    missing."""
     try:
         import PIL.Image  # noqa: F401
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             "format 'png' needs Pillow, which is not installed: pip install 'lighter-sink[image]'",
             name="PIL",
         ) from exc
@@ -134,7 +135,7 @@ class PngFormat(Format):
         """Raise early, on the caller's thread: Pillow missing, or a shape or dtype that cannot be an image.
 
         Raises:
-            ImportError: Pillow is not installed.
+            MissingDependencyError: Pillow is not installed (an :class:`ImportError`).
             PredictionError: the shape or dtype cannot be stored (the message says what is accepted).
         """
         super().check(value)

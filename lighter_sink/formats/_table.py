@@ -19,7 +19,7 @@ Streaming: each rank keeps at most a few thousand encoded rows in memory; they g
 id, every ``4096`` rows and at flush. A row is recorded in the manifest only once its part is stored, so a
 killed run never records a row it lost, and rows whose part could not be stored stay pending for the next
 attempt (the writer returns their records from the ``write`` or ``flush`` that stored them; the sink records
-them). At commit rank 0 merges the sorted parts (an external merge: at most 32
+them). At commit rank 0 merges the sorted parts (an external merge, ``_table_merge.py``: at most 32
 objects are read at once, more parts are first merged into intermediate runs), keeps exactly the rows the
 manifest vouches for (same id, same CRC-32 of the line: rows of stale parts from an interrupted earlier run are
 left out, and a resumed run keeps the previous table's rows, reading that table whole), writes the table and
@@ -34,24 +34,24 @@ row's encoded line, its newline included.
 from __future__ import annotations
 
 import csv
-import heapq
 import io
 import json
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import anyio
 import anyio.to_thread
 import torch
 
-from lighter_sink._errors import CommitError, ConfigurationError, PredictionError
+from lighter_sink._errors import ConfigurationError, PredictionError
 from lighter_sink._ids import is_numeric_id
-from lighter_sink._types import Output, Record
-from lighter_sink.formats._base import Format, FormatWriter, WriterContext
+from lighter_sink._types import ObjectStore, Problem, Record
+from lighter_sink.formats._base import CheckContext, Format, FormatWriter, RecordCheck, WriterContext, record_problem
+from lighter_sink.formats._table_merge import Row, TableMerge, order, part_rows
 
 __all__ = ["CsvFormat", "JsonlFormat", "TableFormat"]
 
@@ -63,11 +63,6 @@ _JSON_SPECIAL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity", "True": "
 
 # (column names, cell width): width None means one number per cell, w a list of w numbers per cell
 Layout = tuple[tuple[str, ...], int | None]
-
-
-def _order(identifier: str) -> tuple[int, int, str]:
-    # as _manifest.id_order (not imported: _manifest imports _store, which imports this package)
-    return (0, int(identifier), identifier) if is_numeric_id(identifier) else (1, 0, identifier)
 
 
 def _csv_line(cells: Sequence[str]) -> str:
@@ -90,7 +85,6 @@ class TableFormat(Format):
     """
 
     per_item_objects = False
-    appendable = True
     default_filename: ClassVar[str] = ""
 
     def __init__(self, *, columns: Sequence[str] | None = None, filename: str | None = None) -> None:
@@ -174,8 +168,32 @@ class TableFormat(Format):
         """The value columns of a stored table, from its header (CSV) or first row (JSON Lines)."""
         raise NotImplementedError
 
+    def rows_of(self, lines: Sequence[bytes]) -> Sequence[bytes]:
+        """The rows among a stored table's lines (those after the header, if it has one)."""
+        return lines
+
     def open_writer(self, context: WriterContext) -> FormatWriter:
         return _TableWriter(self, context)
+
+    async def open_check(
+        self, store: ObjectStore, records: Sequence[Record], context: CheckContext
+    ) -> RecordCheck | None:
+        """Every record is a row of the table at its path, which is parsed and each id's line checksummed.
+
+        Guessed (no marker names the format), a table is a path of this format's extension that several records
+        list; its rows are read from the parts of the uncommitted run when the table is absent.
+        """
+        listed = Counter(r.path for r in records)
+        if context.guessed:
+            paths = sorted(p for p, n in listed.items() if n > 1 and p.endswith(self.extension))
+        else:
+            paths = sorted(listed)
+        if not paths:
+            return None
+        check = _TableCheck()
+        for path in paths:
+            await check.load(self, store, path, {r.id for r in records if r.path == path}, context)
+        return check
 
 
 class CsvFormat(TableFormat):
@@ -204,6 +222,9 @@ class CsvFormat(TableFormat):
 
     def columns_of(self, first_lines: Sequence[bytes]) -> tuple[str, ...]:
         return tuple(next(csv.reader([first_lines[0].decode()]))[1:]) if first_lines else ()
+
+    def rows_of(self, lines: Sequence[bytes]) -> Sequence[bytes]:
+        return lines[1:]  # the header
 
 
 class JsonlFormat(TableFormat):
@@ -259,68 +280,12 @@ def _cells(samples: Sequence[torch.Tensor], layout: Layout) -> tuple[list[list[s
     return [["[" + ", ".join(cell) + "]" for cell in row] for row in rows], dtype
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    order: tuple[int, int, str]
-    id: str
-    line: bytes  # the table's line, newline included
-
-    def part_line(self) -> bytes:
-        return json.dumps(self.id).encode() + b"\t" + self.line
-
-
-def _part_rows(data: bytes) -> list[_Row]:
-    rows = []
-    for raw in data.splitlines(keepends=True):
-        encoded_id, _, line = raw.partition(b"\t")
-        # json.dumps wrote the id in ASCII: without a backslash its text is what lies between the quotes
-        identifier = json.loads(encoded_id) if b"\\" in encoded_id else encoded_id[1:-1].decode("ascii")
-        rows.append(_Row(_order(identifier), identifier, line))
-    return rows
-
-
-class _Reader:
-    """One sorted run of rows, loaded one stored object at a time."""
-
-    def __init__(self, loaders: Sequence[Callable[[], Awaitable[list[_Row]]]]) -> None:
-        self._loaders = list(loaders)
-        self._rows: list[_Row] = []
-        self._next = 0
-
-    async def next(self) -> _Row | None:
-        while self._next >= len(self._rows):
-            if not self._loaders:
-                return None
-            self._rows = await self._loaders.pop(0)()
-            self._next = 0
-        row = self._rows[self._next]
-        self._next += 1
-        return row
-
-
-async def _merge(readers: Sequence[_Reader], emit: Callable[[_Row], Awaitable[None]]) -> None:
-    heap: list[tuple[tuple[int, int, str], int, _Row]] = []
-    for index, reader in enumerate(readers):
-        row = await reader.next()
-        if row is not None:
-            heap.append((row.order, index, row))
-    heapq.heapify(heap)
-    while heap:
-        _, index, row = heap[0]
-        await emit(row)
-        following = await readers[index].next()
-        if following is None:
-            heapq.heappop(heap)
-        else:
-            heapq.heapreplace(heap, (following.order, index, following))
-
-
 class _TableWriter(FormatWriter):
     def __init__(self, fmt: TableFormat, context: WriterContext) -> None:
         self._format = fmt
         self._context = context
         self._layout: Layout | None = None
-        self._pending: list[tuple[_Row, Record]] = []
+        self._pending: list[tuple[Row, Record]] = []
         self._sequence = 0
         self._token = f"{time.time_ns():x}-{uuid.uuid4().hex[:6]}"
 
@@ -366,17 +331,17 @@ class _TableWriter(FormatWriter):
             raise
         return [record for _, record in pending]
 
-    def _encode(self, ids: Sequence[str], samples: Sequence[torch.Tensor], layout: Layout) -> list[tuple[_Row, Record]]:
+    def _encode(self, ids: Sequence[str], samples: Sequence[torch.Tensor], layout: Layout) -> list[tuple[Row, Record]]:
         cells, dtype = _cells(samples, layout)
         lines = self._format.lines(ids, cells, layout, dtype)
         shape = tuple(samples[0].shape)
         filename = self._format.filename
         return [
-            (_Row(_order(i), i, line), Record(i, filename, len(line), f"{zlib.crc32(line):08x}", shape, dtype))
+            (Row(order(i), i, line), Record(i, filename, len(line), f"{zlib.crc32(line):08x}", shape, dtype))
             for i, line in zip(ids, lines, strict=True)
         ]
 
-    async def _put_part(self, pending: list[tuple[_Row, Record]]) -> None:
+    async def _put_part(self, pending: list[tuple[Row, Record]]) -> None:
         assert self._layout is not None
         pending.sort(key=lambda item: item[0].order)
         self._sequence += 1
@@ -395,7 +360,7 @@ class _TableWriter(FormatWriter):
         filename = self._format.filename
         wanted = {r.id: r.crc32 for r in records.values() if r.path == filename}
         scratch = self._context.scratch
-        merge = _Merge(self._format, store, wanted, self._token, scratch)
+        merge = TableMerge(self._format, store, wanted, self._token, scratch, part_rows=_PART_ROWS)
         readers = [merge.part_reader(key) for key in await store.list(scratch) if key.endswith(".part")]
         if self._context.mode == "resume" and wanted:
             readers.append(merge.table_reader())
@@ -419,109 +384,61 @@ def _width(layout: Layout) -> str:
     return "" if layout[1] is None else f" with {layout[1]} values per cell"
 
 
-class _Merge:
-    """The commit's external merge: sorted runs in, one table out, only rows the manifest vouches for."""
+class _TableCheck(RecordCheck):
+    """``verify``'s check of tables: each table parsed once, each record's line compared by length and CRC-32."""
 
-    def __init__(self, fmt: TableFormat, store: Any, wanted: Mapping[str, str], token: str, scratch: str) -> None:
-        self._format = fmt
-        self._store = store
-        self._wanted = wanted
-        self._token = token
-        self._scratch = scratch
-        self._columns: tuple[str, ...] | None = None
+    def __init__(self) -> None:
+        super().__init__()
+        # path -> the (nbytes, crc32) of every line of each id; None: the table is absent
+        self._tables: dict[str, dict[str, list[tuple[int, int]]] | None] = {}
 
-    def _keep(self, rows: list[_Row], columns: tuple[str, ...], where: str) -> list[_Row]:
-        wanted = self._wanted
-        kept = [r for r in rows if wanted.get(r.id) == f"{zlib.crc32(r.line):08x}"]
-        if kept:
-            if self._columns is None:
-                self._columns = columns
-            elif columns != self._columns:
-                raise CommitError(
-                    f"{where} holds rows with columns {list(columns)}, others have {list(self._columns)}: "
-                    "ranks (or the resumed run) stored predictions of different shapes"
-                )
-        return kept
-
-    def part_reader(self, key: str) -> _Reader:
-        async def load() -> list[_Row]:
-            data = await self._store.get(key)
-            header, _, body = data.partition(b"\n")
-            columns = tuple(json.loads(header)["columns"])
-            return self._keep(_part_rows(body), columns, key)
-
-        return _Reader([load])
-
-    def table_reader(self) -> _Reader:
-        """The table a previous run committed (resume keeps its recorded rows); read whole, like its parts."""
-        fmt = self._format
-
-        async def load() -> list[_Row]:
+    async def load(self, fmt: TableFormat, store: ObjectStore, path: str, ids: set[str], context: CheckContext) -> None:
+        try:
+            data = await store.get(path)
+        except FileNotFoundError:
+            # an uncommitted run: its rows are still in the per-rank parts the commit would have merged
+            self._tables[path] = await _part_lines(store, context.scratch) if context.guessed else None
+            return
+        rows: dict[str, list[tuple[int, int]]] = {}
+        for number, line in enumerate(fmt.rows_of(data.splitlines(keepends=True)), start=1):
             try:
-                data = await self._store.get(fmt.filename)
-            except FileNotFoundError:
-                return []
-            lines = data.splitlines(keepends=True)
-            if isinstance(fmt, CsvFormat):
-                columns, lines = fmt.columns_of(lines[:1]), lines[1:]
-            else:
-                columns = fmt.columns_of(lines[:1])
-            rows = []
-            for line in lines:
                 identifier = fmt.row_id(line)
-                rows.append(_Row(_order(identifier), identifier, line))
-            rows.sort(key=lambda r: r.order)
-            return self._keep(rows, columns, fmt.filename)
+            except (ValueError, KeyError, TypeError, StopIteration) as exc:
+                self.problems.append(Problem("invalid", path, None, f"line {number} cannot be parsed: {exc!r}"))
+                continue
+            rows.setdefault(identifier, []).append((len(line), zlib.crc32(line)))
+        self._tables[path] = rows
+        for identifier, found in rows.items():
+            if identifier not in ids:
+                self.problems.append(
+                    Problem("mismatch", path, identifier, "a row of the table the manifest does not list")
+                )
+            elif len(found) > 1:
+                self.problems.append(
+                    Problem("invalid", path, identifier, f"the table holds {len(found)} rows for this id")
+                )
 
-        return _Reader([load])
+    def covers(self, record: Record) -> bool:
+        return record.path in self._tables
 
-    async def spill(self, readers: Sequence[_Reader], name: str) -> _Reader:
-        """Merge ``readers`` into an intermediate run of objects of ``_PART_ROWS`` rows; return its reader."""
-        keys: list[str] = []
-        buffer: list[bytes] = []
+    async def check(self, record: Record) -> tuple[Problem | None, int]:
+        rows = self._tables[record.path]
+        if rows is None:
+            return Problem("missing", record.path, record.id, "the table holding this row is absent"), 0
+        found = rows.get(record.id)
+        if not found:
+            return Problem("missing", record.path, record.id, "recorded in the manifest but not in the table"), 0
+        # parts of an uncommitted run may also hold stale copies of a row: one copy must match
+        problems = [(record_problem(record, nbytes, crc), nbytes) for nbytes, crc in found]
+        return next((p for p in problems if p[0] is None), problems[0])
 
-        async def put() -> None:
-            key = f"{self._scratch}/merge-{self._token}/{name}-{len(keys):06d}.run"
-            await self._store.put(key, [b"".join(buffer)])
-            keys.append(key)
-            buffer.clear()
 
-        async def emit(row: _Row) -> None:
-            buffer.append(row.part_line())
-            if len(buffer) >= _PART_ROWS:
-                await put()
-
-        await _merge(readers, emit)
-        if buffer:
-            await put()
-
-        def loader(key: str) -> Callable[[], Awaitable[list[_Row]]]:
-            async def load() -> list[_Row]:
-                return _part_rows(await self._store.get(key))
-
-            return load
-
-        return _Reader([loader(k) for k in keys])
-
-    async def write_table(self, readers: Sequence[_Reader], output: Output) -> None:
-        remaining = dict(self._wanted)
-        started = False
-
-        async def emit(row: _Row) -> None:
-            nonlocal started
-            if remaining.pop(row.id, None) is None:
-                return  # a second copy of a row already written (an earlier run's part, or its table)
-            if not started:
-                started = True
-                await output.write(self._format.header(self._columns or ()))
-            await output.write(row.line)
-
-        await _merge(readers, emit)
-        if not started:
-            await output.write(self._format.header(self._format.columns or ()))
-        if remaining:
-            some = ", ".join(repr(i) for i in sorted(remaining, key=_order)[:5])
-            raise CommitError(
-                f"{len(remaining)} rows recorded in the manifest are in no table part (for example {some}); "
-                f"{self._format.filename} was not written"
-            )
+async def _part_lines(store: ObjectStore, scratch: str) -> dict[str, list[tuple[int, int]]] | None:
+    """The (nbytes, crc32) of every row line in the parts under ``scratch``, by id; None when there is no part."""
+    rows: dict[str, list[tuple[int, int]]] = {}
+    keys = [k for k in await store.list(scratch) if k.endswith(".part")]
+    for key in keys:
+        _header, _, body = (await store.get(key)).partition(b"\n")
+        for row in part_rows(body):
+            rows.setdefault(row.id, []).append((len(row.line), zlib.crc32(row.line)))
+    return rows if keys else None

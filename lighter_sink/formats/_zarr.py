@@ -26,19 +26,18 @@ error. With ``mode="overwrite"`` a stale ``zarr.json`` is simply replaced; stale
 0, after every rank flushed, deletes every chunk under ``c/`` that no manifest record vouches for. Deleting them
 before the run would race with the other ranks' first writes, since the writer hook has no barrier of its own.
 
+Storage: zarr writes through the sink's own store (:class:`~lighter_sink.formats._zarr_store.ZarrObjectStore`),
+so every chunk is one put with the sink's retries, per-attempt timeout and statistics, on either backend.
+
 Records: the manifest's ``path`` of a row is its chunk key relative to the url (``c/17/0/0``); ``nbytes`` and
 ``crc32`` are those of the row's raw values as little-endian, C-ordered bytes, not of the stored (compressed)
-chunk, so that ``lighter-sink verify`` checks what a reader gets back.
+chunk, so that ``lighter-sink verify`` checks what a reader gets back (:meth:`ZarrFormat.open_check`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
-import os
-import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -47,31 +46,51 @@ import numpy as np
 import torch
 
 from lighter_sink._checksum import crc32
-from lighter_sink._errors import CommitError, ConfigurationError, IdentifierError, PredictionError
+from lighter_sink._errors import (
+    CommitError,
+    ConfigurationError,
+    IdentifierError,
+    MissingDependencyError,
+    PredictionError,
+)
 from lighter_sink._ids import is_numeric_id
-from lighter_sink._types import Record
-from lighter_sink.formats._base import NON_NUMPY_DTYPES, Format, FormatWriter, WriterContext, require_numpy_dtype
+from lighter_sink._types import ObjectStore, Problem, Record
+from lighter_sink.formats._base import (
+    NON_NUMPY_DTYPES,
+    CheckContext,
+    Format,
+    FormatWriter,
+    RecordCheck,
+    WriterContext,
+    record_problem,
+    require_numpy_dtype,
+)
 
 if TYPE_CHECKING:
-    from zarr.abc.store import Store as ZarrStore
     from zarr.core.array import AsyncArray
 
-    from lighter_sink._store import RetryPolicy
+    from lighter_sink.formats._zarr_store import ZarrObjectStore
 
-__all__ = ["ZarrFormat", "open_zarr_store", "row_checksum"]
+__all__ = ["ZarrFormat", "require_zarr", "row_checksum"]
 
 METADATA = "zarr.json"
 CHUNKS = "c"
-# Rows per zarr write call: one call is one attempt of the sink's retry policy, and its timeout applies to it.
+# Rows per zarr write call: bounds the block of rows stacked in memory at once (each row's chunk is one put of the
+# sink's store, retried and timed out on its own).
 _ROWS_PER_WRITE = 64
+# What a put raises where a chunk of a stale array of another dimensionality blocks the way (see _clear_blockers)
+_BLOCKED = (FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def require_zarr() -> None:
-    """Raise :class:`ImportError` naming the extra to install when zarr is missing."""
+    """Raise :class:`MissingDependencyError` (an :class:`ImportError`) naming the extra to install when zarr is
+    missing."""
     try:
         import zarr  # noqa: F401
     except ImportError as exc:
-        raise ImportError("format 'zarr' needs the zarr package (3.x): pip install 'lighter-sink[zarr]'") from exc
+        raise MissingDependencyError(
+            "format 'zarr' needs the zarr package (3.x): pip install 'lighter-sink[zarr]'", name="zarr"
+        ) from exc
 
 
 def row_checksum(row: np.ndarray[Any, Any]) -> tuple[int, int]:
@@ -80,63 +99,11 @@ def row_checksum(row: np.ndarray[Any, Any]) -> tuple[int, int]:
     return data.nbytes, crc32(data.reshape(-1).view(np.uint8).data if data.size else b"", 0)
 
 
-async def open_zarr_store(
-    url: str, storage_options: Mapping[str, Any], *, retry: RetryPolicy | None = None, read_only: bool = False
-) -> tuple[ZarrStore, Callable[[], Any]]:
-    """A zarr store for ``url`` and a coroutine function that releases it. Must run on the loop that uses it.
+def _zarr_store(store: ObjectStore, *, read_only: bool = False) -> ZarrObjectStore:
+    """zarr's view of the sink's store (the adapter imports zarr: only once :func:`require_zarr` passed)."""
+    from lighter_sink.formats._zarr_store import ZarrObjectStore
 
-    Local paths get zarr's ``LocalStore`` (atomic writes through a temporary name); other urls an
-    ``FsspecStore`` over an async filesystem created on the running loop (an async fsspec instance belongs to
-    the loop that made it), configured as the sink's own store is (see ``_store._s3_options``).
-    """
-    require_zarr()
-    import fsspec
-    from fsspec.core import url_to_fs
-    from zarr.storage import FsspecStore, LocalStore
-
-    from lighter_sink._store import RetryPolicy, _s3_options, is_local_url, local_path, protocol_of
-
-    if is_local_url(url):
-        local = LocalStore(local_path(url), read_only=read_only)
-
-        async def close_local() -> None:
-            local.close()
-
-        return local, close_local
-    options = dict(storage_options)
-    protocol = protocol_of(url)
-    cls = fsspec.get_filesystem_class(protocol)
-    fs: Any
-    if getattr(cls, "async_impl", False):
-        if protocol in ("s3", "s3a"):
-            options = _s3_options(options, 16, retry or RetryPolicy(), upload_checksums=True)
-        fs, root = url_to_fs(
-            url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **options
-        )
-        if protocol in ("s3", "s3a"):
-            fs.retries = 1  # the sink's retry policy decides, not s3fs's own loop
-            await fs.set_session()
-    else:
-        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
-        sync_fs, root = await anyio.to_thread.run_sync(lambda: url_to_fs(url, **options))
-        fs = AsyncFileSystemWrapper(sync_fs)
-    remote = FsspecStore(fs, path=root.rstrip("/"), read_only=read_only)
-
-    async def close_remote() -> None:
-        remote.close()
-        # as the sink's store does: s3fs closes an asynchronous client only when told, on the loop that owns it
-        creator = getattr(fs, "_s3creator", None)
-        if creator is not None:
-            await creator.__aexit__(None, None, None)
-            fs._s3creator = None
-            fs._s3 = None
-        session = getattr(fs, "_session", None)  # gcsfs and other aiohttp-based filesystems
-        close = getattr(session, "close", None)
-        if close is not None and not getattr(session, "closed", True):
-            await close()
-
-    return remote, close_remote
+    return ZarrObjectStore(store, read_only=read_only)
 
 
 def _parse_row(identifier: str, num_samples: int) -> int:
@@ -179,14 +146,13 @@ class ZarrFormat(Format):
             chunks, or codecs.
 
     Raises:
-        ImportError: at open, when zarr is not installed (``pip install 'lighter-sink[zarr]'``).
+        MissingDependencyError: at open, when zarr is not installed (``pip install 'lighter-sink[zarr]'``).
     """
 
     name = "zarr"
     extension = ""
     per_item_objects = False
     needs_num_samples = True
-    appendable = True
 
     def __init__(self, *, compressors: Any = "auto") -> None:
         self.compressors = compressors
@@ -209,6 +175,29 @@ class ZarrFormat(Format):
             raise ConfigurationError("format 'zarr' needs the number of samples (num_samples=)")
         return _ZarrWriter(self, context, context.num_samples)
 
+    async def open_check(
+        self, store: ObjectStore, records: Sequence[Record], context: CheckContext
+    ) -> RecordCheck | None:
+        """Rows (records under ``c/``) are read back through zarr and their raw values checksummed.
+
+        Guessed (no marker names the format), the output is an array when ``zarr.json`` is stored.
+        """
+        if not any(r.path.startswith(CHUNKS + "/") for r in records) or not await store.exists(METADATA):
+            if context.guessed or not records:
+                return None
+            check = _ZarrCheck(None, set())  # every row is missing with its array
+            check.problems.append(
+                Problem("missing", METADATA, None, "rows of a zarr array are recorded; zarr.json is absent")
+            )
+            return check
+        require_zarr()
+        from zarr.api.asynchronous import open_array
+        from zarr.storage import StorePath
+
+        array = await open_array(store=StorePath(_zarr_store(store, read_only=True)), zarr_format=3, mode="r")
+        # one listing instead of a request per row: a missing chunk reads back as fill values, not as an error
+        return _ZarrCheck(array, set(await store.list(CHUNKS)))
+
 
 class _ZarrWriter(FormatWriter):
     def __init__(self, fmt: ZarrFormat, context: WriterContext, num_samples: int) -> None:
@@ -216,19 +205,10 @@ class _ZarrWriter(FormatWriter):
         self._context = context
         self._num_samples = num_samples
         self._lock = anyio.Lock()
-        self._store: ZarrStore | None = None
-        self._close_store: Callable[[], Any] | None = None
+        self._store = _zarr_store(context.store)
         self._array: AsyncArray[Any] | None = None
 
     # ------------------------------------------------------------------ the array
-
-    async def _zarr_store(self) -> ZarrStore:
-        if self._store is None:
-            retry = getattr(self._context.store, "retry", None)
-            self._store, self._close_store = await open_zarr_store(
-                self._context.url, self._context.storage_options, retry=retry
-            )
-        return self._store
 
     async def _metadata_for(self, sample: torch.Tensor) -> Any:
         """The metadata this run's array has, computed without touching storage (a scratch in-memory store)."""
@@ -256,23 +236,17 @@ class _ZarrWriter(FormatWriter):
         from zarr.core.buffer import default_buffer_prototype
         from zarr.storage import StorePath
 
-        store = await self._zarr_store()
-        path = StorePath(store)
+        path = StorePath(self._store)
         metadata = await self._metadata_for(sample)
         existing = await _existing_array(path) if self._context.mode == "resume" else None
         if existing is not None:
-            _check_compatible(existing.metadata, metadata, self._context.url)
+            _check_compatible(existing.metadata, metadata)
             metadata = existing.metadata  # keep the stored codecs: rows already written use them
         else:
             # Same inputs on every rank, same bytes: ranks writing it concurrently agree (see the module docstring).
-            buffers = metadata.to_buffer_dict(default_buffer_prototype())
-            for key, buffer in buffers.items():
-                await self._retrying(key, functools.partial((path / key).set, buffer))
+            for key, buffer in metadata.to_buffer_dict(default_buffer_prototype()).items():
+                await (path / key).set(buffer)
         return AsyncArray(metadata=metadata, store_path=path, config={"write_empty_chunks": True})
-
-    async def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
-        # the sink's store applies its timeout and retries transient errors (and counts them in the stats)
-        return await self._context.store._retrying(what, call)
 
     # ------------------------------------------------------------------ FormatWriter
 
@@ -292,14 +266,10 @@ class _ZarrWriter(FormatWriter):
             keys = [array.metadata.encode_chunk_key((rows[p],) + (0,) * len(item_shape)) for p in positions]
             write = functools.partial(array.setitem, selection, block)
             try:
-                await self._retrying(f"row {ids[positions[0]]}", write)
-            except (FileExistsError, NotADirectoryError, IsADirectoryError):
-                from lighter_sink._store import is_local_url, local_path
-
-                if not is_local_url(self._context.url):
-                    raise
-                await anyio.to_thread.run_sync(_clear_stale_paths, local_path(self._context.url), keys)
-                await self._retrying(f"row {ids[positions[0]]}", write)
+                await write()
+            except _BLOCKED:
+                await _clear_blockers(self._context.store, keys)
+                await write()
             for position, key, (nbytes, crc) in zip(positions, keys, sums, strict=True):
                 records.append(Record(ids[position], key, nbytes, f"{crc:08x}", item_shape, str(dtype)))
         return records
@@ -315,14 +285,14 @@ class _ZarrWriter(FormatWriter):
             await store.delete([METADATA])
             await store.delete_prefix(CHUNKS)
             return
-        stored = await _existing_array(StorePath(await self._zarr_store()))
+        stored = await _existing_array(StorePath(self._store))
         if stored is None:
-            raise CommitError(f"{len(rows)} rows are recorded but {self._context.url} holds no zarr.json")
+            raise CommitError(f"{len(rows)} rows are recorded but the output holds no {METADATA}")
         item_shape = tuple(stored.metadata.shape[1:])
         dtype = str(_numpy_dtype(stored))
         if self._array is not None and _layout(stored.metadata) != _layout(self._array.metadata):
             raise CommitError(
-                f"{self._context.url}/zarr.json no longer describes the array rank 0 wrote (shape "
+                f"{METADATA} no longer describes the array rank 0 wrote (shape "
                 f"{tuple(self._array.metadata.shape)}): did ranks see predictions of different shapes or dtypes?"
             )
         for record in rows:
@@ -335,11 +305,30 @@ class _ZarrWriter(FormatWriter):
         stale = [key for key in await store.list(CHUNKS) if key not in recorded]
         await store.delete(stale)
 
-    async def aclose(self) -> None:
-        if self._close_store is not None:
-            close, self._close_store = self._close_store, None
-            with contextlib.suppress(Exception):
-                await close()
+
+class _ZarrCheck(RecordCheck):
+    """``verify``'s check of the array's rows: each read back through zarr, its raw values checksummed."""
+
+    def __init__(self, array: AsyncArray[Any] | None, chunks: set[str]) -> None:
+        super().__init__()
+        self._array = array
+        self._chunks = chunks
+
+    def covers(self, record: Record) -> bool:
+        return record.path.startswith(CHUNKS + "/")
+
+    async def check(self, record: Record) -> tuple[Problem | None, int]:
+        if self._array is None or record.path not in self._chunks:
+            return Problem("missing", record.path, record.id, "recorded in the manifest but the chunk is absent"), 0
+        if not is_numeric_id(record.id) or int(record.id) >= self._array.shape[0]:
+            return Problem("invalid", record.path, record.id, f"not a row of an array of {self._array.shape[0]}"), 0
+        row = int(record.id)
+        try:
+            values = np.asarray(await self._array.getitem(slice(row, row + 1)))
+        except OSError as exc:
+            return Problem("unreadable", record.path, record.id, f"{type(exc).__name__}: {exc}"), 0
+        nbytes, crc = row_checksum(values[0])
+        return record_problem(record, nbytes, crc), nbytes
 
 
 async def _existing_array(path: Any) -> AsyncArray[Any] | None:
@@ -358,11 +347,11 @@ def _layout(metadata: Any) -> tuple[Any, ...]:
     return tuple(metadata.shape), str(metadata.data_type), tuple(metadata.chunks)
 
 
-def _check_compatible(existing: Any, wanted: Any, url: str) -> None:
+def _check_compatible(existing: Any, wanted: Any) -> None:
     if _layout(existing) != _layout(wanted):
         raise PredictionError(
-            f"mode='resume' found an array at {url} of shape {tuple(existing.shape)}, dtype {existing.data_type} "
-            f"and chunks {tuple(existing.chunks)}; this run's predictions make shape {tuple(wanted.shape)}, dtype "
+            f"mode='resume' found an array of shape {tuple(existing.shape)}, dtype {existing.data_type} and chunks "
+            f"{tuple(existing.chunks)}; this run's predictions make shape {tuple(wanted.shape)}, dtype "
             f"{wanted.data_type} and chunks {tuple(wanted.chunks)}: use mode='overwrite' to replace it"
         )
 
@@ -378,22 +367,26 @@ def _check_sample(identifier: str, sample: torch.Tensor, item_shape: tuple[int, 
         )
 
 
-def _clear_stale_paths(root: str, keys: Sequence[str]) -> None:
-    """Remove the chunks of a stale local array of another dimensionality that stand where ``keys`` go.
+async def _clear_blockers(store: ObjectStore, keys: Sequence[str]) -> None:
+    """Remove the chunks of a stale array of another dimensionality that stand where ``keys`` go.
 
-    A file ``c/0/0`` (a 1-d item array's chunk) blocks the directory ``c/0/0/`` that a 2-d item array needs, and
-    the other way round. This run's chunk keys all have one depth, so what blocks them is never this run's.
+    Where a store has directories (a local one), a chunk ``c/0/0`` of an array of 1-d rows blocks the directory
+    ``c/0/0/`` that an array of 2-d rows needs, and the other way round. This run's chunk keys all have one depth,
+    so what blocks them is never this run's. Removed through the store, which forgets the directories it removes.
     """
+    stale: set[str] = set()
     for key in keys:
+        below = key + "/"
+        stale.update(k for k in await store.list(below) if k.startswith(below))  # a directory where the chunk goes
         parts = key.split("/")
-        for depth in range(1, len(parts)):
-            prefix = os.path.join(root, *parts[:depth])
-            if os.path.isfile(prefix):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(prefix)
-        full = os.path.join(root, *parts)
-        if os.path.isdir(full):
-            shutil.rmtree(full, ignore_errors=True)
+        for depth in range(2, len(parts)):  # a chunk where a directory on the key's path goes
+            prefix = "/".join(parts[:depth])
+            if prefix in await store.list(prefix):
+                stale.add(prefix)
+    # (c itself a chunk, of a 0-d array: only then nothing deeper can stand in the way)
+    if not stale and CHUNKS in await store.list(CHUNKS):
+        stale.add(CHUNKS)
+    await store.delete(sorted(stale))
 
 
 def _stack(samples: Sequence[torch.Tensor]) -> tuple[np.ndarray[Any, Any], list[tuple[int, int]]]:
