@@ -179,8 +179,8 @@ def aws_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def test_obstore_backend_reads_aws_sdk_profiles(aws_profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lighter_sink._obstore import open_obstore
     from lighter_sink._store import RetryPolicy
+    from lighter_sink._store._obstore import open_obstore
 
     endpoint = {"endpoint_url": "http://127.0.0.1:9"}
     store = open_obstore("s3://b/p", {**endpoint, "profile": aws_profile}, RetryPolicy(), True)
@@ -269,9 +269,9 @@ def test_a_provided_checksum_spares_the_payload_hash_over_tls(options: dict[str,
     import botocore.session
     from botocore.config import Config
 
-    from lighter_sink._store import _s3_options
+    from lighter_sink._store import s3_options
 
-    config = _s3_options(options, 16, RetryPolicy(), upload_checksums=True)["config_kwargs"]
+    config = s3_options(options, 16, RetryPolicy(), upload_checksums=True)["config_kwargs"]
     client_kwargs = options.get("client_kwargs", {})
     client = botocore.session.get_session().create_client(
         "s3",

@@ -87,14 +87,14 @@ async def open_zarr_store(
 
     Local paths get zarr's ``LocalStore`` (atomic writes through a temporary name); other urls an
     ``FsspecStore`` over an async filesystem created on the running loop (an async fsspec instance belongs to
-    the loop that made it), configured as the sink's own store is (see ``_store._s3_options``).
+    the loop that made it), configured as the sink's own store is (see ``_store.s3_options``).
     """
     require_zarr()
     import fsspec
     from fsspec.core import url_to_fs
     from zarr.storage import FsspecStore, LocalStore
 
-    from lighter_sink._store import RetryPolicy, _s3_options, is_local_url, local_path, protocol_of
+    from lighter_sink._store import RetryPolicy, is_local_url, local_path, protocol_of, s3_options
 
     if is_local_url(url):
         local = LocalStore(local_path(url), read_only=read_only)
@@ -109,7 +109,7 @@ async def open_zarr_store(
     fs: Any
     if getattr(cls, "async_impl", False):
         if protocol in ("s3", "s3a"):
-            options = _s3_options(options, 16, retry or RetryPolicy(), upload_checksums=True)
+            options = s3_options(options, 16, retry or RetryPolicy(), upload_checksums=True)
         fs, root = url_to_fs(
             url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **options
         )

@@ -19,13 +19,13 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from lighter_sink._errors import ConfigurationError
-from lighter_sink._store import RetryPolicy, Store
+from lighter_sink._store._base import RetryPolicy, Store
 from lighter_sink._types import Buffer
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
 
-__all__ = ["open_obstore"]
+__all__ = ["ObstoreStore", "open_obstore"]
 
 # s3fs's storage option names, mapped to obstore's S3 configuration keys.
 _S3_KEYS = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token"}
@@ -33,7 +33,7 @@ _S3_KEYS = {"key": "access_key_id", "secret": "secret_access_key", "token": "ses
 _CREDENTIAL_KEYS = ("access_key_id", "secret_access_key", "skip_signature", "credential_provider")
 
 
-class _ObstoreStore(Store):
+class ObstoreStore(Store):
     # Several buffers go out as one PUT, gathered by obstore in Rust without the GIL: no body is joined in Python.
     contiguous_writes = False
 
@@ -197,4 +197,4 @@ def open_obstore(url: str, options: Mapping[str, Any], retry: RetryPolicy, uploa
         )
     except Exception as exc:  # obstore raises its own errors for unknown keys and bad values
         raise ConfigurationError(f"backend='obstore' cannot use these storage options: {exc}") from None
-    return _ObstoreStore(url, retry, store)
+    return ObstoreStore(url, retry, store)
