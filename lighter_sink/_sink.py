@@ -816,7 +816,7 @@ class _Engine:
                     if self._lease is not None:
                         tg.start_soon(self._keep_lease)
                     store = self._store
-                    if self._writer is None and store is not None and store.write_many is None:
+                    if self._writer is None and store is not None and not store.supports_write_many:
                         # Object stores: a few workers encode groups off the loop and hand each object to a
                         # fixed pool of `concurrency` uploaders (no task, no queueing under a timeout per object).
                         # An asyncio queue, not an anyio stream: the loop is asyncio by design, and anyio's
@@ -972,7 +972,7 @@ class _Engine:
         assert store is not None
         started = time.perf_counter()
         write_many = store.write_many
-        assert write_many is not None, "stores without write_many go through the uploaders"
+        assert store.supports_write_many, "stores without write_many go through the uploaders"
         # Encode and write in the same worker thread: one hop per group instead of two.
         encoded: list[_Encoded] = []
 

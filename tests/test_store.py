@@ -7,6 +7,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
 import pytest
 import torch
@@ -299,3 +300,43 @@ def test_a_provided_checksum_spares_the_payload_hash_over_tls(options: dict[str,
     headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in sent.items()}
     assert headers["x-amz-checksum-crc32"] == crc
     assert (headers["x-amz-content-sha256"] != "UNSIGNED-PAYLOAD") is signed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "where",
+    [
+        "local",
+        "faulty",  # a synchronous fsspec filesystem, driven from threads
+        pytest.param("s3-fsspec", marks=pytest.mark.s3),
+        pytest.param("s3-obstore", marks=pytest.mark.s3),
+    ],
+)
+async def test_every_store_says_truthfully_whether_it_writes_many(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A store that declares ``supports_write_many`` writes a batch from a worker thread; the others refuse."""
+    url, options, backend = str(tmp_path), {}, "fsspec"
+    if where == "faulty":
+        url, options = "faulty://flags", _faulty.options(_faulty.Plan())
+    elif where.startswith("s3"):
+        server: S3Server = request.getfixturevalue("s3_server")
+        url, options = f"s3://{request.getfixturevalue('s3_bucket')}/flags", server.storage_options
+        backend = where.removeprefix("s3-")
+        if backend == "obstore":
+            pytest.importorskip("obstore")
+    store = await open_store(url, options, backend=backend)
+    items = [("w/a.bin", [b"one"]), ("w/b.bin", [b"tw", memoryview(b"o")])]
+    try:
+        assert store.is_local == (where == "local")
+        if store.supports_write_many:
+            assert await anyio.to_thread.run_sync(store.write_many, items) == [None, None]
+            assert [await store.get(key) for key, _ in items] == [b"one", b"two"]
+        else:
+            with pytest.raises(NotImplementedError, match="put_many"):
+                store.write_many(items)
+            assert await store.list("w") == []
+            assert await store.put_many(items) == [None, None]
+    finally:
+        await store.aclose()
+    assert (where == "local") == store.supports_write_many  # the one store that has it today

@@ -2,7 +2,7 @@
 
 The base class owns what must behave the same on every backend (bounded retries of transient errors, the fence
 an aborting sink raises, bounded waits on worker threads, statistics), so that a backend only says how one
-object is put, read, listed and deleted.
+object is put, read, listed and deleted. Capabilities are class flags the sink reads, not ``isinstance`` checks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -66,7 +66,21 @@ class RetryPolicy:
 
 
 class Store(ABC):
-    """Bytes under one url. Keys are relative, '/'-separated and already validated."""
+    """Bytes under one url. Keys are relative, '/'-separated and already validated.
+
+    Capabilities are class flags (as zarr's ``Store.supports_writes``), so that the sink picks its write path
+    without knowing the backend:
+
+    * ``supports_write_many``: :meth:`write_many` works, a thread-safe synchronous batch write for callers already
+      on a worker thread (they save a thread hop per group); without it, writes go through :meth:`put_many`.
+    * ``contiguous_writes``: writes want one contiguous buffer (object stores send one body); callers that can
+      join buffers off the event loop should do so.
+    * ``is_local``: a directory of this machine (or a mount): temporary files to sweep, fsync, no PUT.
+    """
+
+    supports_write_many: ClassVar[bool] = False
+    contiguous_writes: ClassVar[bool] = False
+    is_local: ClassVar[bool] = False
 
     def __init__(self, url: str, retry: RetryPolicy) -> None:
         self.url = url.rstrip("/")
@@ -77,20 +91,8 @@ class Store(ABC):
         # storage options (credentials) are deliberately absent
         return f"<{type(self).__name__} {self.url!r}>"
 
-    @property
-    def is_local(self) -> bool:
-        return False
-
-    #: Capability: a thread-safe synchronous ``write_many(items) -> errors`` for callers already on a worker
-    #: thread (they save a thread hop per group), or None when writes must go through :meth:`put_many`.
-    #: ``since`` is the :attr:`fence_epoch` taken when the caller's work began (default: when this call began).
-    write_many: Callable[..., list[BaseException | None]] | None = None
     #: Bounds the worker threads this store's I/O may occupy.
     limiter: anyio.CapacityLimiter | None = None
-
-    #: Capability: writes want one contiguous buffer (object stores send one body); callers that can join
-    #: buffers off the event loop should do so.
-    contiguous_writes: bool = False
 
     #: Objects this store finished writing (advanced by worker threads): how a bounded thread call tells a
     #: store that is slow from one that is stuck.
@@ -118,11 +120,24 @@ class Store(ABC):
         if since != self._fence_epoch:
             raise SinkStateError(f"{key} was not written to {self.url}: the sink was aborted")
 
+    def write_many(
+        self, items: Sequence[tuple[str, Sequence[Buffer]]], since: int | None = None
+    ) -> list[BaseException | None]:
+        """Write ``items`` from the calling (worker) thread; return each one's error (``None`` when stored).
+
+        Only where ``supports_write_many`` says so. ``since`` is the :attr:`fence_epoch` taken when the caller's
+        work began (default: when this call began).
+
+        Raises:
+            NotImplementedError: the store has no synchronous batch write; use :meth:`put_many`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no write_many; writes go through put_many")
+
     async def sync(self) -> None:  # noqa: B027 - optional hook: object stores acknowledge durable writes
         """Make everything this store wrote so far durable. Object stores answer a write once it is durable."""
 
     async def run_bounded(self, func: Callable[[], T], what: str) -> T:
-        """Run ``func`` (writes through :attr:`write_many`) in one of this store's worker threads, bounded.
+        """Run ``func`` (writes through :meth:`write_many`) in one of this store's worker threads, bounded.
 
         The wait ends with a :class:`TimeoutError` once ``timeout`` seconds passed in which no object of this
         store was completed: a batch that keeps making progress is slow, not stuck. The thread itself cannot be

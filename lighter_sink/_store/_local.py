@@ -54,6 +54,9 @@ class LocalStore(Store):
     after it, and :meth:`sync` makes everything else durable.
     """
 
+    supports_write_many = True
+    is_local = True
+
     def __init__(
         self,
         url: str,
@@ -87,11 +90,6 @@ class LocalStore(Store):
         self._unsynced_dirs: set[str] = set()
         self._fresh_dirs: set[str] = set()
         self._abandoned = False  # a thread call was given up on: it may still use the directory descriptors
-        self.write_many = self._write_many
-
-    @property
-    def is_local(self) -> bool:
-        return True
 
     @property
     def root(self) -> str:
@@ -193,9 +191,10 @@ class LocalStore(Store):
         for parent in fresh:
             fsync_path(parent, directory=True)
 
-    def _write_many(
+    def write_many(
         self, items: Sequence[tuple[str, Sequence[Buffer]]], since: int | None = None
     ) -> list[BaseException | None]:
+        """Write ``items`` from the calling worker thread, one after another; return each one's error."""
         if since is None:
             since = self.fence_epoch  # (a call stuck on its first object must not write the rest once woken)
         results: list[BaseException | None] = []
@@ -213,7 +212,7 @@ class LocalStore(Store):
     async def _write_bounded(self, items: Sequence[tuple[str, Sequence[Buffer]]]) -> list[BaseException | None]:
         """One thread call for ``items``; each fails with a :class:`TimeoutError` when the call is given up on."""
         try:
-            return await self.run_bounded(functools.partial(self._write_many, items), f"writing {len(items)} objects")
+            return await self.run_bounded(functools.partial(self.write_many, items), f"writing {len(items)} objects")
         except TimeoutError as exc:
             return [exc] * len(items)
 
