@@ -340,3 +340,13 @@ async def test_every_store_says_truthfully_whether_it_writes_many(
     finally:
         await store.aclose()
     assert (where == "local") == store.supports_write_many  # the one store that has it today
+
+
+@pytest.mark.anyio
+async def test_bad_store_settings_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="attempts must be >= 1, got 0"):
+        RetryPolicy(attempts=0)
+    with pytest.raises(ConfigurationError, match="timeout must be > 0 or None, got 0"):
+        RetryPolicy(timeout=0)
+    with pytest.raises(ConfigurationError, match="temp_prefix must be 1 to 64 bytes without path separators"):
+        await open_store(str(tmp_path), temp_prefix="a/b")

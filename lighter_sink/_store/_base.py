@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 import anyio
 import anyio.to_thread
 
-from lighter_sink._errors import SinkStateError
+from lighter_sink._errors import ConfigurationError, SinkStateError
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, Output
 
@@ -47,11 +47,11 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
-            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
+            raise ConfigurationError(f"attempts must be >= 1, got {self.attempts}")
         if self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("retry delays must be >= 0")
+            raise ConfigurationError("retry delays must be >= 0")
         if self.timeout is not None and self.timeout <= 0:
-            raise ValueError(f"timeout must be > 0 or None, got {self.timeout}")
+            raise ConfigurationError(f"timeout must be > 0 or None, got {self.timeout}")
 
     def delay(self, attempt: int) -> float:
         """Back-off before retry number ``attempt`` (1-based): full jitter, as AWS recommends."""

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 
+from lighter_sink._errors import ConfigurationError
 from lighter_sink._store._base import RetryPolicy, Store
 from lighter_sink._store._files import create_file, fsync_path, libc_syncfs, write_all
 from lighter_sink._store._retry import is_transient
@@ -72,7 +73,7 @@ class LocalStore(Store):
         run = _new_run() if run is None else run
         for what, value in (("temp_prefix", temp_prefix), ("run", run)):
             if not value or "/" in value or os.sep in value or len(value.encode()) > 64:
-                raise ValueError(f"{what} must be 1 to 64 bytes without path separators, got {value!r}")
+                raise ConfigurationError(f"{what} must be 1 to 64 bytes without path separators, got {value!r}")
         self._root = os.path.abspath(root)
         self._limiter = self.limiter = limiter
         self._made_dirs: set[str] = set()
