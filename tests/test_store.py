@@ -1,8 +1,10 @@
 import base64
 import errno
+import gc
 import io
 import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -350,3 +352,27 @@ async def test_bad_store_settings_are_configuration_errors(tmp_path: Path) -> No
         RetryPolicy(timeout=0)
     with pytest.raises(ConfigurationError, match="temp_prefix must be 1 to 64 bytes without path separators"):
         await open_store(str(tmp_path), temp_prefix="a/b")
+
+
+@pytest.mark.s3
+@pytest.mark.anyio
+@pytest.mark.parametrize("cache_regions", [False, True])
+async def test_an_s3_store_closes_its_clients(
+    s3_server: S3Server, s3_bucket: str, cache_regions: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After ``aclose`` nothing of s3fs's clients (one per bucket region with ``cache_regions``) is left open for
+    aiohttp to warn about at garbage collection."""
+    options = s3_server.storage_options
+    if cache_regions:  # (s3fs caches regions only without an endpoint option: botocore's variable gives it)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        options = {"key": options["key"], "secret": options["secret"], "cache_regions": True}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = await open_store(f"s3://{s3_bucket}/closing", options)
+        await store.put("a.bin", [b"x"])
+        assert await store.list() == ["a.bin"]
+        await store.aclose()
+        del store
+        gc.collect()
+    assert [str(w.message) for w in caught if "nclosed" in str(w.message)] == []

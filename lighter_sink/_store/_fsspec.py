@@ -1,8 +1,8 @@
 """fsspec filesystems: async ones (s3fs, gcsfs) used natively on the sink's loop, others from worker threads.
 
 An async fsspec instance belongs to the loop that made it, so :func:`open_store` creates it inside the sink's
-loop. Synchronous filesystems (``memory://`` and other fsspec backends) block: their calls run in worker
-threads, abandoned (never awaited) once their wait is given up.
+loop, and this room closes its client there too. Synchronous filesystems (``memory://`` and other fsspec
+backends) block: their calls run in worker threads, abandoned (never awaited) once their wait is given up.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import base64
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -23,6 +23,12 @@ from lighter_sink._types import Buffer
 __all__ = ["AsyncFsStore", "ThreadFsStore"]
 
 T = TypeVar("T")
+
+
+class _Client(Protocol):
+    """A filesystem's connection: an aiobotocore client (s3fs) or an aiohttp session (gcsfs, http)."""
+
+    async def close(self) -> Any: ...
 
 
 def _join(root: str, key: str) -> str:
@@ -60,6 +66,7 @@ class AsyncFsStore(Store):
         self._limiter = limiter
         self._s3_crc32 = s3_crc32
         self._s3 = s3
+        self._clients: list[_Client] = []  # what connect() opened, for aclose() to close
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
         # (no fence: an asyncio request is cancelled with its task, and nothing of it wakes up later)
@@ -110,18 +117,30 @@ class AsyncFsStore(Store):
             return []
         return sorted(_relative(self._root, p) for p in found)
 
+    async def connect(self) -> None:
+        """Open the filesystem's client now, on the loop that owns it, and keep it for :meth:`aclose`.
+
+        s3fs's ``set_session()`` returns its aiobotocore client (with ``cache_regions``, ``get_s3`` the bucket's
+        regional one); gcsfs's ``_set_session()`` (fsspec's spelling of an async method) and fsspec's http
+        ``set_session()`` return their aiohttp session. An asynchronous instance's library closes none of them
+        (or only at garbage collection, where aiohttp warns of an unclosed session).
+        """
+        fs = self._fs
+        connect = getattr(fs, "set_session", None) or getattr(fs, "_set_session", None)
+        if connect is None:  # another async filesystem: it manages its connections itself
+            return
+        client = await connect()
+        self._clients.append(client)
+        if self._s3 and getattr(fs, "cache_regions", False):
+            bucket = fs.split_path(self._root)[0]
+            regional = await self._retrying("connecting", lambda: fs.get_s3(bucket))
+            if regional is not client:
+                self._clients.append(regional)
+
     async def aclose(self) -> None:
-        # s3fs keeps its aiobotocore client in _s3creator and closes it only at garbage collection
-        # (or not at all for asynchronous instances): close it here, on the loop that owns it.
-        creator = getattr(self._fs, "_s3creator", None)
-        if creator is not None:
-            await creator.__aexit__(None, None, None)
-            self._fs._s3creator = None
-            self._fs._s3 = None
-        session = getattr(self._fs, "_session", None)
-        close = getattr(session, "close", None)
-        if close is not None and not getattr(session, "closed", True):
-            await close()
+        clients, self._clients = self._clients, []
+        for client in clients:
+            await client.close()
 
 
 class ThreadFsStore(Store):

@@ -70,7 +70,12 @@ async def open_store(
         s3 = protocol in ("s3", "s3a")
         if s3:
             fs.retries = 1  # s3fs's own retry loop; ours decides
-            await fs.set_session()
-        return AsyncFsStore(url, retry, fs, root, limiter, s3_crc32=s3 and upload_checksums, s3=s3)
+        store = AsyncFsStore(url, retry, fs, root, limiter, s3_crc32=s3 and upload_checksums, s3=s3)
+        try:
+            await store.connect()
+        except BaseException:
+            await store.aclose()  # (what it opened before it failed)
+            raise
+        return store
     fs, root = await anyio.to_thread.run_sync(lambda: url_to_fs(url, **options))
     return ThreadFsStore(url, retry, fs, root, limiter)
