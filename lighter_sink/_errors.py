@@ -55,7 +55,7 @@ class FormatNotFoundError(ConfigurationError, KeyError):
 
 
 class MissingDependencyError(ConfigurationError, ImportError):
-    """A format needs an optional package that is not installed; the message names the extra to install.
+    """A format or backend needs an optional package that is not installed; the message names the extra to install.
 
     Both a :class:`ConfigurationError` (the choice of format cannot work here) and an :class:`ImportError`
     (what Python raises for a missing package), so code catching either keeps working.

@@ -3,17 +3,22 @@ started here in its own process on a loopback port and read until it says it lis
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 import torch
 
 from lighter_sink import Sink
+from lighter_sink._store import open_store
 from tests.conftest import free_port, running_process
 
 gcsfs = pytest.importorskip("gcsfs")
@@ -54,3 +59,33 @@ def test_gs_round_trips_every_prediction(gcs_endpoint: str) -> None:
     assert [json.loads(line)["id"] for line in manifest] == [str(i) for i in range(120)]
     assert json.loads(reader.cat(f"{bucket}/run/_SUCCESS"))["count"] == 120
     assert not reader.find(f"{bucket}/run/_parts")
+
+
+def _open_sockets() -> int:
+    """How many sockets this process holds open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # (the directory's own descriptor, gone once listed)
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts sockets through /proc")
+def test_a_gs_store_closes_its_session(gcs_endpoint: str) -> None:
+    """``aclose`` closes gcsfs's connections: none is left open for garbage collection to find."""
+    bucket = f"b-{uuid.uuid4().hex[:10]}"
+    gcsfs.GCSFileSystem(skip_instance_cache=True, **_options(gcs_endpoint)).mkdir(bucket)
+
+    async def use_and_close() -> None:
+        store = await open_store(f"gs://{bucket}/closing", _options(gcs_endpoint))
+        await store.put("a.bin", [b"x"])
+        assert await store.list() == ["a.bin"]
+        await store.aclose()
+
+    gc.disable()  # (a collection would close what aclose left open, and hide it)
+    try:
+        before = _open_sockets()
+        anyio.run(use_and_close, backend="asyncio")
+        assert _open_sockets() == before
+    finally:
+        gc.enable()

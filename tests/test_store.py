@@ -1,12 +1,15 @@
 import base64
 import errno
+import gc
 import io
 import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import numpy as np
 import pytest
 import torch
@@ -179,8 +182,8 @@ def aws_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def test_obstore_backend_reads_aws_sdk_profiles(aws_profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lighter_sink._obstore import open_obstore
     from lighter_sink._store import RetryPolicy
+    from lighter_sink._store._obstore import open_obstore
 
     endpoint = {"endpoint_url": "http://127.0.0.1:9"}
     store = open_obstore("s3://b/p", {**endpoint, "profile": aws_profile}, RetryPolicy(), True)
@@ -269,9 +272,9 @@ def test_a_provided_checksum_spares_the_payload_hash_over_tls(options: dict[str,
     import botocore.session
     from botocore.config import Config
 
-    from lighter_sink._store import _s3_options
+    from lighter_sink._store import s3_options
 
-    config = _s3_options(options, 16, RetryPolicy(), upload_checksums=True)["config_kwargs"]
+    config = s3_options(options, 16, RetryPolicy(), upload_checksums=True)["config_kwargs"]
     client_kwargs = options.get("client_kwargs", {})
     client = botocore.session.get_session().create_client(
         "s3",
@@ -299,3 +302,77 @@ def test_a_provided_checksum_spares_the_payload_hash_over_tls(options: dict[str,
     headers = {k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in sent.items()}
     assert headers["x-amz-checksum-crc32"] == crc
     assert (headers["x-amz-content-sha256"] != "UNSIGNED-PAYLOAD") is signed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "where",
+    [
+        "local",
+        "faulty",  # a synchronous fsspec filesystem, driven from threads
+        pytest.param("s3-fsspec", marks=pytest.mark.s3),
+        pytest.param("s3-obstore", marks=pytest.mark.s3),
+    ],
+)
+async def test_every_store_says_truthfully_whether_it_writes_many(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A store that declares ``supports_write_many`` writes a batch from a worker thread; the others refuse."""
+    url, options, backend = str(tmp_path), {}, "fsspec"
+    if where == "faulty":
+        url, options = "faulty://flags", _faulty.options(_faulty.Plan())
+    elif where.startswith("s3"):
+        server: S3Server = request.getfixturevalue("s3_server")
+        url, options = f"s3://{request.getfixturevalue('s3_bucket')}/flags", server.storage_options
+        backend = where.removeprefix("s3-")
+        if backend == "obstore":
+            pytest.importorskip("obstore")
+    store = await open_store(url, options, backend=backend)
+    items = [("w/a.bin", [b"one"]), ("w/b.bin", [b"tw", memoryview(b"o")])]
+    try:
+        assert store.is_local == (where == "local")
+        if store.supports_write_many:
+            assert await anyio.to_thread.run_sync(store.write_many, items) == [None, None]
+            assert [await store.get(key) for key, _ in items] == [b"one", b"two"]
+        else:
+            with pytest.raises(NotImplementedError, match="put_many"):
+                store.write_many(items)
+            assert await store.list("w") == []
+            assert await store.put_many(items) == [None, None]
+    finally:
+        await store.aclose()
+    assert (where == "local") == store.supports_write_many  # the one store that has it today
+
+
+@pytest.mark.anyio
+async def test_bad_store_settings_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="attempts must be >= 1, got 0"):
+        RetryPolicy(attempts=0)
+    with pytest.raises(ConfigurationError, match="timeout must be > 0 or None, got 0"):
+        RetryPolicy(timeout=0)
+    with pytest.raises(ConfigurationError, match="temp_prefix must be 1 to 64 bytes without path separators"):
+        await open_store(str(tmp_path), temp_prefix="a/b")
+
+
+@pytest.mark.s3
+@pytest.mark.anyio
+@pytest.mark.parametrize("cache_regions", [False, True])
+async def test_an_s3_store_closes_its_clients(
+    s3_server: S3Server, s3_bucket: str, cache_regions: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After ``aclose`` nothing of s3fs's clients (one per bucket region with ``cache_regions``) is left open for
+    aiohttp to warn about at garbage collection."""
+    options = s3_server.storage_options
+    if cache_regions:  # (s3fs caches regions only without an endpoint option: botocore's variable gives it)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        options = {"key": options["key"], "secret": options["secret"], "cache_regions": True}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = await open_store(f"s3://{s3_bucket}/closing", options)
+        await store.put("a.bin", [b"x"])
+        assert await store.list() == ["a.bin"]
+        await store.aclose()
+        del store
+        gc.collect()
+    assert [str(w.message) for w in caught if "nclosed" in str(w.message)] == []

@@ -18,14 +18,14 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from lighter_sink._errors import ConfigurationError
-from lighter_sink._store import RetryPolicy, Store
+from lighter_sink._errors import ConfigurationError, MissingDependencyError
+from lighter_sink._store._base import RetryPolicy, Store
 from lighter_sink._types import Buffer
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
 
-__all__ = ["open_obstore"]
+__all__ = ["ObstoreStore", "open_obstore"]
 
 # s3fs's storage option names, mapped to obstore's S3 configuration keys.
 _S3_KEYS = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token"}
@@ -33,7 +33,7 @@ _S3_KEYS = {"key": "access_key_id", "secret": "secret_access_key", "token": "ses
 _CREDENTIAL_KEYS = ("access_key_id", "secret_access_key", "skip_signature", "credential_provider")
 
 
-class _ObstoreStore(Store):
+class ObstoreStore(Store):
     # Several buffers go out as one PUT, gathered by obstore in Rust without the GIL: no body is joined in Python.
     contiguous_writes = False
 
@@ -112,8 +112,8 @@ def _aws_sdk_credentials(profile: str | None) -> tuple[Any, str | None]:
         from obstore.auth.boto3 import Boto3CredentialProvider
     except ImportError:
         if profile is not None:
-            raise ConfigurationError(
-                "backend='obstore' reads profiles through boto3: pip install 'lighter-sink[obstore]'"
+            raise MissingDependencyError(
+                "backend='obstore' reads profiles through boto3: pip install 'lighter-sink[obstore]'", name="boto3"
             ) from None
         return None, None
     try:
@@ -131,13 +131,14 @@ def open_obstore(url: str, options: Mapping[str, Any], retry: RetryPolicy, uploa
     """An obstore-backed store for an ``s3://bucket/prefix`` url.
 
     Raises:
-        ConfigurationError: obstore is not installed, the url is not on S3, or an option is unknown to it.
+        MissingDependencyError: obstore is not installed.
+        ConfigurationError: the url is not on S3, or an option is unknown to it.
     """
     try:
         from obstore.store import S3Store
     except ImportError:
-        raise ConfigurationError(
-            "backend='obstore' needs the obstore package: pip install 'lighter-sink[obstore]'"
+        raise MissingDependencyError(
+            "backend='obstore' needs the obstore package: pip install 'lighter-sink[obstore]'", name="obstore"
         ) from None
     scheme, _, rest = url.partition("://")
     if scheme not in ("s3", "s3a") or not rest:
@@ -197,4 +198,4 @@ def open_obstore(url: str, options: Mapping[str, Any], retry: RetryPolicy, uploa
         )
     except Exception as exc:  # obstore raises its own errors for unknown keys and bad values
         raise ConfigurationError(f"backend='obstore' cannot use these storage options: {exc}") from None
-    return _ObstoreStore(url, retry, store)
+    return ObstoreStore(url, retry, store)

@@ -1,0 +1,108 @@
+"""File-level steps of the local store: gathered writes, an exclusive atomic create, fsync and ``syncfs``.
+
+System calls and no store state: kept out of :mod:`._local`, which is about what the local store promises
+(atomic, fenced, durable objects), not about how a file gets its bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+from lighter_sink._types import Buffer
+
+__all__ = ["create_file", "fsync_path", "libc_syncfs", "write_all"]
+
+_SMALL = 64 * 2**10  # below this, one joined write beats a gathered one
+
+
+def write_all(fd: int, buffers: Sequence[Buffer]) -> None:
+    """Write every buffer to ``fd``, in order, whatever the kernel accepts per call."""
+    if len(buffers) == 1 and isinstance(buffers[0], bytes | bytearray):  # the common case: one call
+        written = os.write(fd, buffers[0])
+        if written == len(buffers[0]):
+            return
+        buffers = (memoryview(buffers[0])[written:],)
+    if len(buffers) > 1 and sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers) <= _SMALL:
+        buffers = (b"".join(buffers),)
+    pending = [memoryview(b).cast("B") for b in buffers]
+    while pending:
+        written = os.writev(fd, pending) if len(pending) > 1 else os.write(fd, pending[0])
+        while pending and written >= pending[0].nbytes:
+            written -= pending[0].nbytes
+            pending.pop(0)
+        if pending and written:
+            pending[0] = pending[0][written:]
+
+
+@functools.cache
+def libc_syncfs() -> Callable[[int], int] | None:
+    """Linux's ``syncfs(fd)``, which makes one filesystem's written data durable in one call; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):  # a C library without it (musl before 1.1.10, old glibc)
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def fsync_path(path: str, *, directory: bool = False) -> None:
+    """fsync a file or a directory by path; a file deleted since is skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot fsync a directory (EINVAL); their entries are durable by other means.
+        if not (directory and exc.errno == errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_and_close(fd: int, data: bytes, *, durable: bool) -> None:
+    try:
+        write_all(fd, [data])
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def create_file(path: str, data: bytes, *, durable: bool) -> bool:
+    """Create ``path`` holding ``data`` unless it exists, atomically: written aside, then hard-linked into place
+    (a link fails if the name exists, and a reader never sees the file half written)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    # (a name no sweep of temporary files matches: another output's sink sweeping this directory must not
+    # remove it between the write and the link)
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".lsink-create")
+    try:
+        _write_and_close(fd, data, durable=durable)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # a filesystem without hard links: an exclusive create, then the bytes
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            try:
+                target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                return False
+            _write_and_close(target, data, durable=durable)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)

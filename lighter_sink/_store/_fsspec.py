@@ -1,0 +1,197 @@
+"""fsspec filesystems: async ones (s3fs, gcsfs) used natively on the sink's loop, others from worker threads.
+
+An async fsspec instance belongs to the loop that made it, so :func:`open_store` creates it inside the sink's
+loop, and this room closes its client there too. Synchronous filesystems (``memory://`` and other fsspec
+backends) block: their calls run in worker threads, abandoned (never awaited) once their wait is given up.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from lighter_sink._store._base import RetryPolicy, Store
+from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, delete_objects
+from lighter_sink._types import Buffer
+
+__all__ = ["AsyncFsStore", "ThreadFsStore"]
+
+T = TypeVar("T")
+
+
+class _Client(Protocol):
+    """A filesystem's connection: an aiobotocore client (s3fs) or an aiohttp session (gcsfs, http)."""
+
+    async def close(self) -> Any: ...
+
+
+def _join(root: str, key: str) -> str:
+    return f"{root.rstrip('/')}/{key}" if key else root
+
+
+def _relative(root: str, path: str) -> str:
+    root = root.rstrip("/") + "/"
+    return path[len(root) :] if path.startswith(root) else path
+
+
+class AsyncFsStore(Store):
+    """An async fsspec filesystem (s3fs, gcsfs) used natively on the sink's loop.
+
+    With ``s3_crc32`` an upload whose CRC-32 the caller computed sends it as the object's checksum
+    (``x-amz-checksum-crc32``): the server verifies the body, and botocore, seeing the header, computes none.
+    """
+
+    contiguous_writes = True
+
+    def __init__(
+        self,
+        url: str,
+        retry: RetryPolicy,
+        fs: Any,
+        root: str,
+        limiter: anyio.CapacityLimiter,
+        *,
+        s3_crc32: bool = False,
+        s3: bool = False,
+    ) -> None:
+        super().__init__(url, retry)
+        self._fs = fs
+        self._root = root.rstrip("/")
+        self._limiter = limiter
+        self._s3_crc32 = s3_crc32
+        self._s3 = s3
+        self._clients: list[_Client] = []  # what connect() opened, for aclose() to close
+
+    async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
+        # (no fence: an asyncio request is cancelled with its task, and nothing of it wakes up later)
+        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+        extra: dict[str, str] = {}
+        # (s3fs switches to a multipart upload from 100 MiB, whose parts each carry their own checksum)
+        if crc32 is not None and self._s3_crc32 and memoryview(data).nbytes < S3_SINGLE_PUT:
+            extra["ChecksumAlgorithm"] = "CRC32"
+            extra["ChecksumCRC32"] = base64.b64encode(crc32.to_bytes(4, "big")).decode("ascii")
+        # One PUT of the whole encoded object: much faster than file-object writes, and atomic on S3/GCS.
+        async with self._limiter:
+            await self._fs._pipe_file(_join(self._root, key), data, **extra)
+
+    async def get(self, key: str) -> bytes:
+        async with self._limiter:
+            data: bytes = await self._retrying(key, lambda: self._fs._cat_file(_join(self._root, key)))
+            return data
+
+    async def exists(self, key: str) -> bool:
+        return bool(await self._retrying(key, lambda: self._fs._exists(_join(self._root, key))))
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        paths = [_join(self._root, k) for k in keys]
+        if self._s3:
+            for start in range(0, len(paths), S3_DELETE_BATCH):
+                batch = paths[start : start + S3_DELETE_BATCH]
+                await self._retrying("delete", functools.partial(delete_objects, self._fs, batch, self.url))
+            return
+        with contextlib.suppress(FileNotFoundError):
+            await self._retrying("delete", lambda: self._fs._rm(paths))
+
+    async def create(self, key: str, data: bytes) -> bool:
+        path = _join(self._root, key)
+        try:
+            await self._retrying(key, lambda: self._fs._pipe_file(path, data, mode="create"))
+        except FileExistsError:
+            return False
+        return True
+
+    async def list(self, prefix: str = "") -> list[str]:
+        base = _join(self._root, prefix.rstrip("/"))
+        self._fs.invalidate_cache()
+        try:
+            found = await self._retrying("list", lambda: self._fs._find(base, withdirs=False))
+        except FileNotFoundError:
+            return []
+        return sorted(_relative(self._root, p) for p in found)
+
+    async def connect(self) -> None:
+        """Open the filesystem's client now, on the loop that owns it, and keep it for :meth:`aclose`.
+
+        s3fs's ``set_session()`` returns its aiobotocore client (with ``cache_regions``, ``get_s3`` the bucket's
+        regional one); gcsfs's ``_set_session()`` (fsspec's spelling of an async method) and fsspec's http
+        ``set_session()`` return their aiohttp session. An asynchronous instance's library closes none of them
+        (or only at garbage collection, where aiohttp warns of an unclosed session).
+        """
+        fs = self._fs
+        connect = getattr(fs, "set_session", None) or getattr(fs, "_set_session", None)
+        if connect is None:  # another async filesystem: it manages its connections itself
+            return
+        client = await connect()
+        self._clients.append(client)
+        if self._s3 and getattr(fs, "cache_regions", False):
+            bucket = fs.split_path(self._root)[0]
+            regional = await self._retrying("connecting", lambda: fs.get_s3(bucket))
+            if regional is not client:
+                self._clients.append(regional)
+
+    async def aclose(self) -> None:
+        clients, self._clients = self._clients, []
+        for client in clients:
+            await client.close()
+
+
+class ThreadFsStore(Store):
+    """A synchronous fsspec filesystem (``memory://`` and others) driven from worker threads."""
+
+    def __init__(self, url: str, retry: RetryPolicy, fs: Any, root: str, limiter: anyio.CapacityLimiter) -> None:
+        super().__init__(url, retry)
+        self._fs = fs
+        self._root = root.rstrip("/")
+        self._limiter = limiter
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        # Abandoned on cancellation: a call stuck in the filesystem holds neither the loop nor a timeout up.
+        return await anyio.to_thread.run_sync(func, *args, limiter=self._limiter, abandon_on_cancel=True)
+
+    def _pipe(self, key: str, data: bytes, since: int) -> None:
+        # (the fence is checked before the call only: a filesystem without renames has no later point to check)
+        self._check_fence(key, since)
+        self._fs.pipe_file(_join(self._root, key), data)
+
+    async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
+        data = bytes(buffers[0]) if len(buffers) == 1 else b"".join(buffers)
+        await self._run(self._pipe, key, data, self.fence_epoch)
+
+    async def get(self, key: str) -> bytes:
+        data: bytes = await self._retrying(key, lambda: self._run(self._fs.cat_file, _join(self._root, key)))
+        return data
+
+    async def exists(self, key: str) -> bool:
+        return bool(await self._retrying(key, lambda: self._run(self._fs.exists, _join(self._root, key))))
+
+    async def create(self, key: str, data: bytes) -> bool:
+        path = _join(self._root, key)
+        try:
+            await self._retrying(
+                key, lambda: self._run(functools.partial(self._fs.pipe_file, path, data, mode="create"))
+            )
+        except FileExistsError:
+            return False
+        return True
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            path = _join(self._root, key)
+            with contextlib.suppress(FileNotFoundError):
+                await self._retrying(key, functools.partial(self._run, self._fs.rm_file, path))
+
+    async def list(self, prefix: str = "") -> list[str]:
+        base = _join(self._root, prefix.rstrip("/"))
+        try:
+            found = await self._retrying("list", lambda: self._run(lambda: self._fs.find(base, withdirs=False)))
+        except FileNotFoundError:
+            return []
+        return sorted(_relative(self._root, p) for p in found)

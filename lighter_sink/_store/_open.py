@@ -1,0 +1,81 @@
+"""From a url to the backend that serves it: the one place that knows every backend.
+
+Local directories get :class:`~._local.LocalStore`; ``backend="obstore"`` on S3 gets obstore's store; async
+fsspec filesystems (s3fs, gcsfs) are created inside the caller's event loop, which owns them; other fsspec
+filesystems are driven from worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import fsspec
+from fsspec.core import url_to_fs
+
+from lighter_sink._store._base import RetryPolicy, Store
+from lighter_sink._store._fsspec import AsyncFsStore, ThreadFsStore
+from lighter_sink._store._local import TEMP_PREFIX, LocalStore
+from lighter_sink._store._obstore import open_obstore
+from lighter_sink._store._s3 import s3_options
+from lighter_sink._store._urls import is_local_url, local_path, protocol_of
+
+__all__ = ["open_store"]
+
+
+async def open_store(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    concurrency: int = 16,
+    retry: RetryPolicy | None = None,
+    backend: str = "fsspec",
+    upload_checksums: bool = True,
+    temp_prefix: str = TEMP_PREFIX,
+    run: str | None = None,
+    durable: bool = True,
+) -> Store:
+    """Open the store for ``url``. Must run inside the event loop that will use the store.
+
+    ``backend`` is ``"fsspec"`` (every protocol) or ``"obstore"`` (S3 only; see :mod:`._obstore`).
+    ``upload_checksums`` has the server verify each upload body: on S3 through s3fs with the CRC-32 a caller
+    passes to :meth:`Store.put` (botocore computes its own CRC32 for bodies that come without one).
+    Local directories only: temporary files are named ``{temp_prefix}{run}.{n}.tmp`` (``run``: unique per
+    process; a fresh one when None), and ``durable`` fsyncs control objects and lets :meth:`Store.sync` make
+    the rest durable.
+    """
+    retry = retry or RetryPolicy()
+    options = dict(storage_options or {})
+    if backend == "obstore" and not is_local_url(url):
+        return open_obstore(url, options, retry, upload_checksums)
+    limiter = anyio.CapacityLimiter(concurrency)
+    if is_local_url(url):
+        # Writes to one local directory contend on the directory lock and, for small files, on the GIL:
+        # more threads than cores only add switching. Network filesystems want more: raise it with concurrency.
+        threads = min(concurrency, max(2, os.cpu_count() or 2))
+        limiter = anyio.CapacityLimiter(threads)
+        return LocalStore(url, retry, local_path(url), limiter, temp_prefix=temp_prefix, run=run, durable=durable)
+    protocol = protocol_of(url)
+    cls = fsspec.get_filesystem_class(protocol)
+    if getattr(cls, "async_impl", False):
+        if protocol in ("s3", "s3a"):
+            options = s3_options(options, concurrency, retry, upload_checksums)
+        fs, root = url_to_fs(
+            url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **options
+        )
+        s3 = protocol in ("s3", "s3a")
+        if s3:
+            fs.retries = 1  # s3fs's own retry loop; ours decides
+        store = AsyncFsStore(url, retry, fs, root, limiter, s3_crc32=s3 and upload_checksums, s3=s3)
+        try:
+            await store.connect()
+        except BaseException:
+            await store.aclose()  # (what it opened before it failed)
+            raise
+        return store
+    fs, root = await anyio.to_thread.run_sync(lambda: url_to_fs(url, **options))
+    return ThreadFsStore(url, retry, fs, root, limiter)
