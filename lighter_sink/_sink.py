@@ -190,8 +190,8 @@ class Sink:
         handoff = run.handoff
         handoff.raise_if_failed()
         # A counter's ids are valid and never repeat: they need no check when distinct ids give distinct keys.
-        unique = type(identifiers) is CounterIds
-        ids: list[str] = identifiers if unique else validate_identifiers(identifiers)  # type: ignore[assignment]
+        unique = isinstance(identifiers, CounterIds)
+        ids = identifiers if isinstance(identifiers, CounterIds) else validate_identifiers(identifiers)
         count = count_samples(values)
         if count != len(ids):
             raise PredictionError(f"got {count} predictions for {len(ids)} ids; expected one per id")
