@@ -2,8 +2,8 @@
 
 Commands: ``demo`` (write predictions of a small model), ``verify`` (check an output against its manifest),
 ``inspect`` (summarise an output) and ``bench`` (a quick throughput measurement). Exit status: 0 when all is
-well, 1 when an output is incomplete or corrupt (``verify``) or absent (``inspect``), 2 for usage errors and for
-storage that cannot be read.
+well, 1 when an output is absent, incomplete or corrupt (``verify``) or absent or altered (``inspect``), 2 for
+usage errors and for storage that cannot be read.
 """
 
 from __future__ import annotations
@@ -88,6 +88,9 @@ def _verify(args: argparse.Namespace) -> int:
         progress_every=max(1, args.progress_every),
     )
     print(f"lighter-sink verify: {result.url}")
+    if not result.found:
+        print(f"FAILED: nothing at {result.url}: no _SUCCESS, no manifest, no object (is the url right?)")
+        return 1
     if result.summary is not None:
         summary = result.summary
         print(
@@ -117,17 +120,23 @@ def _inspect(args: argparse.Namespace) -> int:
 
     info = inspect_output(args.url, _storage_options(args))
     if args.json:
-        print(json.dumps({**asdict(info), "complete": info.complete}, indent=2, sort_keys=True))
-        return 1 if info.empty else 0
+        print(
+            json.dumps({**asdict(info), "complete": info.complete, "altered": info.altered}, indent=2, sort_keys=True)
+        )
+        return 1 if info.empty or info.altered else 0
     if info.empty:
-        print(f"lighter-sink inspect: nothing at {info.url}: no _SUCCESS, no manifest, no recorded prediction")
+        print(f"lighter-sink inspect: nothing at {info.url}: no _SUCCESS, no manifest, no object")
         return 1
     summary = info.summary or {}
-    if info.complete:
+    if info.altered:
+        counted = f"_SUCCESS vouches for {_count(summary.get('count'))} predictions"
+        found = f"the manifest lists {info.count:,}" if info.manifest_found else "_manifest.jsonl is gone"
+        status = f"ALTERED: {counted}, but {found}; run lighter-sink verify for the details"
+    elif info.complete:
         status = f"complete (_SUCCESS written {summary.get('finished_at', 'at an unknown time')})"
     else:
         source = "the manifest" if info.manifest_found else "per-rank parts"
-        status = f"INCOMPLETE: no _SUCCESS (records below come from {source})"
+        status = f"INCOMPLETE: no _SUCCESS, the run did not finish (records below come from {source})"
     extensions = ", ".join(f"{n:,} {ext or '(none)'}" for ext, n in info.extensions) or "none"
     rows: list[tuple[str, str]] = [
         ("url", info.url),
@@ -146,11 +155,26 @@ def _inspect(args: argparse.Namespace) -> int:
         rows.append(("shapes" if index == 0 else "", f"{n:,} x {_shape(shape)} {dtype}"))
     if len(info.shapes) > shown:
         rows.append(("", f"... and {len(info.shapes) - shown} more shape/dtype combinations"))
+    if not info.complete or not info.manifest_found:  # listed: what a resume or an overwrite would find
+        rows.append(("stored", f"{info.objects:,} objects, {info.unrecorded:,} not recorded (control objects aside)"))
+        rows.append(("lease", _lease(info.lease)))
     if info.complete:
         rows.append(("timings", _timings(summary)))
     for name, value in rows:
         print(f"{name:<12} {value}")
-    return 0
+    return 1 if info.altered else 0
+
+
+def _lease(lease: Mapping[str, Any] | None) -> str:
+    if lease is None:
+        return "none (no run owns the output)"
+    holder = f"run {lease.get('run')} (host {lease.get('host')}, pid {lease.get('pid')})"
+    if lease.get("released"):
+        return f"released by {holder}: it ended without committing (an error, or Ctrl-C)"
+    age = f"renewed {time.time() - float(lease.get('renewed_at', 0.0)):.0f} s ago"
+    if lease.get("live"):
+        return f"{lease.get('state')}, held by {holder}, {age}: it may still be writing"
+    return f"{lease.get('state')}, not released by {holder}, {age}: it was killed (resume it with mode='resume')"
 
 
 def _timings(summary: Mapping[str, Any]) -> str:
@@ -343,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check that an output is complete and every object matches the manifest",
         description="Read URL/_SUCCESS and URL/_manifest.jsonl, then every recorded object, and compare its size "
         "and crc32 with the manifest. Exit 0 when the output is complete and intact; exit 1 listing every "
-        "missing or corrupt object (and when _SUCCESS is absent: the run did not finish).",
+        "missing or corrupt object (and when _SUCCESS is absent: the run did not finish; when nothing is at URL at "
+        "all, it says so).",
     )
     verify.add_argument("url", metavar="URL", help="the output: a local directory or fsspec url (s3://bucket/...)")
     _add_storage_option(verify)
@@ -364,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="summarise an output: count, bytes, format, shapes, timings, world size",
         description="Summarise the output at URL from its _SUCCESS marker and manifest, without reading the "
         "objects: count, bytes, format, shapes and dtypes, timings and world size. An incomplete output is "
-        "described from the per-rank manifest parts. Exit 1 when nothing is there.",
+        "described from the per-rank manifest parts, with the objects stored and the lease of the run that wrote "
+        "them. Exit 1 when nothing is there, or when _SUCCESS vouches for a manifest that is gone or lists another "
+        "count (the output was altered).",
     )
     inspect.add_argument("url", metavar="URL", help="the output: a local directory or fsspec url (s3://bucket/...)")
     _add_storage_option(inspect)
