@@ -37,7 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from lighter_sink import PredictionSink
-    from lighter_sink._demo import DemoModel, SyntheticImages
+    from lighter_sink._demo import SyntheticImages, check_destination, demo_model, mark_demo_output, remove_if_empty
 
     storage_options = _storage_options(args)
     if not args.verbose:
@@ -45,6 +45,8 @@ def _demo(args: argparse.Namespace) -> int:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", module="lightning")
     sink = PredictionSink(args.url, format=args.format, storage_options=storage_options)
+    model, what = demo_model(sink.format, args.size)
+    made = check_destination(args.url, storage_options, overwrite=args.overwrite)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -54,13 +56,19 @@ def _demo(args: argparse.Namespace) -> int:
         enable_model_summary=False,
     )
     loader = DataLoader(SyntheticImages(args.n, size=args.size), batch_size=args.batch_size)
-    print(f"lighter-sink demo: {args.n} predictions of {args.size}x{args.size} float32 -> {args.url} ({args.format})")
+    print(f"lighter-sink demo: {args.n} predictions of {what} -> {args.url} ({args.format})")
     started = time.perf_counter()
-    trainer.predict(DemoModel(), loader, return_predictions=False)
+    try:
+        trainer.predict(model, loader, return_predictions=False)
+    except BaseException:
+        if made:
+            remove_if_empty(args.url)
+        raise
     wall = time.perf_counter() - started
     assert sink.sink is not None
     stats = sink.sink.stats
     summary = sink.sink.summary or {}
+    mark_demo_output(args.url, storage_options, summary.get("run"))
     print(f"  wrote     {summary.get('count', stats.items)} predictions, {stats.bytes / 1e6:.1f} MB")
     print(f"  speed     {stats.mb_per_second:.1f} MB/s, {stats.items / wall:.0f} predictions/s (wall {wall:.2f}s)")
     print(
@@ -352,9 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run a small model through Trainer.predict on the CPU and write its predictions",
         description="Run a small convolutional model through Lightning's Trainer.predict on the CPU and write its "
-        "predictions with PredictionSink; print what was written, the speed and the time the loop stalled.",
+        "predictions with PredictionSink; print what was written, the speed and the time the loop stalled. Images "
+        "for formats of objects and arrays, a few scores per image for tables (csv, jsonl). Writes to "
+        "./predictions unless --url says otherwise.",
     )
-    demo.add_argument("--url", default="./predictions", help="where to write (local path or fsspec url)")
+    demo.add_argument(
+        "--url",
+        default="./predictions",
+        help="where to write: a local path or fsspec url (default: ./predictions). An earlier demo's output there is "
+        "replaced; a place holding anything else is refused unless --overwrite is given",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output at --url that no demo wrote: the objects the format would write and an earlier "
+        "run's output (manifest, _SUCCESS); other files stay",
+    )
     demo.add_argument("--format", default="npy", help="format name (default: npy)")
     demo.add_argument("-n", type=int, default=1000, help="number of predictions (default: 1000)")
     demo.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
