@@ -83,6 +83,7 @@ class SinkConfig:
 
     Raises:
         ConfigurationError: a value of the wrong type or out of range, naming what was expected.
+        MissingDependencyError: the format needs a package that is not installed, naming the extra to install.
     """
 
     format: Format
@@ -100,6 +101,7 @@ class SinkConfig:
     copy: bool = True
 
     def __post_init__(self) -> None:
+        self.format.require()  # a missing extra fails here, before any compute, not at the first batch
         options: object = self.storage_options
         if options is None:
             options = {}

@@ -54,7 +54,6 @@ class _Upload:
     encoded: list[_Encoded]
     errors: list[BaseException | None]
     left: int
-    started: float
     retries: int = 0  # the store's retry count when the group was handed to it
 
 
@@ -161,7 +160,7 @@ class Engine:
                         else:
                             contiguous = self.store is not None and self.store.contiguous_writes
                             encoded = await anyio.to_thread.run_sync(self._encode, group, contiguous)
-                            upload = _Upload(group, encoded, [None] * len(encoded), len(encoded), time.perf_counter())
+                            upload = _Upload(group, encoded, [None] * len(encoded), len(encoded))
                             upload.retries = _retries(self.store)
                             handed_over = bool(encoded)  # from here on, the upload of its last object releases it
                             for index in range(len(encoded)):
@@ -179,7 +178,9 @@ class Engine:
             path, record, buffers = upload.encoded[index]
             if self.handoff.error is None:
                 try:
+                    started = time.perf_counter()
                     await store.put(path, buffers, int(record.crc32, 16))  # the upload checksum, where sent
+                    self.latencies.append(time.perf_counter() - started)  # one object's write, retries included
                 except Exception as exc:
                     upload.errors[index] = exc
             else:
@@ -192,7 +193,6 @@ class Engine:
         """Every object of a group was tried: record what was stored, report what failed, free its bytes."""
         stored = False
         try:
-            self.latencies.append(time.perf_counter() - upload.started)
             await self._settle(upload.encoded, upload.errors)
             stored = self.handoff.error is None and _retries(self.store) == upload.retries
         except Exception as exc:
@@ -238,13 +238,13 @@ class Engine:
     async def _write_rows(self, group: Sequence[Batch]) -> None:
         writer = self.writer
         assert writer is not None
-        started = time.perf_counter()
         for batch in group:
+            started = time.perf_counter()
             records = await writer.write(batch.ids, batch.host.samples())
+            self.latencies.append(time.perf_counter() - started)  # one batch's rows
             self.items += len(records)
             self.bytes += sum(r.nbytes for r in records)
             self._records.extend(records)
-        self.latencies.append(time.perf_counter() - started)
         if len(self._records) >= PART_RECORDS:
             await self.write_part()
 
@@ -254,15 +254,20 @@ class Engine:
             return
         store = self.store
         assert store is not None
-        started = time.perf_counter()
         # Encode and write in the same worker thread: one hop per group instead of two.
         encoded: list[_Encoded] = []
+        latencies = self.latencies
 
         since = store.fence_epoch  # (encoding may be what got stuck: a format's own writer function)
 
         def encode_and_write() -> list[BaseException | None]:
             encoded.extend(self._encode(group))
-            return store.write_many([(path, buffers) for path, _, buffers in encoded], since)
+            errors: list[BaseException | None] = []
+            for path, _, buffers in encoded:  # one object at a time, so that each write is timed on its own
+                started = time.perf_counter()
+                errors += store.write_many([(path, buffers)], since)
+                latencies.append(time.perf_counter() - started)
+            return errors
 
         try:  # bounded: a write stuck in the kernel (a dead mount) fails the group, retried as a timeout
             errors = await store.run_bounded(encode_and_write, f"writing {len(group)} batches of predictions")
@@ -271,7 +276,6 @@ class Engine:
                 raise  # still encoding: the group fails with its ids
             errors = [exc] * len(encoded)
         errors = await store.retry_failed([(path, buffers) for path, _, buffers in encoded], errors)
-        self.latencies.append(time.perf_counter() - started)
         await self._settle(encoded, errors)
 
     async def flush(self, durable: bool) -> None:

@@ -238,7 +238,8 @@ class Handoff:
                 self._failed_ids.extend(keys[: _FAILED_IDS_KEPT - len(self._failed_ids)])
             if self.error is None:
                 self.error = exc
-                logger.error("writing to %s failed: %s: %s", self.url, type(exc).__name__, exc)
+                # Not an error record: the raised WriteError is where the user sees it, once (this only says when)
+                logger.debug("writing to %s failed: %s: %s", self.url, type(exc).__name__, exc)
             else:
                 self._error_count += 1
             self.cond.notify_all()

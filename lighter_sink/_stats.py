@@ -21,7 +21,9 @@ class SinkStats:
         stall_seconds: time ``put`` spent blocked because the queue was full.
         queue_bytes: host bytes queued or being written right now.
         queue_high_water_bytes: the most host bytes ever held at once.
-        write_seconds_p50: median time to write one group of objects.
+        write_seconds_p50: median time one write took once started, not counting its wait in the queue: one
+            object (an upload with its retries, or a local file written and renamed), or for formats of rows
+            (tables, arrays) one batch's rows. Over the last 4,096 writes.
         write_seconds_p99: 99th percentile of the same.
         retries: transient storage errors that were retried.
         failed: predictions that could not be stored.

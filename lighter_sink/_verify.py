@@ -16,7 +16,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import anyio
@@ -28,7 +28,7 @@ from lighter_sink._commit import owned_key
 from lighter_sink._errors import ConfigurationError, IdentifierError
 from lighter_sink._ids import KeyTemplate, validate_identifier
 from lighter_sink._layout import ControlKeys
-from lighter_sink._lease import current_generation
+from lighter_sink._lease import current_generation, read_lease
 from lighter_sink._manifest import id_order, read_records, sorted_ids
 from lighter_sink._store import RetryPolicy, Store, open_store
 from lighter_sink._types import Problem, ProblemKind, Record, decode_records
@@ -57,6 +57,7 @@ class VerifyResult:
         bytes_read: bytes read while checking.
         seconds: time spent.
         problems: everything wrong, in id order after the marker and manifest problems; empty when all is fine.
+        found: whether anything is stored at the url (a mistyped url holds nothing: not a run that did not finish).
     """
 
     url: str
@@ -66,6 +67,7 @@ class VerifyResult:
     bytes_read: int
     seconds: float
     problems: tuple[Problem, ...]
+    found: bool = True
 
     @property
     def complete(self) -> bool:
@@ -92,6 +94,11 @@ class OutputInfo:
         max_nbytes: the largest object, in bytes (0 when there is none).
         extensions: object file extensions and how many objects have each, most common first.
         shapes: ``(shape, dtype, count)`` for every distinct shape and dtype, most common first.
+        objects: objects stored besides control objects, listed when the output is incomplete or its manifest is
+            absent (0 otherwise: a complete output is not listed).
+        unrecorded: how many of those no record names (a killed run's objects that resume records or rewrites).
+        lease: ``_lease.json``'s fields when it is there (a run that owns the output, or one that gave it up), and
+            ``live``: whether that run may still be writing.
     """
 
     url: str
@@ -103,6 +110,9 @@ class OutputInfo:
     max_nbytes: int
     extensions: tuple[tuple[str, int], ...]
     shapes: tuple[tuple[tuple[int, ...], str, int], ...]
+    objects: int = 0
+    unrecorded: int = 0
+    lease: Mapping[str, Any] | None = None
 
     @property
     def complete(self) -> bool:
@@ -110,9 +120,16 @@ class OutputInfo:
         return self.summary is not None
 
     @property
+    def altered(self) -> bool:
+        """Whether ``_SUCCESS`` vouches for what is not there: its manifest is absent or lists another count."""
+        expected = None if self.summary is None else self.summary.get("count")
+        return self.summary is not None and (not self.manifest_found or expected not in (None, self.count))
+
+    @property
     def empty(self) -> bool:
-        """Whether nothing of an output was found at the url (no marker, no manifest, no record)."""
-        return self.summary is None and not self.manifest_found and self.count == 0
+        """Whether nothing of an output was found at the url (no marker, manifest, record, object nor lease)."""
+        found = self.manifest_found or self.count or self.objects or self.lease is not None
+        return self.summary is None and not found
 
 
 def verify(
@@ -220,6 +237,9 @@ async def _verify(
     """Every output at the url (one, or a table beside one-file-per-prediction objects), reported as one."""
     started = time.perf_counter()
     listing = await store.list()
+    if not listing:
+        nothing = Problem("missing", ".", None, "nothing is stored here: no _SUCCESS, no manifest, no object")
+        return VerifyResult(store.url, None, 0, 0, 0, time.perf_counter() - started, (nothing,), found=False)
     outputs = _outputs(listing)
     results = []
     for keys in outputs:
@@ -441,6 +461,12 @@ async def _inspect(store: Store) -> OutputInfo:
     summary = None if marker is None else _parse_summary(marker)
     manifest = await _get_optional(store, keys.manifest)
     records = await _records(store, keys, manifest)
+    objects: list[str] = []
+    lease = None
+    if summary is None or manifest is None:  # unfinished or altered: what is stored, and who owns it
+        objects = [key for key in await store.list() if not key.startswith("_")]
+        lease = await read_lease(store, keys)
+    paths = {r.path for r in records}
     sizes = [r.nbytes for r in records]
     extensions = Counter(_extension(r.path) for r in records)
     shapes = Counter((tuple(r.shape), r.dtype) for r in records)
@@ -454,6 +480,9 @@ async def _inspect(store: Store) -> OutputInfo:
         max_nbytes=max(sizes, default=0),
         extensions=tuple(extensions.most_common()),
         shapes=tuple((shape, dtype, n) for (shape, dtype), n in shapes.most_common()),
+        objects=len(objects),
+        unrecorded=sum(key not in paths for key in objects),
+        lease=None if lease is None else {**asdict(lease), "live": lease.live()},
     )
 
 

@@ -2,8 +2,8 @@
 
 Commands: ``demo`` (write predictions of a small model), ``verify`` (check an output against its manifest),
 ``inspect`` (summarise an output) and ``bench`` (a quick throughput measurement). Exit status: 0 when all is
-well, 1 when an output is incomplete or corrupt (``verify``) or absent (``inspect``), 2 for usage errors and for
-storage that cannot be read.
+well, 1 when an output is absent, incomplete or corrupt (``verify``) or absent or altered (``inspect``), 2 for
+usage errors and for storage that cannot be read.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from lighter_sink import PredictionSink
-    from lighter_sink._demo import DemoModel, SyntheticImages
+    from lighter_sink._demo import SyntheticImages, check_destination, demo_model, mark_demo_output, remove_if_empty
 
     storage_options = _storage_options(args)
     if not args.verbose:
@@ -45,6 +45,8 @@ def _demo(args: argparse.Namespace) -> int:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", module="lightning")
     sink = PredictionSink(args.url, format=args.format, storage_options=storage_options)
+    model, what = demo_model(sink.format, args.size)
+    made = check_destination(args.url, storage_options, overwrite=args.overwrite)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -54,13 +56,19 @@ def _demo(args: argparse.Namespace) -> int:
         enable_model_summary=False,
     )
     loader = DataLoader(SyntheticImages(args.n, size=args.size), batch_size=args.batch_size)
-    print(f"lighter-sink demo: {args.n} predictions of {args.size}x{args.size} float32 -> {args.url} ({args.format})")
+    print(f"lighter-sink demo: {args.n} predictions of {what} -> {args.url} ({args.format})")
     started = time.perf_counter()
-    trainer.predict(DemoModel(), loader, return_predictions=False)
+    try:
+        trainer.predict(model, loader, return_predictions=False)
+    except BaseException:
+        if made:
+            remove_if_empty(args.url)
+        raise
     wall = time.perf_counter() - started
     assert sink.sink is not None
     stats = sink.sink.stats
     summary = sink.sink.summary or {}
+    mark_demo_output(args.url, storage_options, summary.get("run"))
     print(f"  wrote     {summary.get('count', stats.items)} predictions, {stats.bytes / 1e6:.1f} MB")
     print(f"  speed     {stats.mb_per_second:.1f} MB/s, {stats.items / wall:.0f} predictions/s (wall {wall:.2f}s)")
     print(
@@ -88,6 +96,9 @@ def _verify(args: argparse.Namespace) -> int:
         progress_every=max(1, args.progress_every),
     )
     print(f"lighter-sink verify: {result.url}")
+    if not result.found:
+        print(f"FAILED: nothing at {result.url}: no _SUCCESS, no manifest, no object (is the url right?)")
+        return 1
     if result.summary is not None:
         summary = result.summary
         print(
@@ -117,17 +128,23 @@ def _inspect(args: argparse.Namespace) -> int:
 
     info = inspect_output(args.url, _storage_options(args))
     if args.json:
-        print(json.dumps({**asdict(info), "complete": info.complete}, indent=2, sort_keys=True))
-        return 1 if info.empty else 0
+        print(
+            json.dumps({**asdict(info), "complete": info.complete, "altered": info.altered}, indent=2, sort_keys=True)
+        )
+        return 1 if info.empty or info.altered else 0
     if info.empty:
-        print(f"lighter-sink inspect: nothing at {info.url}: no _SUCCESS, no manifest, no recorded prediction")
+        print(f"lighter-sink inspect: nothing at {info.url}: no _SUCCESS, no manifest, no object")
         return 1
     summary = info.summary or {}
-    if info.complete:
+    if info.altered:
+        counted = f"_SUCCESS vouches for {_count(summary.get('count'))} predictions"
+        found = f"the manifest lists {info.count:,}" if info.manifest_found else "_manifest.jsonl is gone"
+        status = f"ALTERED: {counted}, but {found}; run lighter-sink verify for the details"
+    elif info.complete:
         status = f"complete (_SUCCESS written {summary.get('finished_at', 'at an unknown time')})"
     else:
         source = "the manifest" if info.manifest_found else "per-rank parts"
-        status = f"INCOMPLETE: no _SUCCESS (records below come from {source})"
+        status = f"INCOMPLETE: no _SUCCESS, the run did not finish (records below come from {source})"
     extensions = ", ".join(f"{n:,} {ext or '(none)'}" for ext, n in info.extensions) or "none"
     rows: list[tuple[str, str]] = [
         ("url", info.url),
@@ -146,11 +163,26 @@ def _inspect(args: argparse.Namespace) -> int:
         rows.append(("shapes" if index == 0 else "", f"{n:,} x {_shape(shape)} {dtype}"))
     if len(info.shapes) > shown:
         rows.append(("", f"... and {len(info.shapes) - shown} more shape/dtype combinations"))
+    if not info.complete or not info.manifest_found:  # listed: what a resume or an overwrite would find
+        rows.append(("stored", f"{info.objects:,} objects, {info.unrecorded:,} not recorded (control objects aside)"))
+        rows.append(("lease", _lease(info.lease)))
     if info.complete:
         rows.append(("timings", _timings(summary)))
     for name, value in rows:
         print(f"{name:<12} {value}")
-    return 0
+    return 1 if info.altered else 0
+
+
+def _lease(lease: Mapping[str, Any] | None) -> str:
+    if lease is None:
+        return "none (no run owns the output)"
+    holder = f"run {lease.get('run')} (host {lease.get('host')}, pid {lease.get('pid')})"
+    if lease.get("released"):
+        return f"released by {holder}: it ended without committing (an error, or Ctrl-C)"
+    age = f"renewed {time.time() - float(lease.get('renewed_at', 0.0)):.0f} s ago"
+    if lease.get("live"):
+        return f"{lease.get('state')}, held by {holder}, {age}: it may still be writing"
+    return f"{lease.get('state')}, not released by {holder}, {age}: it was killed (resume it with mode='resume')"
 
 
 def _timings(summary: Mapping[str, Any]) -> str:
@@ -328,9 +360,22 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="run a small model through Trainer.predict on the CPU and write its predictions",
         description="Run a small convolutional model through Lightning's Trainer.predict on the CPU and write its "
-        "predictions with PredictionSink; print what was written, the speed and the time the loop stalled.",
+        "predictions with PredictionSink; print what was written, the speed and the time the loop stalled. Images "
+        "for formats of objects and arrays, a few scores per image for tables (csv, jsonl). Writes to "
+        "./predictions unless --url says otherwise.",
     )
-    demo.add_argument("--url", default="./predictions", help="where to write (local path or fsspec url)")
+    demo.add_argument(
+        "--url",
+        default="./predictions",
+        help="where to write: a local path or fsspec url (default: ./predictions). An earlier demo's output there is "
+        "replaced; a place holding anything else is refused unless --overwrite is given",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output at --url that no demo wrote: the objects the format would write and an earlier "
+        "run's output (manifest, _SUCCESS); other files stay",
+    )
     demo.add_argument("--format", default="npy", help="format name (default: npy)")
     demo.add_argument("-n", type=int, default=1000, help="number of predictions (default: 1000)")
     demo.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
@@ -343,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="check that an output is complete and every object matches the manifest",
         description="Read URL/_SUCCESS and URL/_manifest.jsonl, then every recorded object, and compare its size "
         "and crc32 with the manifest. Exit 0 when the output is complete and intact; exit 1 listing every "
-        "missing or corrupt object (and when _SUCCESS is absent: the run did not finish).",
+        "missing or corrupt object (and when _SUCCESS is absent: the run did not finish; when nothing is at URL at "
+        "all, it says so).",
     )
     verify.add_argument("url", metavar="URL", help="the output: a local directory or fsspec url (s3://bucket/...)")
     _add_storage_option(verify)
@@ -364,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="summarise an output: count, bytes, format, shapes, timings, world size",
         description="Summarise the output at URL from its _SUCCESS marker and manifest, without reading the "
         "objects: count, bytes, format, shapes and dtypes, timings and world size. An incomplete output is "
-        "described from the per-rank manifest parts. Exit 1 when nothing is there.",
+        "described from the per-rank manifest parts, with the objects stored and the lease of the run that wrote "
+        "them. Exit 1 when nothing is there, or when _SUCCESS vouches for a manifest that is gone or lists another "
+        "count (the output was altered).",
     )
     inspect.add_argument("url", metavar="URL", help="the output: a local directory or fsspec url (s3://bucket/...)")
     _add_storage_option(inspect)

@@ -33,7 +33,6 @@ from lighter_sink._errors import ConfigurationError, FormatNotFoundError, Predic
 from lighter_sink._ids import as_id_list
 from lighter_sink._store import is_local_url
 from lighter_sink.formats import CsvFormat, Format, FunctionFormat, WriterFunction, available_formats, get_format
-from lighter_sink.formats._image import require_pillow
 
 __all__ = ["WRITERS", "CsvWriter", "FileWriter"]
 
@@ -52,9 +51,9 @@ def _resolve(writer_fn: object, extension: str | None) -> Format:
                 f"writer_fn {writer_fn!r} is not a Lighter writer ({writers}) nor a registered format "
                 f"({', '.join(available_formats())}); a callable (path, value) -> None is accepted too"
             )
-        if name == "png":
-            require_pillow()  # before any compute, not at the first batch
-        return get_format(name)
+        fmt = get_format(name)
+        fmt.require()  # before any compute, not at the first batch
+        return fmt
     if callable(writer_fn):
         fn: WriterFunction = writer_fn
         return FunctionFormat(fn, extension)

@@ -11,6 +11,8 @@ from lighter_sink._verify import verify
 from lighter_sink.cli import main
 from tests.conftest import S3Server
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _write(url: str | Path, n: int = 12, storage_options: dict[str, str] | None = None) -> None:
     values = torch.arange(n * 6, dtype=torch.float32).reshape(n, 2, 3)
@@ -236,3 +238,57 @@ def test_an_unreachable_endpoint_is_a_clear_error(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert "lighter-sink verify: error" in err
     assert "hunter2" not in err
+
+
+# ---------------------------------------------------------------------- what a new user sees (issue 15)
+
+
+def test_verify_of_a_place_holding_nothing_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistyped url is not "a run that did not finish": nothing is there, and verify fails saying that."""
+    assert main(["verify", str(tmp_path / "nonexistent")]) == 1
+    out = capsys.readouterr().out
+    assert "nothing at" in out
+    assert "did not finish" not in out
+    result = verify(str(tmp_path / "nonexistent"))
+    assert not result.ok
+    assert not result.found
+
+
+def test_inspect_refuses_a_marker_whose_manifest_is_gone(output: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``_SUCCESS`` vouches for a manifest that is not there: the output was altered, not complete."""
+    (output / "_manifest.jsonl").unlink()
+    assert main(["inspect", str(output)]) == 1
+    out = capsys.readouterr().out
+    status = next(line for line in out.splitlines() if line.startswith("status"))
+    assert "ALTERED" in status
+    assert "_manifest.jsonl" in status
+    assert "complete (" not in out
+    assert main(["inspect", str(output), "--json"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    assert (info["complete"], info["altered"]) == (True, True)
+
+
+def test_inspect_describes_what_a_killed_run_left(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run killed before its first manifest part leaves objects and a lease, and inspect says so."""
+    url = tmp_path / "preds"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_killed_run.py"), str(url), "--ids", ",".join(map(str, range(140)))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 9, done.stderr[-3000:]
+    stored = len(list(url.glob("*.npy")))
+    assert stored >= 139
+    assert main(["inspect", str(url)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing at" not in out
+    lines = {line.split("  ")[0].strip(): line for line in out.splitlines()}
+    assert "did not finish" in lines["status"]
+    assert f"{stored} objects" in lines["stored"]
+    assert f"{stored} not recorded" in lines["stored"]
+    assert "running" in lines["lease"]
+    assert main(["inspect", str(url), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["objects"], info["unrecorded"], info["lease"]["state"]) == (stored, stored, "running")

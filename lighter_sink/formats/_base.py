@@ -158,6 +158,8 @@ class Format:
     * ``per_item_objects``: each prediction becomes its own object ``{url}/{key}{extension}``.
     * ``needs_num_samples``: the format must know the number of samples before the first write.
 
+    :meth:`require` says whether the optional packages it needs are installed, when a sink is built.
+
     ``verify`` asks the format how its records are checked (:meth:`open_check`) instead of knowing formats.
     """
 
@@ -179,6 +181,10 @@ class Format:
         Overwriting removes them before the new run writes; per-item formats are known by extension and key.
         """
         return ()
+
+    def require(self) -> None:
+        """Raise :class:`~lighter_sink.MissingDependencyError` naming the extra to install when an optional
+        package this format needs is missing. Called when a sink's configuration is built, before any compute."""
 
     def check(self, value: torch.Tensor) -> None:
         """Raise :class:`PredictionError` when ``value`` (one sample or one batch) cannot be stored.

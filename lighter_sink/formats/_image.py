@@ -131,6 +131,9 @@ class PngFormat(Format):
             raise ConfigurationError(f"compress_level must be an int from 0 to 9, got {compress_level!r}")
         self.compress_level = compress_level
 
+    def require(self) -> None:
+        require_pillow()
+
     def check(self, value: torch.Tensor) -> None:
         """Raise early, on the caller's thread: Pillow missing, or a shape or dtype that cannot be an image.
 

@@ -146,7 +146,7 @@ class ZarrFormat(Format):
             chunks, or codecs.
 
     Raises:
-        MissingDependencyError: at open, when zarr is not installed (``pip install 'lighter-sink[zarr]'``).
+        MissingDependencyError: when a sink is built, if zarr is not installed (``pip install 'lighter-sink[zarr]'``).
     """
 
     name = "zarr"
@@ -156,6 +156,9 @@ class ZarrFormat(Format):
 
     def __init__(self, *, compressors: Any = "auto") -> None:
         self.compressors = compressors
+
+    def require(self) -> None:
+        require_zarr()
 
     def check(self, value: torch.Tensor) -> None:
         super().check(value)
