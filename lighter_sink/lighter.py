@@ -11,9 +11,9 @@ and are now written in the background, to a local directory or any fsspec url::
           value_key: pred
           writer_fn: image_2d
 
-Lighter's ``CsvWriter(path, keys)`` becomes ``lighter_sink.lighter.CsvWriter`` the same way: one CSV file at
-``path`` (local or any fsspec url) with a column per key, written at the end of predict from per-rank parts that
-are streamed during the run.
+Lighter's ``CsvWriter(path, keys)`` becomes ``lighter_sink.lighter.CsvWriter`` the same way: the CSV text Lighter
+writes (:mod:`lighter_sink._lighter_csv`), at ``path`` (local or any fsspec url), merged at the end of predict
+from per-rank parts that are streamed during the run.
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ class TableFormat(Format):
             names = tuple(columns)
             reserved = "id" if self.ids_in_rows else None
             if not names or len(set(names)) != len(names) or any(not c or c == reserved for c in names):
-                raise ConfigurationError(f"columns must be distinct, non-empty names other than 'id', got {names!r}")
+                other = " other than 'id'" if reserved else ""
+                raise ConfigurationError(f"columns must be distinct, non-empty names{other}, got {names!r}")
             if any("\n" in c or "\r" in c for c in names):
                 raise ConfigurationError(f"column names cannot contain line breaks, got {names!r}")
             columns = names
