@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install lighter-venv demo test lint typecheck bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,22 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Lighter 0.1.0 (numpy<2, pytorch-lightning) in a virtualenv of its own, so that it never moves the test
+# environment's torch or numpy; tests/test_lighter_real.py runs its CLI. torch resolves with the rest, so that
+# nothing pulls a CUDA build. torchvision then goes: PyPI's builds need a CUDA torch and fail to import beside
+# the CPU one (torchmetrics would import it); the test brings a stand-in for the one call Lighter makes.
+LIGHTER_VENV ?= .venv-lighter
+LIGHTER_STAMP := $(LIGHTER_VENV)/.installed
+
+$(LIGHTER_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(LIGHTER_VENV)
+	$(LIGHTER_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(LIGHTER_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" "lighter==0.1.0" -e ".[image]"
+	$(LIGHTER_VENV)/bin/python -m pip uninstall --quiet --yes torchvision
+	touch $@
+
+lighter-venv: $(LIGHTER_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/lighter-sink demo
 
@@ -30,7 +46,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck lighter-venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench:

@@ -11,28 +11,27 @@ and are now written in the background, to a local directory or any fsspec url::
           value_key: pred
           writer_fn: image_2d
 
-Lighter's ``CsvWriter(path, keys)`` becomes ``lighter_sink.lighter.CsvWriter`` the same way: one CSV file at
-``path`` (local or any fsspec url) with a column per key, written at the end of predict from per-rank parts that
-are streamed during the run.
+Lighter's ``CsvWriter(path, keys)`` becomes ``lighter_sink.lighter.CsvWriter`` the same way: the CSV text Lighter
+writes (:mod:`lighter_sink._lighter_csv`), at ``path`` (local or any fsspec url), merged at the end of predict
+from per-rank parts that are streamed during the run.
 """
 
 from __future__ import annotations
 
-import numbers
 import os
 import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any, Unpack
 
-import torch
+import lightning.pytorch as pl
 from typing_extensions import override
 
 from lighter_sink._callback import PredictionSink
 from lighter_sink._config import SinkOptions
 from lighter_sink._errors import ConfigurationError, FormatNotFoundError, PredictionError
-from lighter_sink._ids import as_id_list
+from lighter_sink._lighter_csv import batch_rows, pack_lines
 from lighter_sink._store import is_local_url
-from lighter_sink.formats import CsvFormat, Format, FunctionFormat, WriterFunction, available_formats, get_format
+from lighter_sink.formats import CsvTextFormat, Format, FunctionFormat, WriterFunction, available_formats, get_format
 
 __all__ = ["WRITERS", "CsvWriter", "FileWriter"]
 
@@ -62,7 +61,29 @@ def _resolve(writer_fn: object, extension: str | None) -> Format:
     )
 
 
-class FileWriter(PredictionSink):
+class _LighterWriter(PredictionSink):
+    """What Lighter's writers share: a batch without outputs (``None``, ``{}``) is passed over, as Lighter's
+    ``BaseWriter`` does; the batch being written is known to :meth:`split_outputs`."""
+
+    _batch = (0, 0)  # (rank, batch index)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if outputs is None or (isinstance(outputs, Mapping) and not outputs):
+            return
+        self._batch = (trainer.global_rank, batch_idx)
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+
+class FileWriter(_LighterWriter):
     """Write one file per prediction, as Lighter's ``FileWriter``, in the background and to any url.
 
     The first four arguments are Lighter 0.1's; the keyword-only ones are :class:`~lighter_sink.PredictionSink`'s.
@@ -131,30 +152,31 @@ def _split_path(path: str) -> tuple[str, str]:
     return directory, name
 
 
-class CsvWriter(PredictionSink):
-    """Write the ``keys`` of every ``predict_step`` output as one CSV file, as Lighter's ``CsvWriter``.
+class CsvWriter(_LighterWriter):
+    """Write the ``keys`` of every ``predict_step`` output as one CSV file: the text Lighter's ``CsvWriter`` writes.
 
-    The rows are written in the background while predict runs (per-rank parts), and merged at the end into
-    ``path``, sorted by id. ``path`` may be a local file or any fsspec url. The table's own control objects go
-    under ``_{file name}/`` in its directory (``_scores.csv/_manifest.jsonl`` and, once every rank succeeded,
-    ``_scores.csv/_SUCCESS``), apart from those of a ``FileWriter`` writing to the same directory.
+    The header is ``keys``; a row per sample follows, in the order of the samples (on one process, the order in
+    which they were predicted). Each key may hold a list, a tuple or a tensor with one value per sample (a
+    ``(B,)`` tensor gives numbers, a ``(B, w)`` tensor list cells ``"[0.1, 0.9]"``), or one value for every row
+    (a Python number, a string); names, numbers and vectors mix freely. Each value is written as Lighter writes
+    it (:mod:`lighter_sink._lighter_csv` says how, and what differs). When no key holds one value per sample
+    (only 0-d tensors and Python values), the batch is one row, as in Lighter.
 
-    Columns: ``id`` first, then the other keys in their order. The ``id`` column holds the output's ``"id"``
-    entry when ``keys`` names it and the output has it (ints or strings), otherwise Lighter's rank-aware counter.
-    Every other key holds one number per sample (a tensor of shape ``(B,)``, a list of ``B`` numbers, or a
-    Python number for the whole batch) or a vector per sample (shape ``(B, w)``, written as a list cell
-    ``"[0.1, 0.9]"``, the same ``w`` for every vector key). Unlike Lighter, the values of one row share a dtype:
-    when keys mix integers and floats, integers are written as floats (``1.0``).
+    The rows are stored in the background while predict runs (per-rank parts), and merged at the end into
+    ``path``, which may be a local file or any fsspec url. The manifest numbers the rows with Lighter's
+    rank-aware counter (the dataset index); the table's control objects go under ``_{file name}/`` in its
+    directory (``_scores.csv/_manifest.jsonl`` and, once every rank succeeded, ``_scores.csv/_SUCCESS``), apart
+    from those of a ``FileWriter`` writing to the same directory.
 
     Args:
         path: the CSV file: a local path or an fsspec url (``s3://bucket/run/predictions.csv``).
-        keys: the entries of the ``predict_step`` output dict to write, as Lighter's ``keys``.
+        keys: the entries of the ``predict_step`` output dict to write, in order, as Lighter's ``keys``.
         **options: the options every entry point shares, documented in :class:`~lighter_sink.SinkConfig`
             (``storage_options``, ``concurrency``, ``mode``: ``"overwrite"`` is Lighter's behaviour, ...).
-            ``copy`` defaults to ``False`` here: the columns are stacked into a new tensor every batch already.
+            ``copy`` defaults to ``False`` here: the rows are new bytes every batch already.
 
     Raises:
-        ConfigurationError: ``keys`` names no output besides ``id``, repeats a key, or ``path`` names no file.
+        ConfigurationError: ``keys`` is empty or repeats a key, or ``path`` names no file.
     """
 
     def __init__(
@@ -166,13 +188,13 @@ class CsvWriter(PredictionSink):
         if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
             raise ConfigurationError(f"keys must be a list of output names, got {keys!r}")
         self.keys = list(keys)
-        self.value_keys = [k for k in self.keys if k != "id"]
-        if not self.value_keys:
-            raise ConfigurationError(f"keys must name at least one output besides 'id', got {self.keys!r}")
+        if not self.keys or len(set(self.keys)) != len(self.keys):
+            # (Lighter's pandas renames a repeated column "key.1"; a repeated key is a slip)
+            raise ConfigurationError(f"keys must name at least one output, each once; got {self.keys!r}")
         self._path = os.fspath(path)
         directory, name = _split_path(self._path)
-        options.setdefault("copy", False)  # (split_outputs stacks the columns into a new tensor every batch)
-        super().__init__(directory, format=CsvFormat(columns=self.value_keys, filename=name), **options)
+        options.setdefault("copy", False)  # (split_outputs makes a new tensor of the rows every batch)
+        super().__init__(directory, format=CsvTextFormat(columns=self.keys, filename=name), **options)
 
     @property
     def path(self) -> str:
@@ -188,56 +210,13 @@ class CsvWriter(PredictionSink):
             raise PredictionError(
                 f"CsvWriter needs predict_step to return a dict with the keys {self.keys}, got {type(outputs).__name__}"
             )
-        missing = [k for k in self.value_keys if k not in outputs]
+        missing = [k for k in self.keys if k not in outputs]
         if missing:
             raise PredictionError(
                 f"CsvWriter keys {missing} are not in the predict_step output; keys: {sorted(map(str, outputs))}"
             )
-        ids = as_id_list(outputs["id"], "id") if "id" in self.keys and "id" in outputs else None
-        count = len(ids) if ids is not None else _batch_size(outputs, self.value_keys)
-        columns = [_column(outputs[k], k, count) for k in self.value_keys]
-        widths = {tuple(c.shape[1:]) for c in columns}
-        if len(widths) > 1:
-            shapes = {k: tuple(c.shape) for k, c in zip(self.value_keys, columns, strict=True)}
-            raise PredictionError(
-                f"CsvWriter keys must hold one number per sample, or vectors of one length: got shapes {shapes}"
-            )
-        device = next((c.device for c in columns if c.device.type != "cpu"), torch.device("cpu"))
-        dtype = columns[0].dtype
-        for column in columns[1:]:
-            dtype = torch.promote_types(dtype, column.dtype)
-        return torch.stack([c.to(device=device, dtype=dtype) for c in columns], dim=1), ids
-
-
-def _batch_size(outputs: Mapping[str, Any], keys: Sequence[str]) -> int:
-    for key in keys:
-        value = outputs[key]
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            return int(value.shape[0])
-        if isinstance(value, list | tuple):
-            return len(value)
-    return 1  # only Python numbers: one sample, as Lighter counted it
-
-
-def _column(value: Any, key: str, count: int) -> torch.Tensor:
-    """One key's values for the batch: a tensor of shape ``(count,)`` or ``(count, w)``."""
-    if isinstance(value, numbers.Real):  # Python and numpy scalars: the same value for every sample
-        return torch.tensor(value).expand(count)
-    if isinstance(value, list | tuple):
-        try:
-            value = torch.tensor(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise PredictionError(
-                f"CsvWriter key {key!r} must hold numbers; its list holds {type(value[0]).__name__ if value else None} "
-                "values (per-sample names belong in the 'id' key)"
-            ) from None
-    if not isinstance(value, torch.Tensor):
-        raise PredictionError(f"CsvWriter key {key!r} must hold a tensor, a list of numbers or a number, got {value!r}")
-    if value.ndim == 0:
-        return value.expand(count)
-    if value.shape[0] != count or value.ndim > 2:
-        raise PredictionError(
-            f"CsvWriter key {key!r} has shape {tuple(value.shape)}; expected ({count},) or ({count}, width) "
-            f"for a batch of {count}"
-        )
-    return value
+        lines, per_sample = batch_rows(outputs, self.keys)
+        if per_sample:
+            return pack_lines(lines), None  # numbered by the counter: the samples' dataset indices
+        rank, batch_idx = self._batch  # one row for the batch: numbered by the batch, which sorts as a number
+        return pack_lines(lines), [f"batch_{batch_idx:012d}_rank_{rank:05d}"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import subprocess
 import sys
@@ -28,8 +29,9 @@ from lighter_sink import (
     remaining,
 )
 from lighter_sink._demo import DemoModel, SyntheticImages
+from lighter_sink._lighter_csv import batch_rows, pack_lines
 from lighter_sink._verify import verify
-from lighter_sink.formats import CsvFormat, JsonlFormat, _table, available_formats
+from lighter_sink.formats import CsvFormat, CsvTextFormat, JsonlFormat, _table, available_formats
 from lighter_sink.lighter import CsvWriter
 from tests import _faulty
 from tests._proxy import FaultProxy
@@ -470,9 +472,9 @@ def test_a_file_writer_and_a_csv_writer_share_a_directory_as_in_lighter_configs(
     assert result.records == 80
 
 
-def test_csv_writer_explains_missing_keys_and_text_values(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError, match="besides 'id'"):
-        CsvWriter(tmp_path / "p.csv", keys=["id"])
+def test_csv_writer_explains_missing_keys_and_lengths(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="at least one output, each once"):
+        CsvWriter(tmp_path / "p.csv", keys=["pred", "pred"])
     writer = CsvWriter(tmp_path / "p.csv", keys=["pred", "nope"])
     with pytest.raises(PredictionError, match=r"\['nope'\] are not in"):
         _trainer(writer).predict(_Outputs(), DataLoader(_Labelled(4, size=8), batch_size=2), return_predictions=False)
@@ -480,9 +482,9 @@ def test_csv_writer_explains_missing_keys_and_text_values(tmp_path: Path) -> Non
 
     class Named(_Outputs):
         def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-            return {**super().predict_step(batch, batch_idx), "id2": ["a", "b"]}
+            return {**super().predict_step(batch, batch_idx), "id2": ["a", "b", "c"]}
 
-    with pytest.raises(PredictionError, match="'id2' must hold numbers"):
+    with pytest.raises(PredictionError, match="expected 2, but found 3 for key 'id2'"):
         _trainer(writer).predict(Named(), DataLoader(_Labelled(4, size=8), batch_size=2), return_predictions=False)
 
 
@@ -495,8 +497,8 @@ def test_csv_writer_to_s3(s3_server: S3Server, s3_bucket: str) -> None:
     client = s3_server.client()
     text = client.get_object(Bucket=s3_bucket, Key="run/table.csv")["Body"].read().decode()
     rows = list(csv.DictReader(text.splitlines()))
-    assert [int(r["id"]) for r in rows] == list(range(30))
-    assert [float(r["target"]) for r in rows] == list(range(30))
+    assert list(rows[0]) == ["pred", "target"]  # Lighter's columns: the keys, no more
+    assert [r["target"] for r in rows] == [str(i) for i in range(30)]
     listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="run/")["Contents"]
     assert not [o["Key"] for o in listed if "_table_parts" in o["Key"]]
     assert verify(f"s3://{s3_bucket}/run", s3_server.storage_options).ok
@@ -539,3 +541,75 @@ def test_two_ranks_write_one_zarr_array(tmp_path: Path) -> None:
     np.testing.assert_allclose(array[:], _expected(301, 8).numpy(), rtol=1e-5, atol=1e-6)
     assert json.loads((out / "_SUCCESS").read_text())["count"] == 301
     assert verify(str(out)).ok
+
+
+# ---------------------------------------------------------------------- Lighter's CsvWriter table: no id column
+
+
+class _Scored(torch.utils.data.Dataset[int]):
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class _NamedScores(DemoModel):
+    """Names with a comma, a quote or a line break, and three identical rows (3, 7 and 25): CSV's hard cases."""
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        names = ["same" if i in (3, 7, 25) else f'case {i},\n"{i % 3}"' for i in batch.tolist()]
+        scores = torch.where(torch.isin(batch, torch.tensor([3, 7, 25])), 1.0, batch / 7)
+        return {"name": names, "score": scores.float()}
+
+
+def _predict_table(url: Path, dataset: Any, **options: Any) -> CsvWriter:
+    writer = CsvWriter(url / "scores.csv", keys=["name", "score"], **options)
+    _trainer(writer).predict(_NamedScores(), DataLoader(dataset, batch_size=6), return_predictions=False)
+    return writer
+
+
+def test_csv_writer_resume_keeps_the_rows_of_the_committed_table(tmp_path: Path) -> None:
+    _predict_table(tmp_path / "whole", _Scored())
+    half = torch.utils.data.Subset(_Scored(), range(20))
+    writer = _predict_table(tmp_path / "resumed", half)
+    todo = remaining(str(tmp_path / "resumed"), _Scored(), format=writer.format)
+    assert list(todo.indices) == list(range(20, 40))
+    _predict_table(tmp_path / "resumed", todo, mode="resume")
+    whole = (tmp_path / "whole" / "scores.csv").read_bytes()
+    assert (tmp_path / "resumed" / "scores.csv").read_bytes() == whole
+    assert whole.count(b"same,1.0\n") == 3 and b'"case 1,\n""1"""' in whole
+    result = verify(str(tmp_path / "resumed"))
+    assert result.ok and result.records == 40, result.problems
+
+
+def test_verify_finds_a_changed_and_a_lost_row_of_a_csv_writer_table(tmp_path: Path) -> None:
+    _predict_table(tmp_path, range(10))
+    table = tmp_path / "scores.csv"
+    assert verify(str(tmp_path)).ok
+    text = table.read_text()
+    rows = _csv_rows(table)
+    table.write_text(text.replace(f",{rows[4]['score']}\n", ",0.5\n"))
+    assert [(p.id, p.kind) for p in verify(str(tmp_path)).problems] == [("4", "size")]  # its line is shorter
+    table.write_text(text.replace("same,1.0\n", ""))
+    kinds = {p.kind for p in verify(str(tmp_path)).problems}
+    assert "invalid" in kinds and not verify(str(tmp_path)).ok
+
+
+def test_a_resumed_csv_text_table_keeps_the_rows_a_killed_run_stored(tmp_path: Path) -> None:
+    """Rows whose cells hold line breaks go through the parts of a killed run, then into the resumed run's table."""
+    names = ["a", "b\nc", 'd"', "e\r\nf", "g"]
+    lines, _ = batch_rows({"name": names, "score": torch.arange(5) / 2}, ["name", "score"])
+    table = CsvTextFormat(columns=["name", "score"], filename="t.csv")
+    with pytest.raises(RuntimeError), Sink(tmp_path, format=table) as sink:
+        sink.put_batch(range(3), pack_lines(lines[:3]))
+        sink.flush()
+        raise RuntimeError("killed")
+    with Sink(tmp_path, format=table, mode="resume") as sink:
+        sink.put_batch(range(5), pack_lines(lines))
+        assert sink.stats.skipped == 3
+    text = (tmp_path / "t.csv").read_bytes().decode()  # ("\r\n" inside a cell stays)
+    assert list(csv.reader(io.StringIO(text))) == [["name", "score"], *([n, str(i / 2)] for i, n in enumerate(names))]
+    assert text == "name,score\n" + "".join(lines)
+    result = verify(str(tmp_path))
+    assert result.ok and result.records == 5, result.problems

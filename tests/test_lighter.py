@@ -14,8 +14,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from lighter_sink import ConfigurationError, FormatNotFoundError, PredictionSink
+from lighter_sink._verify import verify
 from lighter_sink.formats import get_format
-from lighter_sink.lighter import FileWriter
+from lighter_sink.lighter import CsvWriter, FileWriter
 from tests.conftest import quiet_trainer as _trainer
 
 # ---------------------------------------------------------------- Lighter 0.1's writers, as a reference
@@ -210,3 +211,90 @@ def test_bad_writers_are_explained(tmp_path: Path) -> None:
         FileWriter(tmp_path, "pred", 3)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="pass extension="):
         FileWriter(tmp_path, "pred", lambda path, value: None)
+
+
+# ---------------------------------------------------------------- CsvWriter
+
+NAN, INF = float("nan"), float("inf")
+CSV_KEYS = ["name", "score", "half", "label", "flag", "vec", "pyfloat", "const", "run", "ragged"]
+# Two predict_step outputs holding every kind of value Lighter's CsvWriter takes (a list of names, tensors of
+# shape (B,) and (B, 2), floats of three precisions, ints, booleans, Python lists and values for every row) ...
+CSV_OUTPUTS = [
+    {
+        "name": ["case_000", "with,comma", 'say "hi"'],
+        "score": torch.tensor([0.3, NAN, INF]),
+        "half": torch.tensor([0.1, 0.2, 0.3]).half(),
+        "label": torch.tensor([1, 2, 3]),
+        "flag": torch.tensor([True, False, True]),
+        "vec": torch.tensor([[0.25, 0.5], [1.0, 2.0], [3e38, -0.0]]),
+        "pyfloat": [0.1, 1 / 3, 2.5],
+        "const": 0.5,
+        "run": "run-a",
+        "ragged": [[1], [], [1, 2]],
+    },
+    {
+        "name": ["NA", "multi\nline"],
+        "score": torch.tensor([-0.0, 3e38]),
+        "half": torch.tensor([1e-3, 65504.0]).half(),
+        "label": torch.tensor([4, 5]),
+        "flag": torch.tensor([False, True]),
+        "vec": torch.tensor([[0.1, 0.2], [0.3, 0.4]]),
+        "pyfloat": [1e-20, 7.0],
+        "const": 0.5,
+        "run": "run-a",
+        "ragged": [[3], []],
+    },
+]
+# ... and the bytes Lighter 0.1.0's own CsvWriter wrote for them (its csv module, then pandas 3.0.6 reading the
+# file back and writing it again: "NA" and NaN become empty cells, 17-digit floats may change in the last digit).
+LIGHTER_CSV = (
+    b"name,score,half,label,flag,vec,pyfloat,const,run,ragged\n"
+    b'case_000,0.3000000119209289,0.0999755859375,1,True,"[0.25, 0.5]",0.1,0.5,run-a,[1]\n'
+    b'"with,comma",,0.199951171875,2,False,"[1.0, 2.0]",0.3333333333333333,0.5,run-a,[]\n'
+    b'"say ""hi""",inf,0.300048828125,3,True,"[3.0000000054977558e+38, -0.0]",2.5,0.5,run-a,"[1, 2]"\n'
+    b',-0.0,0.0010004043579101,4,False,"[0.10000000149011612, 0.20000000298023224]",1e-20,0.5,run-a,[3]\n'
+    b'"multi\nline",3.000000005497756e+38,65504.0,5,True,"[0.30000001192092896, 0.4000000059604645]",7.0,0.5,run-a,[]\n'
+)
+
+
+class _Replay(pl.LightningModule):
+    """Returns the given outputs, one per batch, whatever the batch (None: a batch without outputs)."""
+
+    def __init__(self, outputs: list[dict[str, Any] | None]) -> None:
+        super().__init__()
+        self.outputs = outputs
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
+        return self.outputs[batch_idx]
+
+
+def test_csv_writer_writes_what_lighter_writes_for_every_kind_of_value(tmp_path: Path) -> None:
+    writer = CsvWriter(tmp_path / "out" / "values.csv", keys=CSV_KEYS)
+    _trainer(writer).predict(_Replay(CSV_OUTPUTS), DataLoader(range(5), batch_size=3), return_predictions=False)
+    assert (tmp_path / "out" / "values.csv").read_bytes() == LIGHTER_CSV
+    result = verify(str(tmp_path / "out"))
+    assert result.ok and result.records == 5, result.problems
+
+
+def test_csv_writer_writes_a_row_per_batch_when_no_key_holds_a_value_per_sample(tmp_path: Path) -> None:
+    # Lighter's rows: one per batch when every key holds a single value (a 0-d tensor, a Python value)
+    outputs: list[dict[str, Any] | None] = [{"loss": torch.tensor(i / 4), "epoch": 3} for i in range(12)]
+    writer = CsvWriter(tmp_path / "losses.csv", keys=["loss", "epoch"])
+    _trainer(writer).predict(_Replay(outputs), DataLoader(range(24), batch_size=2), return_predictions=False)
+    assert (tmp_path / "losses.csv").read_text() == "loss,epoch\n" + "".join(f"{i / 4},3\n" for i in range(12))
+
+
+@pytest.mark.filterwarnings("ignore:predict returned None")
+def test_lighter_writers_pass_over_a_batch_without_outputs(tmp_path: Path) -> None:
+    outputs: list[dict[str, Any] | None] = [
+        {"pred": torch.tensor([[1.0], [2.0]]), "score": torch.tensor([0.5, 0.25])},
+        None,
+        {},
+        {"pred": torch.tensor([[3.0]]), "score": torch.tensor([0.125])},
+    ]
+    files = FileWriter(tmp_path / "out", value_key="pred", writer_fn="text")
+    table = CsvWriter(tmp_path / "out" / "scores.csv", keys=["score"])
+    _trainer(files, table).predict(_Replay(outputs), DataLoader(range(7), batch_size=2), return_predictions=False)
+    assert sorted(_files(tmp_path / "out")) == ["0.txt", "1.txt", "2.txt", "scores.csv"]
+    assert (tmp_path / "out" / "2.txt").read_text() == "tensor([3.])"
+    assert (tmp_path / "out" / "scores.csv").read_text() == "score\n0.5\n0.25\n0.125\n"

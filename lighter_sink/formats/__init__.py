@@ -16,6 +16,7 @@ from lighter_sink.formats._function import FunctionFormat, WriterFunction
 from lighter_sink.formats._image import PngFormat
 from lighter_sink.formats._npy import NpyFormat
 from lighter_sink.formats._table import CsvFormat, JsonlFormat, TableFormat
+from lighter_sink.formats._table_text import CsvTextFormat
 from lighter_sink.formats._text import TextFormat
 from lighter_sink.formats._torch import TorchFormat
 from lighter_sink.formats._zarr import ZarrFormat
@@ -24,6 +25,7 @@ __all__ = [
     "Buffer",
     "CheckContext",
     "CsvFormat",
+    "CsvTextFormat",
     "EncodedItem",
     "Format",
     "FormatWriter",
@@ -91,3 +93,4 @@ register_format("txt", TextFormat())
 register_format("zarr", ZarrFormat())
 register_format("csv", CsvFormat())
 register_format("jsonl", JsonlFormat())
+register_format("csv_text", CsvTextFormat())

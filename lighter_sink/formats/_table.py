@@ -86,14 +86,18 @@ class TableFormat(Format):
 
     per_item_objects = False
     default_filename: ClassVar[str] = ""
+    #: whether each row holds its id (the first column); without it, rows are paired with ids by their order
+    ids_in_rows: ClassVar[bool] = True
 
     def __init__(self, *, columns: Sequence[str] | None = None, filename: str | None = None) -> None:
         if columns is not None:
             if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
                 raise ConfigurationError(f"columns must be a list of names, got {columns!r}")
             names = tuple(columns)
-            if not names or len(set(names)) != len(names) or any(not c or c == "id" for c in names):
-                raise ConfigurationError(f"columns must be distinct, non-empty names other than 'id', got {names!r}")
+            reserved = "id" if self.ids_in_rows else None
+            if not names or len(set(names)) != len(names) or any(not c or c == reserved for c in names):
+                other = " other than 'id'" if reserved else ""
+                raise ConfigurationError(f"columns must be distinct, non-empty names{other}, got {names!r}")
             if any("\n" in c or "\r" in c for c in names):
                 raise ConfigurationError(f"column names cannot contain line breaks, got {names!r}")
             columns = names
@@ -155,6 +159,17 @@ class TableFormat(Format):
     def header(self, columns: Sequence[str]) -> bytes:
         """The table's first bytes before any row (the CSV header line; nothing for JSON Lines)."""
         raise NotImplementedError
+
+    def row_lines(
+        self, ids: Sequence[str], samples: Sequence[torch.Tensor], layout: Layout
+    ) -> tuple[list[bytes], tuple[int, ...], str]:
+        """The lines of a batch's rows, and the shape and dtype their records give."""
+        cells, dtype = _cells(samples, layout)
+        return self.lines(ids, cells, layout, dtype), tuple(samples[0].shape), dtype
+
+    def split_lines(self, data: bytes) -> list[bytes]:
+        """A stored table's lines, each with its newline."""
+        return data.splitlines(keepends=True)
 
     def lines(self, ids: Sequence[str], cells: Sequence[Sequence[str]], layout: Layout, dtype: str) -> list[bytes]:
         """Encode rows; ``cells`` holds each value as text, lists already bracketed."""
@@ -332,9 +347,7 @@ class _TableWriter(FormatWriter):
         return [record for _, record in pending]
 
     def _encode(self, ids: Sequence[str], samples: Sequence[torch.Tensor], layout: Layout) -> list[tuple[Row, Record]]:
-        cells, dtype = _cells(samples, layout)
-        lines = self._format.lines(ids, cells, layout, dtype)
-        shape = tuple(samples[0].shape)
+        lines, shape, dtype = self._format.row_lines(ids, samples, layout)
         filename = self._format.filename
         return [
             (Row(order(i), i, line), Record(i, filename, len(line), f"{zlib.crc32(line):08x}", shape, dtype))
@@ -361,9 +374,10 @@ class _TableWriter(FormatWriter):
         wanted = {r.id: r.crc32 for r in records.values() if r.path == filename}
         scratch = self._context.scratch
         merge = TableMerge(self._format, store, wanted, self._token, scratch, part_rows=_PART_ROWS)
-        readers = [merge.part_reader(key) for key in await store.list(scratch) if key.endswith(".part")]
+        parts = [key for key in await store.list(scratch) if key.endswith(".part")]
+        readers = [merge.part_reader(key) for key in parts]
         if self._context.mode == "resume" and wanted:
-            readers.append(merge.table_reader())
+            readers.append(merge.table_reader(parts))
         level = 0
         while len(readers) > _FAN_IN:
             level += 1
@@ -399,8 +413,12 @@ class _TableCheck(RecordCheck):
             # an uncommitted run: its rows are still in the per-rank parts the commit would have merged
             self._tables[path] = await _part_lines(store, context.scratch) if context.guessed else None
             return
+        lines = fmt.rows_of(fmt.split_lines(data))
+        if not fmt.ids_in_rows:
+            self._tables[path] = self._paired(path, lines, ids)
+            return
         rows: dict[str, list[tuple[int, int]]] = {}
-        for number, line in enumerate(fmt.rows_of(data.splitlines(keepends=True)), start=1):
+        for number, line in enumerate(lines, start=1):
             try:
                 identifier = fmt.row_id(line)
             except (ValueError, KeyError, TypeError, StopIteration) as exc:
@@ -417,6 +435,21 @@ class _TableCheck(RecordCheck):
                 self.problems.append(
                     Problem("invalid", path, identifier, f"the table holds {len(found)} rows for this id")
                 )
+
+    def _paired(self, path: str, lines: Sequence[bytes], ids: set[str]) -> dict[str, list[tuple[int, int]]]:
+        """A table without ids holds its recorded rows in id order: its lines are paired with them by position."""
+        ordered = sorted(ids, key=order)
+        if len(lines) != len(ordered):
+            self.problems.append(
+                Problem(
+                    "invalid",
+                    path,
+                    None,
+                    f"the table holds {len(lines)} rows and the manifest lists {len(ordered)}; its rows hold no id, "
+                    "so they are checked against the manifest's in id order",
+                )
+            )
+        return {i: [(len(line), zlib.crc32(line))] for i, line in zip(ordered, lines, strict=False)}
 
     def covers(self, record: Record) -> bool:
         return record.path in self._tables

@@ -1,9 +1,12 @@
 """A table's sorted runs of rows and their merge at commit (see :mod:`lighter_sink.formats._table`).
 
-The writer stores rows in part objects, sorted by id, one ``json(id) TAB line`` per row after a JSON header line;
+The writer stores rows in part objects, sorted by id, one ``json(id) TAB line`` per row after a JSON header line
+(``json(id) NUL json(line)`` for a line that holds line breaks of its own, a CSV cell's);
 at commit rank 0 merges them (an external merge: at most ``fan_in`` objects are read at once, more parts are
 first merged into intermediate runs) into the table, keeping exactly the rows the manifest vouches for (same id,
-same CRC-32 of the line). ``verify`` reads the parts of an uncommitted run the same way.
+same CRC-32 of the line). ``verify`` reads the parts of an uncommitted run the same way. A table whose rows hold
+no id (``ids_in_rows`` false) was written in id order: a resumed run pairs its lines with the recorded ids that no
+part holds, in that order.
 """
 
 from __future__ import annotations
@@ -34,14 +37,20 @@ class Row:
     line: bytes  # the table's line, newline included
 
     def part_line(self) -> bytes:
-        return json.dumps(self.id).encode() + b"\t" + self.line
+        line = self.line
+        if b"\r" in line or line.find(b"\n") != len(line) - 1:  # a quoted CSV cell's line break: one part line
+            return json.dumps(self.id).encode() + b"\x00" + json.dumps(line.decode()).encode() + b"\n"
+        return json.dumps(self.id).encode() + b"\t" + line
 
 
 def part_rows(data: bytes) -> list[Row]:
     """The rows of a part's body (the part without its header line), or of an intermediate run."""
     rows = []
     for raw in data.splitlines(keepends=True):
-        encoded_id, _, line = raw.partition(b"\t")
+        encoded_id, tab, line = raw.partition(b"\t")
+        if not tab:  # a line with line breaks of its own, stored as a JSON string (Row.part_line)
+            encoded_id, _, text = raw.partition(b"\x00")
+            line = json.loads(text).encode()
         # json.dumps wrote the id in ASCII: without a backslash its text is what lies between the quotes
         identifier = json.loads(encoded_id) if b"\\" in encoded_id else encoded_id[1:-1].decode("ascii")
         rows.append(Row(order(identifier), identifier, line))
@@ -54,7 +63,12 @@ class TableText(Protocol):
     filename: str
     columns: tuple[str, ...] | None
 
+    @property
+    def ids_in_rows(self) -> bool: ...
+
     def header(self, columns: Sequence[str]) -> bytes: ...
+
+    def split_lines(self, data: bytes) -> list[bytes]: ...
 
     def row_id(self, line: bytes) -> str: ...
 
@@ -144,8 +158,12 @@ class TableMerge:
 
         return _Reader([load])
 
-    def table_reader(self) -> _Reader:
-        """The table a previous run committed (resume keeps its recorded rows); read whole, like its parts."""
+    def table_reader(self, parts: Sequence[str]) -> _Reader:
+        """The table a previous run committed (resume keeps its recorded rows); read whole, like its parts.
+
+        Args:
+            parts: the keys of this run's parts (a table without ids holds the recorded rows they do not).
+        """
         fmt = self._format
 
         async def load() -> list[Row]:
@@ -153,8 +171,10 @@ class TableMerge:
                 data = await self._store.get(fmt.filename)
             except FileNotFoundError:
                 return []
-            lines = data.splitlines(keepends=True)
+            lines = fmt.split_lines(data)
             columns = fmt.columns_of(lines[:1])
+            if not fmt.ids_in_rows:
+                return self._keep(self._paired(fmt.rows_of(lines), await self._part_ids(parts)), columns, fmt.filename)
             rows = []
             for line in fmt.rows_of(lines):
                 identifier = fmt.row_id(line)
@@ -163,6 +183,30 @@ class TableMerge:
             return self._keep(rows, columns, fmt.filename)
 
         return _Reader([load])
+
+    async def _part_ids(self, parts: Sequence[str]) -> set[str]:
+        """The ids whose recorded row a part holds."""
+        found: set[str] = set()
+        for key in parts:
+            _header, _, body = (await self._store.get(key)).partition(b"\n")
+            found.update(r.id for r in part_rows(body) if self._wanted.get(r.id) == f"{zlib.crc32(r.line):08x}")
+        return found
+
+    def _paired(self, lines: Sequence[bytes], in_parts: set[str]) -> list[Row]:
+        """The rows of a table without ids: its lines, in order, are the recorded rows no part holds, in id order.
+
+        Each line is paired with the next such id when it is that id's row (the same CRC-32); a line that is not
+        (a row of a run interrupted after writing the table, whose part is still here) is passed over.
+        """
+        ids = [i for i in sorted(self._wanted, key=order) if i not in in_parts]
+        rows: list[Row] = []
+        for line in lines:
+            if len(rows) == len(ids):
+                break
+            identifier = ids[len(rows)]
+            if self._wanted[identifier] == f"{zlib.crc32(line):08x}":
+                rows.append(Row(order(identifier), identifier, line))
+        return rows
 
     async def spill(self, readers: Sequence[_Reader], name: str) -> _Reader:
         """Merge ``readers`` into an intermediate run of objects of ``part_rows`` rows; return its reader."""
