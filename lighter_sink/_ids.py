@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lighter_sink._errors import ConfigurationError, IdentifierError, PredictionError
+from lighter_sink._types import is_numeric_id
 
 __all__ = [
     "CounterIds",
@@ -64,16 +65,6 @@ class CounterIds(list[str]):
     """
 
     __slots__ = ()
-
-
-def is_numeric_id(identifier: str) -> bool:
-    """Whether ``identifier`` is a number's id: the decimal text of a non-negative int, as ``str(int)`` writes it.
-
-    Numbers sort by value and key templates format them as ints; every other id is text, sorted and rendered as
-    written. ``"007"`` is text (else ``"007"`` and ``"7"`` would be one id), and so are Unicode digits such as
-    ``"1²"`` and ``"٣"``, which ``str.isdigit()`` accepts and ``int()`` refuses or reads as another number.
-    """
-    return identifier.isascii() and identifier.isdigit() and (identifier[0] != "0" or identifier == "0")
 
 
 def validate_identifier(identifier: object) -> str:
