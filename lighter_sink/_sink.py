@@ -71,6 +71,7 @@ class Sink:
             raise ConfigurationError(f"url must be a non-empty path or fsspec url, got {url!r}")
         self.url = url.rstrip("/") or url
         self.config = config = SinkConfig.of(format, options)
+        config.check_url(self.url)
         if config.format.needs_num_samples and config.num_samples is None:
             raise ConfigurationError(
                 f"format {config.format.name!r} needs the number of samples: pass num_samples= "

@@ -601,3 +601,15 @@ def test_remaining_reads_the_manifest_for_row_formats(tmp_path: Path) -> None:
     with Sink(tmp_path / "n") as sink:
         sink.put_batch([0, 3], torch.ones(2, 1))
     assert list(remaining(str(tmp_path / "n"), list(range(5))).indices) == [1, 2, 4]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["{tmp}/out", "file://{tmp}/out", "memory://out"])
+def test_the_obstore_backend_is_refused_for_a_url_it_does_not_serve(tmp_path: Path, url: str) -> None:
+    """``backend="obstore"`` serves S3 urls; on a local path it was silently ignored, elsewhere it failed at open."""
+    from lighter_sink import PredictionSink
+
+    url = url.format(tmp=tmp_path)
+    for make in (lambda: Sink(url, backend="obstore"), lambda: PredictionSink(url, backend="obstore")):
+        with pytest.raises(ConfigurationError, match=r"backend='obstore' serves S3 urls \(s3://bucket/prefix\)"):
+            make()
+    assert not (tmp_path / "out").exists()
