@@ -141,7 +141,7 @@ def test_throttling_and_resets_are_retried_and_every_prediction_lands(
             np.load(io.BytesIO(objects[f"faulty/{i}.npy"])), expected[i].numpy(), rtol=1e-5, atol=1e-6
         )
     ids = [json.loads(line)["id"] for line in objects["faulty/_manifest.jsonl"].decode().splitlines()]
-    assert ids == [str(i) for i in range(n)]  # each id once, in order
+    assert ids == list(range(n))  # each id once, in order
     assert json.loads(objects["faulty/_SUCCESS"])["count"] == n
     assert not any(k.startswith("faulty/_parts/") for k in objects)
 
