@@ -149,8 +149,7 @@ class SinkConfig:
         """
         if self.backend == "obstore" and protocol_of(url) not in OBSTORE_PROTOCOLS:
             raise ConfigurationError(
-                f"backend='obstore' serves S3 urls (s3:// urls), got {url!r}; use backend='fsspec' (the default) "
-                "for it"
+                f"backend='obstore' serves S3 urls (s3:// urls), got {url!r}; use backend='fsspec' (the default) for it"
             )
 
     def replace(self, **changes: Any) -> SinkConfig:
