@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -19,7 +19,7 @@ from lighter_sink._checksum import crc32
 from lighter_sink._errors import CommitError, ConfigurationError, DestinationError
 from lighter_sink._handoff import Handoff
 from lighter_sink._ids import KeyTemplate
-from lighter_sink._layout import ControlKeys
+from lighter_sink._layout import ControlKeys, OutputInfo
 from lighter_sink._lease import (
     LEASE_SECONDS,
     RENEW_SECONDS,
@@ -120,6 +120,11 @@ class Ownership:
                 )
         lease, previous = await acquire_lease(store, keys, self.run)
         self.lease = lease  # (held from here on: an abort releases it)
+        # How the output is written, before anything of it is: what a killed or aborted run leaves tells a reader
+        # (remaining()) which objects are its own.
+        fmt = self.format
+        info = OutputInfo(fmt.name, self.key.template, fmt.extension if fmt.per_item_objects else "", keys.name)
+        await store.put(keys.description, [info.to_bytes()])
         if self.mode == "resume" and (previous is None or previous.state == "running"):
             # The generation resumed: the dead or finished run's, else the committed output's.
             if previous is not None:
@@ -259,8 +264,9 @@ class Ownership:
         await write_success(store, keys, result)
         try:
             await self.release(committed=True)
+            await store.delete([keys.description])  # (_SUCCESS says the same)
         except Exception as exc:  # committed all the same: the lease runs out on its own
-            logger.warning("committed %s, but its lease could not be removed: %r", self.url, exc)
+            logger.warning("committed %s, but its lease or description could not be removed: %r", self.url, exc)
         return result
 
 
@@ -277,21 +283,28 @@ def owned_key(key: str, fmt: Format, template: KeyTemplate) -> bool:
 
 
 async def orphan_records(
-    store: Store, keys: ControlKeys, generation: str | None, fmt: Format, template: KeyTemplate
+    store: Store,
+    keys: ControlKeys,
+    generation: str | None,
+    fmt: Format,
+    template: KeyTemplate,
+    *,
+    listing: Sequence[str] | None = None,
 ) -> list[Record]:
     """Records of the objects ``generation`` stored but never recorded (a killed run's), from their bytes.
 
     Orphans are the objects this output could have written that no record mentions (an overwrite removes the
     earlier output before its generation writes anything, so they are this generation's). One whose id cannot
     be read back from its key, or whose format cannot describe it, gets no record: resume writes it again when
-    its id is put, and :func:`~lighter_sink.remaining` counts it as missing.
+    its id is put, and :func:`~lighter_sink.remaining` counts it as missing. ``listing``: the url's keys, when
+    the caller listed them already.
     """
     if not fmt.per_item_objects:
         return []
     extension = fmt.extension
     recorded = {record.path for record in (await read_records(store, keys, generation)).values()}
     records: list[Record] = []
-    for path in await store.list():
+    for path in await store.list() if listing is None else listing:
         if path in recorded or not owned_key(path, fmt, template):
             continue
         identifier = template.parse(path[: len(path) - len(extension)] if extension else path)

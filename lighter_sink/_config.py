@@ -13,7 +13,7 @@ from typing import Any, Literal, TypedDict
 
 from lighter_sink._errors import ConfigurationError
 from lighter_sink._ids import KeyTemplate
-from lighter_sink._store import RetryPolicy
+from lighter_sink._store import RetryPolicy, protocol_of
 from lighter_sink.formats import Format, get_format
 
 __all__ = [
@@ -29,6 +29,7 @@ Mode = Literal["overwrite", "resume", "error"]
 Backend = Literal["fsspec", "obstore"]
 MODES: tuple[Mode, ...] = ("overwrite", "resume", "error")
 BACKENDS: tuple[Backend, ...] = ("fsspec", "obstore")
+OBSTORE_PROTOCOLS = ("s3", "s3a")  # what backend="obstore" opens (lighter_sink._store._obstore)
 DEFAULT_MAX_QUEUE_BYTES = 512 * 2**20
 DEFAULT_CONCURRENCY = 16
 
@@ -141,6 +142,17 @@ class SinkConfig:
                 f"{', '.join(sorted(OPTION_NAMES))}"
             )
         return cls(format=get_format(format), **options)
+
+    def check_url(self, url: str) -> None:
+        """Refuse a ``backend`` that cannot serve ``url`` here, at construction, rather than ignore it or fail at open.
+
+        Raises:
+            ConfigurationError: ``backend="obstore"`` with a url that is not on S3 (a local path, say).
+        """
+        if self.backend == "obstore" and protocol_of(url) not in OBSTORE_PROTOCOLS:
+            raise ConfigurationError(
+                f"backend='obstore' serves S3 urls (s3:// urls), got {url!r}; use backend='fsspec' (the default) for it"
+            )
 
     def replace(self, **changes: Any) -> SinkConfig:
         """A copy with ``changes`` applied and checked."""

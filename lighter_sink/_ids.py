@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import re
+import reprlib
 import string
 import unicodedata
 import zlib
 from collections.abc import Sequence
 from numbers import Integral
-from typing import Any
+from typing import Any, TypeAlias
 
+import numpy as np
 import torch
 
-from lighter_sink._errors import ConfigurationError, IdentifierError, PredictionError
+from lighter_sink._errors import ConfigurationError, IdentifierError, PredictionError, SinkError
+from lighter_sink._types import is_numeric_id
 
 __all__ = [
     "CounterIds",
+    "IdBatch",
     "KeyTemplate",
     "RankCounter",
     "as_id_list",
+    "id_batch",
     "is_numeric_id",
     "validate_identifier",
     "validate_identifiers",
@@ -29,6 +34,9 @@ __all__ = [
 # or spaces on the left (no fill character, no alignment), and refuses text: one-to-one on non-negative ints.
 _DIGITS_SPEC = re.compile(r"[-+ ]?#?0?[0-9]*[,_]?[bdoxX]")
 _BASES = {"b": 2, "o": 8, "x": 16, "X": 16}
+
+#: The ids of a batch as a caller holds them: a sequence of ids, or (collated by a DataLoader) an integer vector.
+IdBatch: TypeAlias = "Sequence[int | str] | torch.Tensor | np.ndarray[Any, Any]"
 
 
 class RankCounter:
@@ -64,16 +72,6 @@ class CounterIds(list[str]):
     """
 
     __slots__ = ()
-
-
-def is_numeric_id(identifier: str) -> bool:
-    """Whether ``identifier`` is a number's id: the decimal text of a non-negative int, as ``str(int)`` writes it.
-
-    Numbers sort by value and key templates format them as ints; every other id is text, sorted and rendered as
-    written. ``"007"`` is text (else ``"007"`` and ``"7"`` would be one id), and so are Unicode digits such as
-    ``"1²"`` and ``"٣"``, which ``str.isdigit()`` accepts and ``int()`` refuses or reads as another number.
-    """
-    return identifier.isascii() and identifier.isdigit() and (identifier[0] != "0" or identifier == "0")
 
 
 def validate_identifier(identifier: object) -> str:
@@ -233,20 +231,39 @@ class KeyTemplate:
         return validate_identifier(key)
 
 
+def id_batch(ids: IdBatch, what: str = "ids", error: type[SinkError] = IdentifierError) -> Sequence[Any]:
+    """The ids of a batch as a sequence: a 1-d integer tensor (on any device) or numpy array, as a DataLoader
+    collates ids, becomes a list of ints with one ``tolist()``; a list, tuple or range passes through as it is.
+
+    Raises:
+        error: anything else (a float or bool tensor, whose values are not ids; a 2-d tensor; a str, whose
+            characters are not ids), named with ``what``.
+    """
+    if isinstance(ids, torch.Tensor):
+        # (the dtype's flags, not Tensor.is_floating_point(): torch gives up the GIL in that call, and getting it
+        # back from the sink's busy threads costs the predict loop milliseconds)
+        dtype = ids.dtype
+        if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool or ids.ndim != 1:
+            raise error(
+                f"{what} must hold a 1-d integer tensor or a list, got {dtype} tensor of shape {tuple(ids.shape)}"
+            )
+        return ids.tolist()
+    if isinstance(ids, np.ndarray):
+        if ids.dtype.kind not in "iu" or ids.ndim != 1:
+            raise error(f"{what} must hold a 1-d integer array or a list, got {ids.dtype} array of shape {ids.shape}")
+        return ids.tolist()  # type: ignore[no-any-return]
+    if isinstance(ids, Sequence) and not isinstance(ids, str | bytes):
+        return ids
+    raise error(
+        f"{what} must hold a list of ids (or an integer tensor), one per prediction; "
+        f"got {type(ids).__name__} {reprlib.repr(ids)}"
+    )
+
+
 def as_id_list(ids: Any, key: str) -> list[Any]:
-    """The ids an output entry ``key`` holds, as a list: a 1-d integer tensor or a sequence.
+    """The ids an output entry ``key`` holds, as a list (see :func:`id_batch`).
 
     Raises:
         PredictionError: anything else (a float tensor, a string, a 2-d tensor).
     """
-    if isinstance(ids, torch.Tensor):
-        # (the dtype's flag, not Tensor.is_floating_point(): torch gives up the GIL in that call, and getting it
-        # back from the sink's busy threads costs the predict loop milliseconds)
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.ndim != 1:
-            raise PredictionError(
-                f"id_key {key!r} must hold a 1-d integer tensor or a list, got {ids.dtype} {tuple(ids.shape)}"
-            )
-        return [int(i) for i in ids.tolist()]
-    if isinstance(ids, Sequence) and not isinstance(ids, str | bytes):
-        return list(ids)
-    raise PredictionError(f"id_key {key!r} must hold a list of ids or an integer tensor, got {type(ids).__name__}")
+    return list(id_batch(ids, f"id_key {key!r}", PredictionError))

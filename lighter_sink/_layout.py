@@ -1,10 +1,11 @@
-"""Where an output's objects live: the control keys of one output and the run's name.
+"""Where an output's objects live: the control keys of one output, what it is, and the run's name.
 
 Several outputs may share a directory (a table beside one-file-per-prediction objects): each has its own control
 objects, under ``_{name}/`` for every output but the one that fills the url. Layout of one output's control
 objects (``base`` is ``""`` or ``_{name}/``)::
 
     {base}_lease.json                                         the run that owns the output now
+    {base}_output.json                                        how it is written, for readers (until committed)
     {base}_parts/{generation}/{run}/rank-00000-000001.jsonl   records, written as the run goes
     {base}_table_parts/                                       a format's intermediate objects (a table's runs)
     {base}_manifest.jsonl                                     every record, merged at commit
@@ -13,12 +14,14 @@ objects (``base`` is ``""`` or ``_{name}/``)::
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
-__all__ = ["ControlKeys", "new_token"]
+__all__ = ["ControlKeys", "OutputInfo", "new_token"]
 
 
 def new_token() -> str:
@@ -49,6 +52,11 @@ class ControlKeys:
         return f"{self.base}_lease.json"
 
     @property
+    def description(self) -> str:
+        """The :class:`OutputInfo` of a run that has not committed (``_SUCCESS`` says the same once it has)."""
+        return f"{self.base}_output.json"
+
+    @property
     def parts(self) -> str:
         return f"{self.base}_parts"
 
@@ -67,3 +75,46 @@ class ControlKeys:
     def scratch(self) -> str:
         """Where a format keeps this output's intermediate objects (a table's sorted runs of rows)."""
         return f"{self.base}_table_parts"
+
+    @classmethod
+    def owning(cls, key: str) -> ControlKeys | None:
+        """The output whose control object ``key`` (relative to the url) is; None for any other object."""
+        head, _, rest = key.partition("/")
+        if head in _TOP_LEVEL:
+            return cls()
+        if len(head) > 1 and head[0] == "_" and rest.partition("/")[0] in _TOP_LEVEL:
+            return cls(head[1:])
+        return None
+
+
+_ROOT = ControlKeys()
+_TOP_LEVEL = frozenset((_ROOT.manifest, _ROOT.success, _ROOT.lease, _ROOT.description, _ROOT.parts, _ROOT.scratch))
+
+
+@dataclass(frozen=True, slots=True)
+class OutputInfo:
+    """What a reader of an output needs to know of how it is written (``remaining()`` finds its ids with it).
+
+    Attributes:
+        format: the format's name (a registered name, or a writer function's).
+        key: the key template.
+        extension: what the format appends to each key (``""`` for formats without per-item objects).
+        name: the name of the output's control objects (:class:`ControlKeys`).
+    """
+
+    format: str
+    key: str
+    extension: str
+    name: str
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> OutputInfo:
+        """Parse one; raises ``ValueError`` for anything that is not one."""
+        try:
+            raw: Any = json.loads(data)
+            return cls(str(raw["format"]), str(raw["key"]), str(raw["extension"]), str(raw["name"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not an output description: {exc!r}") from None

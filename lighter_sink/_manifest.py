@@ -73,29 +73,54 @@ async def read_records(store: Store, keys: ControlKeys, generation: str | None) 
     return records
 
 
-def _line_id_and_size(line: str) -> tuple[str, int]:
-    """The id and nbytes of a record line as :meth:`Record.to_json` writes it, without decoding the rest.
+def _line_id_and_size(line: str) -> tuple[str, int, str]:
+    """The id and nbytes of a record line as :meth:`Record.to_json` writes it, without decoding the rest, and the
+    line as the manifest keeps it: a number's id as a JSON number (older versions wrote every id as a string).
 
-    In ``{"id":<json string>,"path":...,"nbytes":N,...}`` the first ``,"path":`` ends the id (a quote inside a
-    JSON string is always escaped), and the first ``"nbytes":`` after the path starts the size (a path is a JSON
-    string too). Lines in any other layout are decoded whole.
+    In ``{"id":<json number or string>,"path":...,"nbytes":N,...}`` the first ``,"path":`` ends the id (a quote
+    inside a JSON string is always escaped), and the first ``"nbytes":`` after the path starts the size (a path is
+    a JSON string too). Lines in any other layout are decoded whole.
     """
     end = line.find(',"path":', 6)
     start = line.find('"nbytes":', end)
-    if not line.startswith('{"id":"') or end < 0 or start < 0 or line[end - 1] != '"':
-        record = Record.from_json(line)
-        return record.id, record.nbytes
+    if end < 0 or start < 0 or not line.startswith('{"id":'):
+        return _decoded_id_and_size(line)
     start += 9
-    raw = line[6:end]
-    identifier = raw[1:-1] if "\\" not in raw else json.loads(raw)
-    return identifier, int(line[start : line.index(",", start)])
+    try:
+        nbytes = int(line[start : line.index(",", start)])
+    except ValueError:  # (the size last, say)
+        return _decoded_id_and_size(line)
+    if line[6] == '"':  # a string
+        if end < 8 or line[end - 1] != '"':
+            return _decoded_id_and_size(line)
+        identifier = line[7 : end - 1]
+        if "\\" in identifier:
+            identifier = json.loads(line[6:end])
+        if "0" <= identifier[:1] <= "9" and is_numeric_id(identifier):  # written before ids kept their type
+            line = '{"id":' + identifier + line[end:]
+        return identifier, nbytes, line
+    identifier = line[6:end]
+    if not is_numeric_id(identifier):
+        return _decoded_id_and_size(line)
+    return identifier, nbytes, line
+
+
+def _decoded_id_and_size(line: str) -> tuple[str, int, str]:
+    """:func:`_line_id_and_size` of a line in another layout: decoded whole, its id given its type if need be."""
+    record = Record.from_json(line)
+    data = json.loads(line)
+    if data["id"] != record.id or not is_numeric_id(record.id):
+        return record.id, record.nbytes, line
+    data["id"] = int(record.id)  # a number's id written as a string: that field changed, the others kept
+    return record.id, record.nbytes, json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 async def merge_parts(store: Store, keys: ControlKeys, generation: str) -> tuple[int, int]:
     """Write the manifest from the one there is and ``generation``'s parts, sorted by id; then remove the parts.
 
-    Works on the record lines as they are (an id and a size read from each, nothing re-encoded): a commit of a
-    million records costs seconds, not minutes. Returns the number of predictions and their bytes.
+    Works on the record lines as they are (an id and a size read from each, nothing re-encoded but the id of an
+    older line that wrote a number's id as a string): a commit of a million records costs seconds, not minutes.
+    Returns the number of predictions and their bytes.
 
     Raises:
         CommitError: an id is recorded twice (put on two ranks, by a padding sampler say): which of the two
@@ -105,9 +130,9 @@ async def merge_parts(store: Store, keys: ControlKeys, generation: str) -> tuple
     lines: dict[str, str] = {}  # id -> line
     total = 0
     async for source, data in _recorded(store, keys, parts):
-        for line in data.decode().splitlines():
-            if line.strip():
-                identifier, nbytes = _line_id_and_size(line)
+        for text in data.decode().splitlines():
+            if text.strip():
+                identifier, nbytes, line = _line_id_and_size(text)
                 if identifier in lines:
                     raise CommitError(
                         f"the id {identifier!r} was recorded twice in {store.url} (again in {source}): ids must be "

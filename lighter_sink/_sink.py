@@ -11,14 +11,14 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self, Unpack
 
 from lighter_sink._config import SinkConfig, SinkOptions
 from lighter_sink._errors import ConfigurationError, PredictionError, SinkStateError
 from lighter_sink._handoff import Batch
-from lighter_sink._ids import CounterIds, validate_identifiers
+from lighter_sink._ids import CounterIds, IdBatch, id_batch, validate_identifiers
 from lighter_sink._run import Run, SinkState
 from lighter_sink._staging import HostBatch, count_samples, stage
 from lighter_sink._stats import SinkProgress, SinkStats
@@ -71,6 +71,7 @@ class Sink:
             raise ConfigurationError(f"url must be a non-empty path or fsspec url, got {url!r}")
         self.url = url.rstrip("/") or url
         self.config = config = SinkConfig.of(format, options)
+        config.check_url(self.url)
         if config.format.needs_num_samples and config.num_samples is None:
             raise ConfigurationError(
                 f"format {config.format.name!r} needs the number of samples: pass num_samples= "
@@ -178,12 +179,13 @@ class Sink:
         """
         self.put_batch([identifier], [value])
 
-    def put_batch(self, identifiers: Sequence[int | str], values: object) -> None:
+    def put_batch(self, identifiers: IdBatch, values: object) -> None:
         """Queue a batch: ``values`` is a tensor whose dim 0 matches ``identifiers``, or one tensor per id.
 
-        The batch stays one queue item: the caller pays one hand-off per batch, not per sample. An id may be put
-        once per run, and two ids may not give one key. Raises as :meth:`put`, and :class:`IdentifierError` for a
-        repeated id or a key another id has.
+        ``identifiers`` is a sequence of ids, or a 1-d integer tensor or numpy array (ids as a DataLoader collates
+        them). The batch stays one queue item: the caller pays one hand-off per batch, not per sample. An id may
+        be put once per run, and two ids may not give one key. Raises as :meth:`put`, and
+        :class:`IdentifierError` for ids that are not a vector of ids, a repeated id or a key another id has.
         """
         run = self._run
         run.check_running("put")
@@ -191,7 +193,10 @@ class Sink:
         handoff.raise_if_failed()
         # A counter's ids are valid and never repeat: they need no check when distinct ids give distinct keys.
         unique = isinstance(identifiers, CounterIds)
-        ids = identifiers if isinstance(identifiers, CounterIds) else validate_identifiers(identifiers)
+        if isinstance(identifiers, CounterIds):
+            ids: list[str] = identifiers
+        else:
+            ids = validate_identifiers(identifiers if isinstance(identifiers, list) else id_batch(identifiers))
         count = count_samples(values)
         if count != len(ids):
             raise PredictionError(f"got {count} predictions for {len(ids)} ids; expected one per id")

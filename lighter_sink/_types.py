@@ -26,6 +26,7 @@ __all__ = [
     "Record",
     "decode_records",
     "encode_records",
+    "is_numeric_id",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -34,8 +35,23 @@ Buffer = bytes | bytearray | memoryview
 CHECKSUM = "crc32"
 
 
+def is_numeric_id(identifier: str) -> bool:
+    """Whether ``identifier`` is a number's id: the decimal text of a non-negative int, as ``str(int)`` writes it.
+
+    Numbers sort by value, key templates format them as ints and the manifest writes them as JSON numbers; every
+    other id is text, sorted and rendered as written. ``"007"`` is text (else ``"007"`` and ``"7"`` would be one
+    id), and so are Unicode digits such as ``"1²"`` and ``"٣"``, which ``str.isdigit()`` accepts and ``int()``
+    refuses or reads as another number.
+    """
+    return identifier.isascii() and identifier.isdigit() and (identifier[0] != "0" or identifier == "0")
+
+
 class Record(NamedTuple):
-    """What the manifest says of one stored prediction (a named tuple: a run creates millions)."""
+    """What the manifest says of one stored prediction (a named tuple: a run creates millions).
+
+    ``id`` is text, as every id inside the sink; in JSON a number's id (:func:`is_numeric_id`) is a number, so that
+    a reader of the manifest joins it on a dataset's index, and every other id a string.
+    """
 
     id: str
     path: str
@@ -47,16 +63,23 @@ class Record(NamedTuple):
     def to_json(self) -> str:
         # The same text as json.dumps of the dict, several times faster: only the strings need escaping.
         shape = ",".join(map(str, self.shape))
+        identifier = self.id if is_numeric_id(self.id) else json.dumps(self.id)
         return (
-            f'{{"id":{json.dumps(self.id)},"path":{json.dumps(self.path)},"nbytes":{self.nbytes},'
+            f'{{"id":{identifier},"path":{json.dumps(self.path)},"nbytes":{self.nbytes},'
             f'"{CHECKSUM}":"{self.crc32}","shape":[{shape}],"dtype":{json.dumps(self.dtype)}}}'
         )
 
     @classmethod
     def from_json(cls, line: str) -> Record:
         data = json.loads(line)
+        identifier = data["id"]
+        # a number (written since ids keep their type) or a string (also a number's id, in older manifests)
+        if type(identifier) is int and identifier >= 0:
+            identifier = str(identifier)
+        elif not isinstance(identifier, str):
+            raise ValueError(f"a record's id must be a string or an int >= 0, got {identifier!r}")
         return cls(
-            id=str(data["id"]),
+            id=identifier,
             path=data["path"],
             nbytes=int(data["nbytes"]),
             crc32=data[CHECKSUM],

@@ -25,7 +25,7 @@ def _expected(n: int, size: int = 64) -> torch.Tensor:
 
 def _check_manifest(records: list[dict[str, Any]], n: int) -> None:
     ids = [r["id"] for r in records]
-    assert ids == [str(i) for i in range(n)]  # complete, unique, sorted
+    assert ids == list(range(n))  # complete, unique, sorted
     assert all(r["shape"] == [64, 64] and r["dtype"] == "float32" for r in records)
 
 

@@ -80,7 +80,7 @@ class FormatConformance:
         assert sorted(stored) == list(range(self.n))
         for i in range(self.n):
             self.assert_same(stored[i], values[i])
-        assert [r["id"] for r in _manifest(tmp_path)] == [str(i) for i in range(self.n)]
+        assert [r["id"] for r in _manifest(tmp_path)] == list(range(self.n))
         assert json.loads((tmp_path / "_SUCCESS").read_text())["count"] == self.n
         result = verify(str(tmp_path))
         assert result.ok, result.problems[:3]
@@ -138,7 +138,7 @@ class FormatConformance:
             for start in range(0, self.n, 4):
                 sink.put_batch(range(start, min(start + 4, self.n)), values[start : start + 4])
             assert sink.stats.skipped == done
-        assert [r["id"] for r in _manifest(tmp_path)] == [str(i) for i in range(self.n)]
+        assert [r["id"] for r in _manifest(tmp_path)] == list(range(self.n))
         stored = self.read(tmp_path, self.n)
         assert sorted(stored) == list(range(self.n))
         for i in range(self.n):

@@ -41,7 +41,7 @@ def check_local(out: Path, n: int, world_size: int) -> None:
     for i in range(n):
         np.testing.assert_allclose(np.load(out / f"{i}.npy"), reference[i].numpy(), rtol=1e-5, atol=1e-6)
     ids = [json.loads(line)["id"] for line in (out / "_manifest.jsonl").read_text().splitlines()]
-    assert ids == [str(i) for i in range(n)]
+    assert ids == list(range(n))
     success = json.loads((out / "_SUCCESS").read_text())
     assert success["count"] == n
     assert success["world_size"] == world_size
@@ -76,7 +76,7 @@ def test_two_ranks_to_s3(s3_server: S3Server, s3_bucket: str) -> None:
         body = client.get_object(Bucket=s3_bucket, Key=f"ddp/{i}.npy")["Body"].read()
         np.testing.assert_allclose(np.load(io.BytesIO(body)), reference[i].numpy(), rtol=1e-5, atol=1e-6)
     manifest = client.get_object(Bucket=s3_bucket, Key="ddp/_manifest.jsonl")["Body"].read().decode()
-    assert [json.loads(line)["id"] for line in manifest.splitlines()] == [str(i) for i in range(1001)]
+    assert [json.loads(line)["id"] for line in manifest.splitlines()] == list(range(1001))
     assert json.loads(client.get_object(Bucket=s3_bucket, Key="ddp/_SUCCESS")["Body"].read())["world_size"] == 2
 
 

@@ -83,7 +83,7 @@ def test_zarr_through_trainer_predict(tmp_path: Path) -> None:
     assert array.chunks == (1, 16, 16)
     np.testing.assert_allclose(array[:], _expected(500, 16).numpy(), rtol=1e-5, atol=1e-6)
     records = _manifest(out)
-    assert [r["id"] for r in records] == [str(i) for i in range(500)]
+    assert [r["id"] for r in records] == list(range(500))
     assert records[17] == {**records[17], "path": "c/17/0/0", "nbytes": 16 * 16 * 4, "shape": [16, 16]}
     assert json.loads((out / "_SUCCESS").read_text())["count"] == 500
     assert verify(str(out)).ok

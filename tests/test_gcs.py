@@ -66,7 +66,7 @@ def test_gs_round_trips_every_prediction(gcs_endpoint: str) -> None:
     for i in range(120):
         np.testing.assert_array_equal(np.load(io.BytesIO(reader.cat(f"{bucket}/run/{i}.npy"))), values[i].numpy())
     manifest = reader.cat(f"{bucket}/run/_manifest.jsonl").decode().splitlines()
-    assert [json.loads(line)["id"] for line in manifest] == [str(i) for i in range(120)]
+    assert [json.loads(line)["id"] for line in manifest] == list(range(120))
     assert json.loads(reader.cat(f"{bucket}/run/_SUCCESS"))["count"] == 120
     assert not reader.find(f"{bucket}/run/_parts")
 

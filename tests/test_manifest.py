@@ -35,7 +35,7 @@ async def test_merge_sorts_ids_and_sums_sizes(tmp_path: os.PathLike[str]) -> Non
     count, nbytes = await merge_parts(store, KEYS, "g")
     lines = (await store.get(MANIFEST)).decode().splitlines()
     ids = [json.loads(line)["id"] for line in lines]
-    assert ids == ["9", "10", "a", "b", "back\\slash", 'say "hi", ok', 'x,"path":"y"', "ünï/cødé"]
+    assert ids == [9, 10, "a", "b", "back\\slash", 'say "hi", ok', 'x,"path":"y"', "ünï/cødé"]
     assert count == 8
     assert nbytes == sum(n for n, _ in enumerate(awkward, start=1)) + 100
     assert Record.from_json(lines[0]) == _record("9", 100, "ffffffff")
@@ -63,7 +63,7 @@ async def test_merge_reads_lines_in_another_layout(tmp_path: os.PathLike[str]) -
     await store.put(MANIFEST, [foreign.encode() + b"\n" + spaced.encode() + b"\n"])
     await store.put(part_key(0, "t", 1), [encode_records([_record("1", 5)])])
     assert await merge_parts(store, KEYS, "g") == (3, 13)
-    assert [json.loads(line)["id"] for line in (await store.get(MANIFEST)).decode().splitlines()] == ["1", "3", "4"]
+    assert [json.loads(line)["id"] for line in (await store.get(MANIFEST)).decode().splitlines()] == [1, 3, 4]
 
 
 def test_sorted_ids_is_the_id_order() -> None:
@@ -71,3 +71,35 @@ def test_sorted_ids_is_the_id_order() -> None:
     assert sorted_ids(ids) == sorted(ids, key=id_order)
     # "007" is text: a number's id has no leading zero, else "007" and "7" would be one id
     assert sorted_ids(ids) == ["0", "2", "9", "10", "100", "007", "_x", "a", "a/1", "b"]
+
+
+@pytest.mark.anyio
+async def test_merge_writes_number_ids_as_numbers_whichever_kind_it_read(tmp_path: os.PathLike[str]) -> None:
+    """A manifest written before ids kept their type (``"id":"3"``) merges with typed parts into typed lines."""
+    store = await open_store(str(tmp_path))
+    old = [
+        '{"id":"3","path":"3.npy","nbytes":1,"crc32":"00000001","shape":[],"dtype":"u1"}',
+        '{"id":"03","path":"03.npy","nbytes":1,"crc32":"00000001","shape":[],"dtype":"u1"}',
+        json.dumps({"path": "4.npy", "id": "4", "crc32": "00000002", "nbytes": 1, "shape": [], "dtype": "u1"}),
+    ]
+    await store.put(MANIFEST, ["".join(line + "\n" for line in old).encode()])
+    await store.put(part_key(0, "t", 1), [encode_records([_record("1", 5), _record("x", 2)])])
+    assert await merge_parts(store, KEYS, "g") == (5, 10)
+    lines = (await store.get(MANIFEST)).decode().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [1, 3, 4, "03", "x"]
+    assert (
+        lines[0]
+        == _record("1", 5).to_json()
+        == '{"id":1,"path":"1.npy","nbytes":5,"crc32":"0000abcd","shape":[2,3],"dtype":"float32"}'
+    )
+    assert lines[1] == '{"id":3,"path":"3.npy","nbytes":1,"crc32":"00000001","shape":[],"dtype":"u1"}'
+    assert [Record.from_json(line).id for line in lines] == ["1", "3", "4", "03", "x"]  # ids are text inside
+
+
+def test_a_record_keeps_its_ids_type_in_json() -> None:
+    assert json.loads(_record("12", 1).to_json())["id"] == 12
+    for text in ("012", "a", "1.5", "-1", "٣", 'say "hi"'):
+        assert json.loads(_record(text, 1).to_json())["id"] == text
+    assert Record.from_json(_record("12", 1).to_json()) == _record("12", 1)
+    with pytest.raises(ValueError, match="id"):
+        Record.from_json('{"id":1.5,"path":"a","nbytes":1,"crc32":"00000001","shape":[],"dtype":"u1"}')

@@ -41,7 +41,7 @@ def test_round_trip_to_a_local_directory(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.load(tmp_path / f"{i}.npy"), batch[i].numpy())
     np.testing.assert_array_equal(np.load(tmp_path / "extra.npy"), np.arange(4))
     records = _manifest(tmp_path)
-    assert [r["id"] for r in records] == [str(i) for i in range(10)] + ["extra"]
+    assert [r["id"] for r in records] == [*range(10), "extra"]
     first = records[0]
     assert first["path"] == "0.npy"
     assert first["shape"] == [3, 5]
@@ -120,7 +120,7 @@ def test_bad_predictions_fail_on_the_callers_thread(tmp_path: Path) -> None:
         with pytest.raises(PredictionError, match="prediction 1 is a nested tensor"):
             sink.put_batch([0, 1], [torch.ones(2), nested])
         sink.put(0, torch.ones(1))
-    assert [r["id"] for r in _manifest(tmp_path)] == ["0"]
+    assert [r["id"] for r in _manifest(tmp_path)] == [0]
     assert not (tmp_path.parent / "outside.npy").exists()
 
 
@@ -468,7 +468,7 @@ def test_key_template_names_objects_and_keeps_ids(tmp_path: Path) -> None:
     with Sink(tmp_path, key="{hash:.2}/{id:05d}") as sink:
         sink.put_batch(range(3), torch.eye(3))
     records = _manifest(tmp_path)
-    assert [r["id"] for r in records] == ["0", "1", "2"]
+    assert [r["id"] for r in records] == [0, 1, 2]
     for record in records:
         path = tmp_path / str(record["path"])
         assert path.name == f"{int(str(record['id'])):05d}.npy"
@@ -483,7 +483,7 @@ def test_ids_of_unicode_digits_are_text_and_commit(tmp_path: Path, fmt: str) -> 
         sink.put_batch(ids, torch.arange(4.0))
     assert sink.state is SinkState.COMMITTED
     order = ["3", "10", "1\u00b2", "\u0663"]
-    assert [r["id"] for r in _manifest(tmp_path)] == order
+    assert [r["id"] for r in _manifest(tmp_path)] == [3, 10, "1\u00b2", "\u0663"]
     expected = {"1\u00b2": 0.0, "\u0663": 1.0, "3": 2.0, "10": 3.0}
     if fmt == "npy":
         assert {i: float(np.load(tmp_path / f"{i}.npy")) for i in ids} == expected
@@ -502,8 +502,8 @@ def test_a_text_id_keeps_its_text_in_its_key(tmp_path: Path) -> None:
         sink.put(8, torch.tensor([8.0]))
     records = _manifest(tmp_path / "pred")
     assert [(r["id"], r["path"]) for r in records] == [
-        ("7", "pred-7.npy"),
-        ("8", "pred-8.npy"),
+        (7, "pred-7.npy"),
+        (8, "pred-8.npy"),
         ("007", "pred-007.npy"),
     ]
     np.testing.assert_array_equal(np.load(tmp_path / "pred" / "pred-007.npy"), np.float32([0.07]))
@@ -519,7 +519,7 @@ def test_a_number_template_refuses_text_ids(tmp_path: Path) -> None:
         with pytest.raises(IdentifierError, match="formats numbers") as info:
             sink.put("007", torch.zeros(1))
         assert "'007'" in str(info.value)
-    assert [(r["id"], r["path"]) for r in _manifest(tmp_path)] == [("7", "00000007.npy")]
+    assert [(r["id"], r["path"]) for r in _manifest(tmp_path)] == [(7, "00000007.npy")]
 
 
 def test_two_ids_that_give_one_key_are_refused(tmp_path: Path) -> None:
@@ -543,7 +543,7 @@ def test_two_ids_that_give_one_key_are_refused(tmp_path: Path) -> None:
         sink.put(1, torch.ones(1))
         with pytest.raises(IdentifierError, match="'1'.*'11'.*'111'"):
             sink.put(11, torch.zeros(1))
-    assert [(r["id"], r["path"]) for r in _manifest(tmp_path / "numbers")] == [("1", "111.npy")]
+    assert [(r["id"], r["path"]) for r in _manifest(tmp_path / "numbers")] == [(1, "111.npy")]
 
 
 def test_resume_maps_stored_keys_back_to_text_and_number_ids(tmp_path: Path) -> None:
@@ -558,8 +558,8 @@ def test_resume_maps_stored_keys_back_to_text_and_number_ids(tmp_path: Path) -> 
     assert (sink.stats.skipped, sink.stats.items) == (2, 1)
     records = _manifest(tmp_path)
     assert [(r["id"], r["path"]) for r in records] == [
-        ("1", "pred-1.npy"),
-        ("2", "pred-2.npy"),
+        (1, "pred-1.npy"),
+        (2, "pred-2.npy"),
         ("001", "pred-001.npy"),
         ("a", "pred-a.npy"),
     ]
@@ -584,7 +584,7 @@ def test_resume_skips_stored_ids_and_records_unrecorded_objects(tmp_path: Path) 
     np.testing.assert_array_equal(np.load(tmp_path / "0003.npy"), [3.0])
     np.testing.assert_array_equal(np.load(tmp_path / "0008.npy"), [800.0])
     records = _manifest(tmp_path)
-    assert [r["id"] for r in records] == [str(i) for i in range(10)]
+    assert [r["id"] for r in records] == list(range(10))
     assert records[6]["path"] == "0006.npy"
     assert records[6]["shape"] == [1]
     assert not list(tmp_path.glob(".*.tmp"))
@@ -601,3 +601,15 @@ def test_remaining_reads_the_manifest_for_row_formats(tmp_path: Path) -> None:
     with Sink(tmp_path / "n") as sink:
         sink.put_batch([0, 3], torch.ones(2, 1))
     assert list(remaining(str(tmp_path / "n"), list(range(5))).indices) == [1, 2, 4]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("url", ["{tmp}/out", "file://{tmp}/out", "memory://out"])
+def test_the_obstore_backend_is_refused_for_a_url_it_does_not_serve(tmp_path: Path, url: str) -> None:
+    """``backend="obstore"`` serves S3 urls; on a local path it was silently ignored, elsewhere it failed at open."""
+    from lighter_sink import PredictionSink
+
+    url = url.format(tmp=tmp_path)
+    for make in (lambda: Sink(url, backend="obstore"), lambda: PredictionSink(url, backend="obstore")):
+        with pytest.raises(ConfigurationError, match=r"backend='obstore' serves S3 urls \(s3:// urls\)"):
+            make()
+    assert not (tmp_path / "out").exists()
