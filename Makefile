@@ -60,4 +60,4 @@ bench:
 	$(BIN)/python -m benchmarks.tiny_local --json benchmarks/results/tiny_local.json
 
 clean:
-	rm -rf $(VENV) predictions .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LIGHTER_VENV) predictions .pytest_cache .mypy_cache .ruff_cache
