@@ -146,6 +146,17 @@ def mark_demo_output(url: str, storage_options: dict[str, Any], run: object) -> 
 
 
 def remove_if_empty(url: str) -> None:
-    """Remove the local directory a failed demo made, when nothing was written into it."""
-    with contextlib.suppress(OSError):  # not empty (what a failed run stored stays, for a look), or already gone
-        os.rmdir(local_path(url))
+    """Remove the local directory a failed demo made, when no prediction was written into it.
+
+    The failed run's own control objects (``_output.json``, a released lease: names that begin with ``_``) go
+    with it: they describe an output that holds nothing. What a failed run stored stays, for a look.
+    """
+    path = local_path(url)
+    with contextlib.suppress(OSError):  # not empty, or already gone
+        with os.scandir(path) as entries:
+            control = [entry.path for entry in entries if entry.is_file() and entry.name.startswith("_")]
+        if len(control) != len(os.listdir(path)):
+            return
+        for file in control:
+            os.unlink(file)
+        os.rmdir(path)
