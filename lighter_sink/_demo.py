@@ -153,10 +153,10 @@ def remove_if_empty(url: str) -> None:
     """
     path = local_path(url)
     with contextlib.suppress(OSError):  # not empty, or already gone
-        with os.scandir(path) as entries:
-            control = [entry.path for entry in entries if entry.is_file() and entry.name.startswith("_")]
-        if len(control) != len(os.listdir(path)):
+        with os.scandir(path) as scan:
+            entries = list(scan)
+        if not all(entry.is_file() and entry.name.startswith("_") for entry in entries):
             return
-        for file in control:
-            os.unlink(file)
+        for entry in entries:
+            os.unlink(entry.path)
         os.rmdir(path)

@@ -98,10 +98,11 @@ def _output_keys(url: str, listing: list[str], format: str | Format | None) -> C
     outputs = sorted({k for k in map(ControlKeys.owning, listing) if k is not None}, key=lambda k: k.name)
     names = ", ".join(f"{k.name!r} (under {k.base})" if k.name else "the url's own" for k in outputs)
     if format is not None:
-        keys = ControlKeys(get_format(format).namespace)
+        fmt = get_format(format)
+        keys = ControlKeys(fmt.namespace)
         if outputs and keys not in outputs:
             raise ConfigurationError(
-                f"{url} holds no output of the format {get_format(format)!r}; its outputs: {names}. Pass the "
+                f"{url} holds no output of the format {fmt!r}; its outputs: {names}. Pass the "
                 "format of the output to count (a named table's with its filename=)"
             )
         return keys

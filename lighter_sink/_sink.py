@@ -192,11 +192,12 @@ class Sink:
         handoff = run.handoff
         handoff.raise_if_failed()
         # A counter's ids are valid and never repeat: they need no check when distinct ids give distinct keys.
-        unique = isinstance(identifiers, CounterIds)
+        ids: list[str]
         if isinstance(identifiers, CounterIds):
-            ids: list[str] = identifiers
+            ids, unique = identifiers, True
         else:
             ids = validate_identifiers(identifiers if isinstance(identifiers, list) else id_batch(identifiers))
+            unique = False
         count = count_samples(values)
         if count != len(ids):
             raise PredictionError(f"got {count} predictions for {len(ids)} ids; expected one per id")
