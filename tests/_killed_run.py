@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -41,6 +43,19 @@ def main() -> None:
         sink.flush()
     print("PUT", flush=True)
     os._exit(9)
+
+
+def run_killed(url: Path | str, ids: Iterable[object], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run this script in a process of its own: put ``ids`` at ``url`` (with ``args``), and die as it does."""
+    done = subprocess.run(
+        [sys.executable, __file__, str(url), "--ids", ",".join(map(str, ids)), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 9, done.stderr[-3000:]
+    return done
 
 
 if __name__ == "__main__":

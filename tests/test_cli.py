@@ -9,6 +9,7 @@ import torch
 from lighter_sink import Sink, cli
 from lighter_sink._verify import verify
 from lighter_sink.cli import main
+from tests._killed_run import run_killed
 from tests.conftest import S3Server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,14 +272,7 @@ def test_inspect_refuses_a_marker_whose_manifest_is_gone(output: Path, capsys: p
 def test_inspect_describes_what_a_killed_run_left(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A run killed before its first manifest part leaves objects and a lease, and inspect says so."""
     url = tmp_path / "preds"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_killed_run.py"), str(url), "--ids", ",".join(map(str, range(140)))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 9, done.stderr[-3000:]
+    run_killed(url, range(140))
     stored = len(list(url.glob("*.npy")))
     assert stored >= 139
     assert main(["inspect", str(url)]) == 0

@@ -26,6 +26,7 @@ from lighter_sink import CommitError, DestinationError, PredictionSink, Sink
 from lighter_sink._verify import verify
 from lighter_sink.formats import CsvFormat
 from tests import _faulty
+from tests._killed_run import run_killed
 from tests._proxy import FaultProxy
 from tests.conftest import S3Server, quiet_trainer
 
@@ -38,15 +39,7 @@ def _manifest(path: Path) -> list[dict[str, Any]]:
 
 def _killed(url: Path | str, ids: list[str], *args: str) -> None:
     """Run tests/_killed_run.py: put ``ids`` and die without closing the sink."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_killed_run.py"), str(url), "--ids", ",".join(ids), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 9, done.stderr[-3000:]
-    assert "PUT" in done.stdout
+    assert "PUT" in run_killed(url, ids, *args).stdout
 
 
 # ---------------------------------------------------------------------- case 2: a failed flush keeps its records

@@ -8,8 +8,6 @@ read, verified and resumed.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +18,8 @@ from torch.utils.data import DataLoader
 from lighter_sink import PredictionSink, Sink, remaining
 from lighter_sink._demo import DemoModel, SyntheticImages
 from lighter_sink._verify import verify
+from tests._killed_run import run_killed
 from tests.conftest import quiet_trainer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ids(out: Path, manifest: str = "_manifest.jsonl") -> list[Any]:
@@ -87,21 +84,10 @@ def test_an_output_written_with_string_ids_still_verifies(tmp_path: Path) -> Non
     assert result.checked == 4
 
 
-def _killed(url: Path, ids: list[str], *args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_killed_run.py"), str(url), "--ids", ",".join(ids), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 9, done.stderr[-3000:]
-
-
 @pytest.mark.parametrize("old_style", [True, False], ids=["string-ids", "typed-ids"])
 def test_resume_reads_parts_of_either_kind_and_commits_typed_ids(tmp_path: Path, old_style: bool) -> None:
     out = tmp_path / "out"
-    _killed(out, [str(i) for i in range(6)], "--flush")
+    run_killed(out, [str(i) for i in range(6)], "--flush")
     parts = sorted(out.glob("_parts/*/*/*.jsonl"))
     assert parts
     if old_style:

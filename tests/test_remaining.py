@@ -5,8 +5,6 @@ Each killed run is a real process (tests/_killed_run.py) that dies with ``os._ex
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,19 +14,7 @@ from lighter_sink import ConfigurationError, Sink, remaining
 from lighter_sink._layout import ControlKeys
 from lighter_sink._verify import verify
 from lighter_sink.formats import CsvFormat
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _killed(url: Path, ids: range, *args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_killed_run.py"), str(url), "--ids", ",".join(map(str, ids)), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 9, done.stderr[-3000:]
+from tests._killed_run import run_killed
 
 
 def _todo(url: Path, n: int, **kwargs: str) -> list[int]:
@@ -43,7 +29,7 @@ def test_a_complete_pt_output_has_nothing_left(tmp_path: Path) -> None:
 
 
 def test_a_killed_pt_run_is_resumed_exactly_where_it_stopped(tmp_path: Path) -> None:
-    _killed(tmp_path, range(10), "--format", "pt")  # no manifest part: its objects are adopted from their bytes
+    run_killed(tmp_path, range(10), "--format", "pt")  # no manifest part: its objects are adopted from their bytes
     stored = [i for i in range(10) if (tmp_path / f"{i}.pt").exists()]
     assert len(stored) >= 9
     todo = _todo(tmp_path, 20)
@@ -58,7 +44,7 @@ def test_a_killed_pt_run_is_resumed_exactly_where_it_stopped(tmp_path: Path) -> 
 @pytest.mark.parametrize("flush", [False, True], ids=["before-its-first-part", "after-a-part"])
 def test_a_killed_zarr_run_is_resumed_exactly_where_it_stopped(tmp_path: Path, flush: bool) -> None:
     """A zarr row is kept only once a manifest part records it: remaining() counts the same way as resume."""
-    _killed(tmp_path, range(6), "--format", "zarr", "--num-samples", "10", *(["--flush"] if flush else []))
+    run_killed(tmp_path, range(6), "--format", "zarr", "--num-samples", "10", *(["--flush"] if flush else []))
     todo = _todo(tmp_path, 10)
     assert todo == (list(range(6, 10)) if flush else list(range(10)))
     with Sink(tmp_path, format="zarr", num_samples=10, mode="resume") as sink:
@@ -69,7 +55,7 @@ def test_a_killed_zarr_run_is_resumed_exactly_where_it_stopped(tmp_path: Path, f
 
 
 def test_the_key_template_is_learned_too(tmp_path: Path) -> None:
-    _killed(tmp_path, range(8), "--key", "{id:04d}")
+    run_killed(tmp_path, range(8), "--key", "{id:04d}")
     stored = [i for i in range(8) if (tmp_path / f"{i:04d}.npy").exists()]
     assert len(stored) >= 7
     assert _todo(tmp_path, 8) == [i for i in range(8) if i not in stored]
@@ -100,7 +86,7 @@ def test_a_url_holding_two_outputs_needs_the_format(tmp_path: Path) -> None:
 
 def test_an_output_that_does_not_say_how_it_was_written_needs_the_format(tmp_path: Path) -> None:
     """A run killed by an earlier version recorded neither format nor key: refuse rather than guess."""
-    _killed(tmp_path, range(5), "--format", "pt", "--flush")
+    run_killed(tmp_path, range(5), "--format", "pt", "--flush")
     (tmp_path / ControlKeys().description).unlink()
     with pytest.raises(ConfigurationError, match=r"nothing at .* says how its output was written: pass format="):
         _todo(tmp_path, 6)
