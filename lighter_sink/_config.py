@@ -49,6 +49,7 @@ class SinkOptions(TypedDict, total=False):
     durable: bool
     num_samples: int | None
     copy: bool
+    shard_bytes: int | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +82,9 @@ class SinkConfig:
             reuse or change them once ``put`` returns (output buffers, ``out=``, CUDA graphs). ``False`` saves
             the copy (0.1-0.3 ms per MiB on the caller's thread) for callers that never touch a buffer after
             putting it; one that does gets its later values stored.
+        shard_bytes: formats that pack predictions into shards (``"tar"``, ``"parquet"``): the size at which a
+            rank closes its shard and starts the next (a shard ends at the first prediction that reaches it);
+            ``None`` is the format's default (256 MiB). Other formats refuse it.
 
     Raises:
         ConfigurationError: a value of the wrong type or out of range, naming what was expected.
@@ -100,6 +104,7 @@ class SinkConfig:
     durable: bool = True
     num_samples: int | None = None
     copy: bool = True
+    shard_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.format.require()  # a missing extra fails here, before any compute, not at the first batch
@@ -124,6 +129,19 @@ class SinkConfig:
         if self.backend not in BACKENDS:
             raise ConfigurationError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {self.backend!r}")
         KeyTemplate(self.key)  # a malformed template fails here, naming what is wrong
+        if self.shard_bytes is not None:
+            if not self.format.packs_shards:
+                raise ConfigurationError(
+                    f"shard_bytes applies to formats that pack predictions into shards ('tar', 'parquet'); "
+                    f"format {self.format.name!r} writes otherwise"
+                )
+            if type(self.shard_bytes) is not int or self.shard_bytes < 1:
+                raise ConfigurationError(f"shard_bytes must be a positive int or None, got {self.shard_bytes!r}")
+        if self.format.packs_shards and self.key != "{id}":
+            raise ConfigurationError(
+                f"format {self.format.name!r} names each prediction in its shard by its id; key={self.key!r} "
+                "applies to one object per prediction"
+            )
         for name in ("upload_checksums", "durable", "copy"):
             object.__setattr__(self, name, bool(getattr(self, name)))
 

@@ -315,6 +315,8 @@ class Run:
                 num_samples=config.num_samples,
                 mode=config.mode,
                 scratch=self.keys.scratch,
+                run=self.token,
+                shard_bytes=config.shard_bytes,
             )
             self.engine.writer = config.format.open_writer(context)
 

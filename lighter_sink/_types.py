@@ -51,6 +51,10 @@ class Record(NamedTuple):
 
     ``id`` is text, as every id inside the sink; in JSON a number's id (:func:`is_numeric_id`) is a number, so that
     a reader of the manifest joins it on a dataset's index, and every other id a string.
+
+    ``offset``: where the prediction's bytes start in the object ``path`` when it is one of many in that object
+    (a shard: ``nbytes`` bytes from ``offset`` are its bytes, ``crc32`` theirs), so that one ranged read returns
+    them; ``None`` (and absent from the JSON) when ``path`` is its own object or a row of a table or array.
     """
 
     id: str
@@ -59,14 +63,16 @@ class Record(NamedTuple):
     crc32: str
     shape: tuple[int, ...]
     dtype: str
+    offset: int | None = None
 
     def to_json(self) -> str:
         # The same text as json.dumps of the dict, several times faster: only the strings need escaping.
         shape = ",".join(map(str, self.shape))
         identifier = self.id if is_numeric_id(self.id) else json.dumps(self.id)
+        offset = "" if self.offset is None else f',"offset":{self.offset}'
         return (
             f'{{"id":{identifier},"path":{json.dumps(self.path)},"nbytes":{self.nbytes},'
-            f'"{CHECKSUM}":"{self.crc32}","shape":[{shape}],"dtype":{json.dumps(self.dtype)}}}'
+            f'"{CHECKSUM}":"{self.crc32}","shape":[{shape}],"dtype":{json.dumps(self.dtype)}{offset}}}'
         )
 
     @classmethod
@@ -78,6 +84,9 @@ class Record(NamedTuple):
             identifier = str(identifier)
         elif not isinstance(identifier, str):
             raise ValueError(f"a record's id must be a string or an int >= 0, got {identifier!r}")
+        offset = data.get("offset")
+        if offset is not None and (type(offset) is not int or offset < 0):
+            raise ValueError(f"a record's offset must be an int >= 0, got {offset!r}")
         return cls(
             id=identifier,
             path=data["path"],
@@ -85,6 +94,7 @@ class Record(NamedTuple):
             crc32=data[CHECKSUM],
             shape=tuple(data["shape"]),
             dtype=data["dtype"],
+            offset=offset,
         )
 
 
@@ -121,6 +131,10 @@ class ObjectStore(Protocol):
 
     async def put(self, key: str, buffers: Sequence[Buffer], crc32: int | None = None) -> None:
         """Store one object; it becomes visible whole or not at all."""
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of an object from ``start`` (fewer at its end); raises ``FileNotFoundError`` when absent."""
+        ...
 
     async def exists(self, key: str) -> bool: ...
 

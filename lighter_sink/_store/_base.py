@@ -232,6 +232,13 @@ class Store(ABC):
     async def get(self, key: str) -> bytes:
         """Read a whole object; raises ``FileNotFoundError`` when absent."""
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of an object from ``start`` (fewer at its end); raises ``FileNotFoundError`` when absent.
+
+        Stores that can read a range without the whole object (every backend of this package) override it.
+        """
+        return (await self.get(key))[start : start + length]
+
     @abstractmethod
     async def exists(self, key: str) -> bool: ...
 

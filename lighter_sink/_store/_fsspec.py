@@ -85,6 +85,12 @@ class AsyncFsStore(Store):
             data: bytes = await self._retrying(key, lambda: self._fs._cat_file(_join(self._root, key)))
             return data
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        path = _join(self._root, key)
+        async with self._limiter:
+            data: bytes = await self._retrying(key, lambda: self._fs._cat_file(path, start=start, end=start + length))
+            return data
+
     async def exists(self, key: str) -> bool:
         return bool(await self._retrying(key, lambda: self._fs._exists(_join(self._root, key))))
 

@@ -364,6 +364,15 @@ class LocalStore(Store):
 
         return await self._retrying(key, lambda: self._thread(read, limiter=self._limiter))
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        path = os.path.join(self._root, key)
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return os.pread(f.fileno(), length, start)
+
+        return await self._retrying(key, lambda: self._thread(read, limiter=self._limiter))
+
     async def exists(self, key: str) -> bool:
         path = os.path.join(self._root, key)
         return await self._retrying(key, lambda: self._thread(os.path.exists, path))

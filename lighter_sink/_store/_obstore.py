@@ -69,6 +69,11 @@ class ObstoreStore(Store):
         result = await obstore.get_async(self._store, key)
         return bytes(await result.bytes_async())
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        import obstore
+
+        return bytes(await obstore.get_range_async(self._store, key, start=start, length=length))
+
     async def exists(self, key: str) -> bool:
         import obstore
 

@@ -15,8 +15,11 @@ from lighter_sink.formats._base import (
 from lighter_sink.formats._function import FunctionFormat, WriterFunction
 from lighter_sink.formats._image import PngFormat
 from lighter_sink.formats._npy import NpyFormat
+from lighter_sink.formats._parquet import ParquetFormat
+from lighter_sink.formats._shards import ShardFormat
 from lighter_sink.formats._table import CsvFormat, JsonlFormat, TableFormat
 from lighter_sink.formats._table_text import CsvTextFormat
+from lighter_sink.formats._tar import TarFormat
 from lighter_sink.formats._text import TextFormat
 from lighter_sink.formats._torch import TorchFormat
 from lighter_sink.formats._zarr import ZarrFormat
@@ -32,9 +35,12 @@ __all__ = [
     "FunctionFormat",
     "JsonlFormat",
     "NpyFormat",
+    "ParquetFormat",
     "PngFormat",
     "RecordCheck",
+    "ShardFormat",
     "TableFormat",
+    "TarFormat",
     "TextFormat",
     "TorchFormat",
     "WriterContext",
@@ -94,3 +100,5 @@ register_format("zarr", ZarrFormat())
 register_format("csv", CsvFormat())
 register_format("jsonl", JsonlFormat())
 register_format("csv_text", CsvTextFormat())
+register_format("tar", TarFormat())
+register_format("parquet", ParquetFormat())

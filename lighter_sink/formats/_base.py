@@ -55,6 +55,8 @@ class WriterContext:
         mode: ``"overwrite"``, ``"resume"`` or ``"error"``.
         scratch: the prefix under which this output may keep intermediate objects (sorted runs of a table); it
             is the output's own, and overwriting the output removes it.
+        run: this run's token (unique per run: a resumed run's objects never take an earlier run's names).
+        shard_bytes: ``Sink(shard_bytes=)`` for formats that pack shards; ``None``: the format's default.
     """
 
     store: ObjectStore
@@ -63,6 +65,8 @@ class WriterContext:
     num_samples: int | None
     mode: str
     scratch: str = "_table_parts"
+    run: str = ""
+    shard_bytes: int | None = None
 
 
 class FormatWriter:
@@ -157,6 +161,7 @@ class Format:
 
     * ``per_item_objects``: each prediction becomes its own object ``{url}/{key}{extension}``.
     * ``needs_num_samples``: the format must know the number of samples before the first write.
+    * ``packs_shards``: predictions are packed into shard objects (``Sink(shard_bytes=)`` applies).
 
     :meth:`require` says whether the optional packages it needs are installed, when a sink is built.
 
@@ -167,6 +172,7 @@ class Format:
     extension: ClassVar[str] = ""
     per_item_objects: ClassVar[bool] = True
     needs_num_samples: ClassVar[bool] = False
+    packs_shards: ClassVar[bool] = False
 
     @property
     def namespace(self) -> str:

@@ -1,0 +1,118 @@
+"""WebDataset tar shards: each prediction is a member ``{id}.npy`` (``.pt`` for dtypes numpy has no type for).
+
+``webdataset.WebDataset(urls)``, ``tarfile`` and ``tar -x`` read the shards as they are. A member's header is
+Python's own (``tarfile.TarInfo.tobuf``, POSIX pax, so that long and non-ASCII names survive); its data is the
+prediction's ``.npy`` (or ``torch.save``) bytes, padded to the tar block of 512 bytes. The record of a prediction
+points at the member's data, so one ranged read of ``nbytes`` bytes from ``offset`` is a whole ``.npy`` file.
+
+WebDataset groups members into samples by the name up to the first dot: an id holding a dot (``"scan.nii"``)
+keeps its member name ``scan.nii.npy``, which WebDataset reads as the sample ``scan`` with the field ``nii.npy``.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from lighter_sink._checksum import crc32
+from lighter_sink._errors import ConfigurationError, PredictionError
+from lighter_sink._types import Buffer
+from lighter_sink.formats._base import NON_NUMPY_DTYPES, EncodedItem
+from lighter_sink.formats._npy import NpyFormat
+from lighter_sink.formats._shards import Member, Packer, ShardFormat
+from lighter_sink.formats._torch import TorchFormat
+
+__all__ = ["TarFormat"]
+
+_BLOCK = tarfile.BLOCKSIZE
+_NPY = NpyFormat()
+_PT = TorchFormat()
+
+# (ids, encoded items, the member extension of each)
+_Prepared = tuple[list[EncodedItem], list[str], list[int]]
+
+
+class TarFormat(ShardFormat):
+    """WebDataset-compatible tar shards (see the module docstring).
+
+    Args:
+        member: ``"npy"`` (the default: ``numpy.load`` reads each member; tensors of dtypes numpy has no type for,
+            such as bfloat16, become ``.pt`` members) or ``"pt"`` (every member is a ``torch.save`` file).
+
+    Raises:
+        ConfigurationError: ``member`` is neither.
+    """
+
+    name = "tar"
+    shard_extension = ".tar"
+
+    def __init__(self, *, member: Literal["npy", "pt"] = "npy") -> None:
+        if member not in ("npy", "pt"):
+            raise ConfigurationError(f"member must be 'npy' or 'pt', got {member!r}")
+        self.member = member
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} member={self.member!r}>"
+
+    def check(self, value: torch.Tensor) -> None:
+        super().check(value)
+        if value.is_quantized:
+            raise PredictionError(f"format 'tar' stores plain tensors, got a quantized one ({value.dtype})")
+
+    def prepare(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> _Prepared:
+        items: list[EncodedItem] = []
+        extensions: list[str] = []
+        if self.member == "pt" or any(s.dtype in NON_NUMPY_DTYPES for s in samples):
+            for sample in samples:
+                fmt = _PT if self.member == "pt" or sample.dtype in NON_NUMPY_DTYPES else _NPY
+                items.append(fmt.encode(sample))
+                extensions.append(fmt.extension)
+        else:
+            items = _NPY.encode_batch(samples)
+            extensions = [_NPY.extension] * len(items)
+        crcs = []
+        for item in items:
+            crc = 0
+            for buffer in item.buffers:
+                crc = crc32(buffer, crc)
+            crcs.append(crc)
+        return items, extensions, crcs
+
+    def open_packer(self) -> Packer:
+        return _TarPacker()
+
+
+class _TarPacker(Packer):
+    def __init__(self) -> None:
+        super().__init__()
+        self._mtime = int(time.time())
+
+    def add(self, ids: Sequence[str], encoded: _Prepared) -> list[Buffer]:
+        items, extensions, crcs = encoded
+        out: list[Buffer] = []
+        position = self.size
+        for identifier, item, extension, crc in zip(ids, items, extensions, crcs, strict=True):
+            info = tarfile.TarInfo(identifier + extension)
+            info.size = item.nbytes
+            info.mtime = self._mtime
+            info.mode = 0o644
+            header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            out.append(header)
+            position += len(header)
+            self.members.append(Member(identifier, position, item.nbytes, crc, item.shape, item.dtype))
+            out.extend(item.buffers)
+            padding = -item.nbytes % _BLOCK
+            if padding:
+                out.append(bytes(padding))
+            position += item.nbytes + padding
+        self.size = position
+        return out
+
+    def finish(self) -> list[Buffer]:
+        end = bytes(2 * _BLOCK)  # the end-of-archive marker: two zero blocks
+        self.size += len(end)
+        return [end]
