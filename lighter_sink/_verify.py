@@ -1,4 +1,4 @@
-"""Reading a finished output back: check every object against the manifest, or summarise what is stored.
+"""Reading a finished output back: check every object against the manifest (``_inspect`` summarises it).
 
 Both work from what the sink leaves under the url (``_SUCCESS``, ``_manifest.jsonl``, the objects) through the
 same stores the sink writes with, so every fsspec url and storage option the sink accepts works here too.
@@ -16,7 +16,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -28,13 +28,22 @@ from lighter_sink._commit import owned_key
 from lighter_sink._errors import ConfigurationError, IdentifierError
 from lighter_sink._ids import KeyTemplate, validate_identifier
 from lighter_sink._layout import ControlKeys
-from lighter_sink._lease import current_generation, read_lease
+from lighter_sink._lease import current_generation
 from lighter_sink._manifest import id_order, read_records, sorted_ids
 from lighter_sink._store import RetryPolicy, Store, open_store
 from lighter_sink._types import Problem, ProblemKind, Record, decode_records
 from lighter_sink.formats import CheckContext, RecordCheck, available_formats, get_format
 
-__all__ = ["OutputInfo", "Problem", "ProblemKind", "VerifyResult", "inspect_output", "verify"]
+__all__ = [
+    "READ_RETRY",
+    "Problem",
+    "ProblemKind",
+    "VerifyResult",
+    "get_optional",
+    "parse_summary",
+    "stored_records",
+    "verify",
+]
 
 #: ``progress(done, total)``: called after every ``progress_every`` objects checked.
 ProgressCallback = Callable[[int, int], None]
@@ -42,7 +51,7 @@ ProgressCallback = Callable[[int, int], None]
 # Objects at least this large are checksummed in a worker thread, so the event loop keeps reading meanwhile.
 _THREAD_CRC_BYTES = 1 << 20
 # Reads only: a few attempts are enough to ride out throttling without hiding a dead store for minutes.
-_READ_RETRY = RetryPolicy(attempts=3, timeout=60.0)
+READ_RETRY = RetryPolicy(attempts=3, timeout=60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,58 +87,6 @@ class VerifyResult:
     def ok(self) -> bool:
         """Whether the output is complete and every recorded object matches its record."""
         return not self.problems
-
-
-@dataclass(frozen=True, slots=True)
-class OutputInfo:
-    """What :func:`inspect_output` found: the marker's summary and an account of the manifest.
-
-    Attributes:
-        url: the output described.
-        summary: the parsed ``_SUCCESS`` marker, or ``None`` when it is absent (the output is incomplete).
-        manifest_found: whether ``_manifest.jsonl`` exists (without it, records come from per-rank parts).
-        count: predictions recorded.
-        bytes: their bytes, as recorded.
-        min_nbytes: the smallest object, in bytes (0 when there is none).
-        max_nbytes: the largest object, in bytes (0 when there is none).
-        extensions: object file extensions and how many objects have each, most common first.
-        shapes: ``(shape, dtype, count)`` for every distinct shape and dtype, most common first.
-        objects: objects stored besides control objects, listed when the output is incomplete or its manifest is
-            absent (0 otherwise: a complete output is not listed).
-        unrecorded: how many of those no record names (a killed run's objects that resume records or rewrites).
-        lease: ``_lease.json``'s fields when it is there (a run that owns the output, or one that gave it up), and
-            ``live``: whether that run may still be writing.
-    """
-
-    url: str
-    summary: Mapping[str, Any] | None
-    manifest_found: bool
-    count: int
-    bytes: int
-    min_nbytes: int
-    max_nbytes: int
-    extensions: tuple[tuple[str, int], ...]
-    shapes: tuple[tuple[tuple[int, ...], str, int], ...]
-    objects: int = 0
-    unrecorded: int = 0
-    lease: Mapping[str, Any] | None = None
-
-    @property
-    def complete(self) -> bool:
-        """Whether the ``_SUCCESS`` marker is present."""
-        return self.summary is not None
-
-    @property
-    def altered(self) -> bool:
-        """Whether ``_SUCCESS`` vouches for what is not there: its manifest is absent or lists another count."""
-        expected = None if self.summary is None else self.summary.get("count")
-        return self.summary is not None and (not self.manifest_found or expected not in (None, self.count))
-
-    @property
-    def empty(self) -> bool:
-        """Whether nothing of an output was found at the url (no marker, manifest, record, object nor lease)."""
-        found = self.manifest_found or self.count or self.objects or self.lease is not None
-        return self.summary is None and not found
 
 
 def verify(
@@ -168,7 +125,7 @@ def verify(
     options = dict(storage_options or {})
 
     async def run() -> VerifyResult:
-        store = await open_store(url, options, concurrency=concurrency, retry=_READ_RETRY)
+        store = await open_store(url, options, concurrency=concurrency, retry=READ_RETRY)
         try:
             return await _verify(store, concurrency, progress, progress_every)
         finally:
@@ -177,40 +134,21 @@ def verify(
     return anyio.run(run, backend="asyncio")
 
 
-def inspect_output(url: str, storage_options: Mapping[str, Any] | None = None) -> OutputInfo:
-    """Summarise the output at ``url`` from its marker and manifest, without reading the objects.
-
-    Raises:
-        OSError: the marker or the manifest could not be read for another reason than being absent.
-        ValueError: the marker or a manifest record cannot be parsed.
-    """
-    options = dict(storage_options or {})
-
-    async def run() -> OutputInfo:
-        store = await open_store(url, options, retry=_READ_RETRY)
-        try:
-            return await _inspect(store)
-        finally:
-            await store.aclose()
-
-    return anyio.run(run, backend="asyncio")
-
-
-async def _get_optional(store: Store, key: str) -> bytes | None:
+async def get_optional(store: Store, key: str) -> bytes | None:
     try:
         return await store.get(key)
     except FileNotFoundError:
         return None
 
 
-def _parse_summary(data: bytes) -> dict[str, Any]:
+def parse_summary(data: bytes) -> dict[str, Any]:
     summary = json.loads(data)
     if not isinstance(summary, dict):
         raise ValueError(f"expected a JSON object, got {type(summary).__name__}")
     return summary
 
 
-async def _records(store: Store, keys: ControlKeys, manifest: bytes | None) -> list[Record]:
+async def stored_records(store: Store, keys: ControlKeys, manifest: bytes | None) -> list[Record]:
     if manifest is not None:
         return decode_records(manifest)
     # No merged manifest (the run did not commit): the parts of its generation say what was stored so far.
@@ -272,23 +210,23 @@ async def _verify_output(  # noqa: PLR0917 - private, called once
 ) -> tuple[dict[str, Any] | None, int, int, int, list[Problem]]:
     problems: list[Problem] = []
     summary: dict[str, Any] | None = None
-    marker = await _get_optional(store, keys.success)
+    marker = await get_optional(store, keys.success)
     if marker is None:
         problems.append(
             Problem("incomplete", keys.success, None, "no _SUCCESS marker: the run did not finish, or a rank failed")
         )
     else:
         try:
-            summary = _parse_summary(marker)
+            summary = parse_summary(marker)
         except ValueError as exc:
             problems.append(Problem("invalid", keys.success, None, f"not a JSON summary: {exc}"))
             summary = {}
 
-    manifest = await _get_optional(store, keys.manifest)
+    manifest = await get_optional(store, keys.manifest)
     if manifest is None and marker is not None:
         problems.append(Problem("missing", keys.manifest, None, "_SUCCESS is present but the manifest is absent"))
     try:
-        records = await _records(store, keys, manifest)
+        records = await stored_records(store, keys, manifest)
     except (ValueError, KeyError, TypeError) as exc:
         problems.append(Problem("invalid", keys.manifest, None, f"a record cannot be parsed: {exc!r}"))
         records = []
@@ -453,40 +391,3 @@ async def _check_one(store: Store, record: Record) -> tuple[Problem | None, int]
         detail = f"crc32 is {crc:08x}, the manifest says {expected_crc:08x}"
         return Problem("checksum", record.path, record.id, detail), len(data)
     return None, len(data)
-
-
-async def _inspect(store: Store) -> OutputInfo:
-    keys = ControlKeys()
-    marker = await _get_optional(store, keys.success)
-    summary = None if marker is None else _parse_summary(marker)
-    manifest = await _get_optional(store, keys.manifest)
-    records = await _records(store, keys, manifest)
-    objects: list[str] = []
-    lease = None
-    if summary is None or manifest is None:  # unfinished or altered: what is stored, and who owns it
-        objects = [key for key in await store.list() if not key.startswith("_")]
-        lease = await read_lease(store, keys)
-    paths = {r.path for r in records}
-    sizes = [r.nbytes for r in records]
-    extensions = Counter(_extension(r.path) for r in records)
-    shapes = Counter((tuple(r.shape), r.dtype) for r in records)
-    return OutputInfo(
-        url=store.url,
-        summary=summary,
-        manifest_found=manifest is not None,
-        count=len(records),
-        bytes=sum(sizes),
-        min_nbytes=min(sizes, default=0),
-        max_nbytes=max(sizes, default=0),
-        extensions=tuple(extensions.most_common()),
-        shapes=tuple((shape, dtype, n) for (shape, dtype), n in shapes.most_common()),
-        objects=len(objects),
-        unrecorded=sum(key not in paths for key in objects),
-        lease=None if lease is None else {**asdict(lease), "live": lease.live()},
-    )
-
-
-def _extension(path: str) -> str:
-    name = path.rsplit("/", 1)[-1]
-    dot = name.rfind(".")
-    return name[dot:] if dot > 0 else ""

@@ -124,7 +124,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from lighter_sink._verify import inspect_output
+    from lighter_sink._inspect import inspect_output
 
     info = inspect_output(args.url, _storage_options(args))
     if args.json:
@@ -146,6 +146,8 @@ def _inspect(args: argparse.Namespace) -> int:
         source = "the manifest" if info.manifest_found else "per-rank parts"
         status = f"INCOMPLETE: no _SUCCESS, the run did not finish (records below come from {source})"
     extensions = ", ".join(f"{n:,} {ext or '(none)'}" for ext, n in info.extensions) or "none"
+    if info.shards:
+        extensions = f"{len(info.shards):,} shards"
     rows: list[tuple[str, str]] = [
         ("url", info.url),
         ("status", status),
@@ -155,9 +157,20 @@ def _inspect(args: argparse.Namespace) -> int:
         ("predictions", f"{info.count:,}"),
         (
             "bytes",
-            f"{_size(info.bytes)}  ({_size(info.min_nbytes)} to {_size(info.max_nbytes)} per object)",
+            f"{_size(info.bytes)}  ({_size(info.min_nbytes)} to {_size(info.max_nbytes)} per "
+            f"{'prediction' if info.shards else 'object'})",
         ),
     ]
+    if info.shards:
+        counts = [n for n, _ in info.shards]
+        extents = [extent for _, extent in info.shards]
+        rows.append(
+            (
+                "shards",
+                f"{len(info.shards):,}, {min(counts):,} to {max(counts):,} predictions and {_size(min(extents))} to "
+                f"{_size(max(extents))} each",
+            )
+        )
     shown = 8
     for index, (shape, dtype, n) in enumerate(info.shapes[:shown]):
         rows.append(("shapes" if index == 0 else "", f"{n:,} x {_shape(shape)} {dtype}"))
