@@ -240,7 +240,7 @@ class Engine:
         assert writer is not None
         for batch in group:
             started = time.perf_counter()
-            records = await writer.write(batch.ids, batch.host.samples())
+            records = await writer.write_batch(batch.ids, batch.host.ready())
             self.latencies.append(time.perf_counter() - started)  # one batch's rows
             self.items += len(records)
             self.bytes += sum(r.nbytes for r in records)

@@ -79,6 +79,13 @@ class FormatWriter:
     async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> list[Record]:
         raise NotImplementedError
 
+    async def write_batch(self, ids: Sequence[str], values: torch.Tensor | Sequence[torch.Tensor]) -> list[Record]:
+        """:meth:`write` of a batch as it was put: one tensor whose rows are the samples, or a list of them.
+
+        What the sink calls; writers that encode a batch at once override it to save splitting it.
+        """
+        return await self.write(ids, values.unbind(0) if isinstance(values, torch.Tensor) else values)
+
     async def flush(self) -> list[Record]:
         """Store everything written so far and return the records of what this call stored.
 

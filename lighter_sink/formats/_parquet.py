@@ -83,19 +83,21 @@ class ParquetFormat(ShardFormat):
                 ".to(torch.uint8)) or use format='tar'"
             )
 
-    def prepare(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> np.ndarray[Any, Any]:
-        if not samples:
+    def prepare(self, ids: Sequence[str], samples: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray[Any, Any]:
+        if isinstance(samples, torch.Tensor):
+            shape = tuple(samples.shape[1:])  # (rows are samples)
+            values = samples
+        elif samples:
+            shape = tuple(samples[0].shape)
+            if any(tuple(s.shape) != shape or s.dtype != samples[0].dtype for s in samples):
+                kinds = ", ".join(sorted({f"{tuple(s.shape)} {s.dtype}" for s in samples}))
+                raise PredictionError(f"format 'parquet' stores predictions of one shape and dtype, got {kinds}")
+            values = torch.stack(list(samples))
+        else:
             return np.empty((0,), dtype=np.float32)
-        first = samples[0]
-        if any(s.shape != first.shape or s.dtype != first.dtype for s in samples):
-            kinds = sorted({f"{tuple(s.shape)} {s.dtype}" for s in samples})
-            raise PredictionError(f"format 'parquet' stores predictions of one shape and dtype, got {', '.join(kinds)}")
-        if first.numel() == 0:
-            raise PredictionError(
-                f"format 'parquet' stores predictions of at least one value, got shape {tuple(first.shape)}"
-            )
-        array: np.ndarray[Any, Any] = torch.stack(list(samples)).numpy()
-        return np.ascontiguousarray(array)
+        if not math.prod(shape):
+            raise PredictionError(f"format 'parquet' stores predictions of at least one value, got shape {shape}")
+        return np.ascontiguousarray(values.numpy())
 
     def open_packer(self) -> Packer:
         return _ParquetPacker(self.row_group_bytes)

@@ -99,8 +99,9 @@ class ShardFormat(Format):
     def outputs(self) -> tuple[str, ...]:
         return (SHARDS_DIR,)
 
-    def prepare(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> Any:
-        """Encode a batch for :meth:`Packer.add` (on a worker thread, outside the shard's lock)."""
+    def prepare(self, ids: Sequence[str], samples: torch.Tensor | Sequence[torch.Tensor]) -> Any:
+        """Encode a batch for :meth:`Packer.add` (on a worker thread, outside the shard's lock): one tensor whose
+        rows are the samples, or a list of samples."""
         raise NotImplementedError
 
     def open_packer(self) -> Packer:
@@ -141,6 +142,8 @@ class _Shard:
 class ShardWriter(FormatWriter):
     """One rank's shards: one open at a time, filled by every worker in turn, closed at ``shard_bytes``."""
 
+    takes_batches = True
+
     def __init__(self, fmt: ShardFormat, context: WriterContext) -> None:
         self._format = fmt
         self._store = context.store
@@ -154,6 +157,9 @@ class ShardWriter(FormatWriter):
         self._closing: set[_Shard] = set()  # full shards being finished while the next one fills
 
     async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> list[Record]:
+        return await self.write_batch(ids, samples)
+
+    async def write_batch(self, ids: Sequence[str], samples: torch.Tensor | Sequence[torch.Tensor]) -> list[Record]:
         encoded = await anyio.to_thread.run_sync(self._format.prepare, ids, samples)
         full = None
         async with self._lock:
