@@ -22,3 +22,34 @@ def test_stall_benchmark_reports_puts_and_lateness(tmp_path: Path) -> None:
     assert 0 < local["put_p50_ms"] <= local["put_p99_ms"] <= local["put_max_ms"]
     assert 0 <= local["puts_over_2ms"] <= 20
     assert "late_mean_ms" in results["no sink"] and "put_p50_ms" not in results["no sink"]
+
+
+def test_shards_benchmark_counts_requests_and_objects(tmp_path: Path) -> None:
+    pytest.importorskip("benchmarks.shards")
+    pytest.importorskip("moto.server")
+    command = [sys.executable, "-m", "benchmarks.shards", "--quick", "--storages", "local,moto", "--sizes", "64B"]
+    command += ["--large-servers", "moto", "--out", str(tmp_path)]
+    done = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, timeout=240)
+    assert done.returncode == 0, done.stderr.decode()
+    data = json.loads((tmp_path / "shards-quick.json").read_text())
+    assert data["errors"] == []
+    small = {(row["storage"], row["format"]): row for row in data["small"]}
+    assert set(small) == {(s, f) for s in ("local", "moto") for f in ("npy", "tar", "parquet")}
+    for (storage, fmt), row in small.items():
+        assert row["predictions_per_s"] > 0 and row["mb_per_s"] > 0
+        if fmt == "npy":  # one object per prediction, one PUT each
+            assert row["objects"] >= row["items"]
+        else:
+            assert row["objects"] < small[(storage, "npy")]["objects"] / 10
+        if storage == "moto":
+            assert ("requests" in row) and row["requests"]["PUT"] >= (row["items"] if fmt == "npy" else 1)
+        else:
+            assert "requests" not in row  # no HTTP to count on a local disk
+    assert small[("moto", "tar")]["requests"]["total"] < small[("moto", "npy")]["requests"]["total"] / 2
+    large = {row["variant"]: row for row in data["large"]}
+    assert {"Sink tar (s3fs)", "raw s3fs pipe", "raw boto3 upload_fileobj"} <= set(large)
+    for name, row in large.items():
+        assert row["mib_per_s"] > 0 and row["requests"]["total"] >= 1
+        assert row["objects"] >= 1
+        assert (row["vs_raw_same_client"] is not None) == name.startswith("Sink")
+    assert (tmp_path / "shards-quick.md").read_text().startswith("# Packed outputs")
