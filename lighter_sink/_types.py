@@ -110,10 +110,12 @@ def decode_records(data: bytes) -> list[Record]:
 class Output(Protocol):
     """One object written piece by piece (a table at commit): it appears whole at :meth:`finish`, or never."""
 
-    async def write(self, data: Buffer) -> None: ...
+    async def write(self, data: Buffer) -> None:
+        """Append ``data``, which may be kept until it is sent: the caller does not change it afterwards."""
 
     async def finish(self) -> None:
-        """Make the object visible, whole (a rename locally, one PUT on an object store)."""
+        """Make the object visible, whole (a rename locally, the completion of an S3 multipart or GCS resumable
+        upload, one PUT for an object smaller than one part)."""
 
     async def discard(self) -> None:
         """Drop what was written; nothing appears."""
@@ -147,8 +149,9 @@ class ObjectStore(Protocol):
         """Keys of every object below ``prefix`` (recursively)."""
         ...
 
-    def open_output(self, key: str) -> Output:
-        """An object to write piece by piece, streamed where the store can (a local file), else held and put."""
+    def open_output(self, key: str, *, part_size: int = ...) -> Output:
+        """An object to write piece by piece, streamed where the store can (a local file, an upload in parts of
+        ``part_size`` bytes to S3 or GCS), else held and put."""
         ...
 
 

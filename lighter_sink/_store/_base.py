@@ -23,10 +23,13 @@ from lighter_sink._errors import ConfigurationError, SinkStateError
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, Output
 
-__all__ = ["RetryPolicy", "Store"]
+__all__ = ["PART_SIZE", "RetryPolicy", "Store"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: The parts an object store's streamed output uploads (S3 takes 5 MiB at least, all parts but the last).
+PART_SIZE = 8 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,8 +271,12 @@ class Store(ABC):
     async def delete_prefix(self, prefix: str) -> None:
         await self.delete(await self.list(prefix))
 
-    def open_output(self, key: str) -> Output:
-        """An object written piece by piece: held in memory and stored in one PUT (object stores have no append)."""
+    def open_output(self, key: str, *, part_size: int = PART_SIZE) -> Output:
+        """An object written piece by piece: held in memory and stored in one PUT (object stores have no append).
+
+        Stores that stream (a local file, S3's multipart and GCS's resumable uploads) send ``part_size`` bytes a
+        request, and hold a few parts at most.
+        """
         return _HeldOutput(self, key)
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook: most stores hold no connection

@@ -10,19 +10,23 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from lighter_sink._store._base import RetryPolicy, Store
+from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
+from lighter_sink._store._multipart import GcsOutput, S3Output, abort_s3_uploads
 from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, delete_objects
-from lighter_sink._types import Buffer
+from lighter_sink._store._urls import protocol_of
+from lighter_sink._types import Buffer, Output
 
 __all__ = ["AsyncFsStore", "ThreadFsStore"]
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class _Client(Protocol):
@@ -66,6 +70,8 @@ class AsyncFsStore(Store):
         self._limiter = limiter
         self._s3_crc32 = s3_crc32
         self._s3 = s3
+        self._gcs = protocol_of(url) in ("gs", "gcs")
+        self._uploads: set[str] = set()  # multipart uploads in progress, which remove_incomplete leaves alone
         self._clients: list[_Client] = []  # what connect() opened, for aclose() to close
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
@@ -122,6 +128,34 @@ class AsyncFsStore(Store):
         except FileNotFoundError:
             return []
         return sorted(_relative(self._root, p) for p in found)
+
+    def open_output(self, key: str, *, part_size: int = PART_SIZE) -> Output:
+        """Streamed to S3 (a multipart upload) and GCS (a resumable upload); held for one PUT elsewhere."""
+        path = _join(self._root, key)
+        if self._s3:
+            return S3Output(
+                self,
+                key,
+                part_size,
+                fs=self._fs,
+                path=path,
+                retrying=self._retrying,
+                limiter=self._limiter,
+                checksum=self._s3_crc32,
+                own=self._uploads,
+            )
+        if self._gcs:
+            return GcsOutput(self, key, part_size, fs=self._fs, path=path, retrying=self._retrying)
+        return super().open_output(key, part_size=part_size)
+
+    async def remove_incomplete(self) -> int:
+        """S3: abort the multipart uploads under the url that a killed run left (but this store's own)."""
+        if not self._s3:
+            return 0
+        aborted = await abort_s3_uploads(self._fs, self._root, self._retrying, self._uploads)
+        if aborted:
+            logger.info("aborted %d multipart uploads left by an interrupted run under %s", aborted, self.url)
+        return aborted
 
     async def connect(self) -> None:
         """Open the filesystem's client now, on the loop that owns it, and keep it for :meth:`aclose`.

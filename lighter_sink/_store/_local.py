@@ -23,7 +23,7 @@ import anyio
 import anyio.to_thread
 
 from lighter_sink._errors import ConfigurationError
-from lighter_sink._store._base import RetryPolicy, Store
+from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
 from lighter_sink._store._files import create_file, fsync_path, libc_syncfs, write_all
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, Output
@@ -240,7 +240,7 @@ class LocalStore(Store):
                 results[index] = error
         return results
 
-    def open_output(self, key: str) -> Output:
+    def open_output(self, key: str, *, part_size: int = PART_SIZE) -> Output:
         """A local object written piece by piece: streamed to a temporary file, renamed into place whole."""
         return _FileOutput(self, key)
 

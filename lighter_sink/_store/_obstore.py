@@ -19,8 +19,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from lighter_sink._errors import ConfigurationError, MissingDependencyError
-from lighter_sink._store._base import RetryPolicy, Store
-from lighter_sink._types import Buffer
+from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
+from lighter_sink._store._multipart import ObstoreOutput
+from lighter_sink._types import Buffer, Output
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
@@ -100,6 +101,11 @@ class ObstoreStore(Store):
         except FileNotFoundError:  # no bucket: nothing listed, as with s3fs; the first write reports it
             return []
         return sorted(found)
+
+    def open_output(self, key: str, *, part_size: int = PART_SIZE) -> Output:
+        """Streamed by obstore's multipart writer. (obstore cannot list incomplete uploads: what a killed run left
+        stays for the bucket's lifecycle rule, ``AbortIncompleteMultipartUpload``, to remove.)"""
+        return ObstoreOutput(self._store, key, part_size, retrying=self._retrying)
 
 
 def _aws_sdk_credentials(profile: str | None) -> tuple[Any, str | None]:
