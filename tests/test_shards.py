@@ -1,0 +1,529 @@
+"""Packed outputs (tar and Parquet shards) read back as their users read them: tarfile, webdataset, pyarrow,
+pandas, polars, DuckDB and ranged GETs of one record's bytes; never through this library."""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import shutil
+import tarfile
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lighter_sink import ConfigurationError, PredictionError, PredictionSink, Sink, WriteError, remaining
+from lighter_sink._demo import DemoModel, SyntheticImages
+from lighter_sink._engine import PART_RECORDS
+from lighter_sink._verify import verify
+from lighter_sink.cli import main
+from lighter_sink.formats import TarFormat
+from tests._killed_run import run_killed
+from tests.conftest import S3Server, quiet_trainer
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+WIDTH = 16
+
+
+def values(ids: Iterable[int]) -> np.ndarray[Any, Any]:
+    """Prediction ``i`` is ``16 * i + [0, 1, ..., 15]``: exact in float32 for every id used here."""
+    base = np.fromiter(ids, dtype=np.int64)
+    return (base[:, None] * WIDTH + np.arange(WIDTH)).astype(np.float32)
+
+
+def put_all(sink: Sink, n: int, batch: int) -> None:
+    for start in range(0, n, batch):
+        ids = range(start, min(start + batch, n))
+        sink.put_batch(ids, torch.from_numpy(values(ids)))
+
+
+def tar_members(data: bytes) -> Iterator[tuple[str, str, bytes]]:
+    """``(name without extension, extension, bytes)`` of each member, as ``tarfile`` reads them."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        for member in archive:
+            body = archive.extractfile(member)
+            assert body is not None
+            stem, _, extension = member.name.rpartition(".")
+            yield stem, extension, body.read()
+
+
+def parquet_rows(data: bytes) -> tuple[list[Any], np.ndarray[Any, Any]]:
+    table = pq.read_table(io.BytesIO(data))
+    flat = table.column("value").combine_chunks().flatten().to_numpy()
+    return table.column("id").to_pylist(), flat.reshape(table.num_rows, -1)
+
+
+def read_shards(fmt: str, shards: Iterable[bytes]) -> dict[int, np.ndarray[Any, Any]]:
+    """Every prediction of the shards by id; an id seen twice fails."""
+    found: dict[int, np.ndarray[Any, Any]] = {}
+    for data in shards:
+        if fmt == "tar":
+            rows = [(int(stem), np.load(io.BytesIO(body))) for stem, extension, body in tar_members(data)]
+        else:
+            ids, array = parquet_rows(data)
+            rows = list(zip(ids, array, strict=True))
+        for identifier, value in rows:
+            assert identifier not in found, f"id {identifier} stored twice"
+            found[identifier] = value
+    return found
+
+
+def manifest(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "_manifest.jsonl").read_text().splitlines()]
+
+
+def shard_files(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "shards").iterdir() if p.suffix in (".tar", ".parquet"))
+
+
+# ---------------------------------------------------------------------------------------------- S3 servers
+
+
+@dataclass
+class Bucket:
+    name: str
+    storage_options: dict[str, Any]
+    client: Any
+
+    def keys(self, prefix: str) -> dict[str, int]:
+        found = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix):
+            found.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
+        return found
+
+    def get(self, key: str, **kwargs: Any) -> bytes:
+        body: bytes = self.client.get_object(Bucket=self.name, Key=key, **kwargs)["Body"].read()
+        return body
+
+
+@pytest.fixture(scope="module")
+def rclone() -> Iterator[Any]:
+    """``rclone serve s3`` over a temporary directory (benchmarks/_servers.py), for this module's tests."""
+    servers = pytest.importorskip("benchmarks._servers")
+    try:
+        servers.rclone_binary()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    with servers.rclone_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["moto", "rclone"])
+def bucket(request: pytest.FixtureRequest) -> Bucket:
+    import boto3
+    from botocore.config import Config
+
+    if request.param == "moto":
+        moto: S3Server = request.getfixturevalue("s3_server")
+        return Bucket(request.getfixturevalue("s3_bucket"), moto.storage_options, moto.client())
+    server = request.getfixturevalue("rclone")
+    options = server.storage_options
+    client = boto3.client(
+        "s3",
+        endpoint_url=options["endpoint_url"],
+        aws_access_key_id=options["key"],
+        aws_secret_access_key=options["secret"],
+        region_name="us-east-1",
+        # rclone answers a ranged GET with the whole object's checksum, which botocore would check the range against
+        config=Config(response_checksum_validation="when_required"),
+    )
+    return Bucket("bench", options, client)
+
+
+# ---------------------------------------------------------------------------------------------- done means
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_20000_predictions_to_s3_are_read_back_whole_and_one_by_one(bucket: Bucket, fmt: str) -> None:
+    n = 20_000
+    prefix = f"done-{fmt}-{uuid.uuid4().hex[:8]}"
+    # tar members take 1 KiB each, parquet rows 64 bytes: several shards either way
+    shard_bytes = 2**20 if fmt == "tar" else 2**18
+    url = f"s3://{bucket.name}/{prefix}"
+    with Sink(url, format=fmt, shard_bytes=shard_bytes, storage_options=bucket.storage_options) as sink:
+        put_all(sink, n, batch=500)
+
+    objects = bucket.keys(f"{prefix}/")  # every object under the url, control objects included
+    assert len(objects) <= n // 100, sorted(objects)
+    shards = sorted(k for k in objects if k.startswith(f"{prefix}/shards/"))
+    assert len(shards) >= 4
+    stored = read_shards(fmt, (bucket.get(key) for key in shards))
+    assert sorted(stored) == list(range(n))
+    np.testing.assert_array_equal(np.stack([stored[i] for i in range(n)]), values(range(n)))
+
+    records = {r["id"]: r for r in map(json.loads, bucket.get(f"{prefix}/_manifest.jsonl").decode().splitlines())}
+    assert sorted(records) == list(range(n))
+    for identifier in (0, 4321, 9999, 15_000, n - 1):
+        record = records[identifier]
+        start = record["offset"]
+        piece = bucket.get(f"{prefix}/{record['path']}", Range=f"bytes={start}-{start + record['nbytes'] - 1}")
+        assert len(piece) == record["nbytes"]
+        value = np.load(io.BytesIO(piece)) if fmt == "tar" else np.frombuffer(piece, record["dtype"])
+        np.testing.assert_array_equal(value, values([identifier])[0])
+
+
+# ---------------------------------------------------------------------------------------------- readers as they are
+
+
+def test_webdataset_reads_every_sample_of_the_tar_shards(tmp_path: Path) -> None:
+    webdataset = pytest.importorskip("webdataset")
+    n = 1000
+    with Sink(tmp_path, format="tar", shard_bytes=64 * 2**10) as sink:
+        put_all(sink, n, batch=64)
+    urls = [str(p) for p in shard_files(tmp_path)]
+    assert len(urls) >= 5
+    seen = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # webdataset leaves its shard files to the collector
+        for sample in webdataset.WebDataset(urls, shardshuffle=False).decode():
+            key = sample["__key__"]
+            assert key not in seen
+            seen[key] = sample["npy"]
+        gc.collect()
+    assert sorted(seen) == sorted(map(str, range(n)))
+    np.testing.assert_array_equal(np.stack([seen[str(i)] for i in range(n)]), values(range(n)))
+
+
+def test_pyarrow_pandas_polars_and_duckdb_read_the_parquet_shards(tmp_path: Path) -> None:
+    n = 1000
+    with Sink(tmp_path, format="parquet", shard_bytes=16 * 2**10) as sink:
+        put_all(sink, n, batch=64)
+    files = shard_files(tmp_path)
+    assert len(files) >= 3
+    expected = values(range(n))
+
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(tmp_path / "shards", format="parquet").to_table().sort_by("id")
+    assert table.column("id").to_pylist() == list(range(n))
+    np.testing.assert_array_equal(table.column("value").combine_chunks().flatten().to_numpy().reshape(n, -1), expected)
+    for file in files:  # the schema says what a prediction is
+        assert json.loads(pq.read_schema(file).metadata[b"lighter_sink"]) == {"shape": [WIDTH], "dtype": "float32"}
+
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.read_parquet(tmp_path / "shards").sort_values("id")
+    assert frame["id"].tolist() == list(range(n))
+    np.testing.assert_array_equal(np.stack(frame["value"].to_list()), expected)
+
+    polars = pytest.importorskip("polars")
+    pattern = str(tmp_path / "shards" / "*.parquet")
+    frame = polars.read_parquet(pattern).sort("id")
+    assert frame["id"].to_list() == list(range(n))
+    np.testing.assert_array_equal(np.stack(frame["value"].to_numpy()), expected)
+    one = polars.scan_parquet(pattern).filter(polars.col("id") == 777).collect()
+    assert one["value"].to_list() == [expected[777].tolist()]
+
+    duckdb = pytest.importorskip("duckdb")
+    [(count, distinct, low, high, first)] = duckdb.sql(
+        f"SELECT count(*), count(DISTINCT id), min(id), max(id), sum(value[1]) FROM '{pattern}'"
+    ).fetchall()
+    assert (count, distinct, low, high, first) == (n, n, 0, n - 1, float(expected[:, 0].sum()))
+
+
+class _Named(SyntheticImages):
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        return {"image": super().__getitem__(index), "name": f"patient-{index:03d}.nii.gz"}
+
+
+class _Scores(DemoModel):
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return {"scores": self(batch["image"]).flatten(1)[:, :4], "name": batch["name"]}
+
+
+def test_text_ids_give_a_string_id_column(tmp_path: Path) -> None:
+    """A user's id_key holding file names: the id column holds them as they are."""
+    sink = PredictionSink(tmp_path, format="parquet", value_key="scores", id_key="name", shard_bytes=256)
+    model = _Scores()
+    quiet_trainer(sink).predict(model, DataLoader(_Named(30, size=8), batch_size=4), return_predictions=False)
+    table = pq.read_table(tmp_path / "shards")
+    assert table.schema.field("id").type == pa.string()
+    names = table.column("id").to_pylist()
+    assert sorted(names) == [f"patient-{i:03d}.nii.gz" for i in range(30)]
+    with torch.no_grad():
+        first = model(_Named(30, size=8)[7]["image"][None]).flatten(1)[0, :4].numpy()
+    row = table.column("value").to_pylist()[names.index("patient-007.nii.gz")]
+    np.testing.assert_allclose(row, first, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- edge cases
+
+
+def test_bfloat16_predictions_become_pt_members_that_torch_loads(tmp_path: Path) -> None:
+    batch = torch.randn(5, 3).bfloat16()
+    with Sink(tmp_path / "bf16", format="tar") as sink:
+        sink.put_batch(range(5), batch)
+        sink.put_batch(range(5, 7), torch.ones(2, 3))  # numpy holds these: .npy members beside the .pt ones
+    with Sink(tmp_path / "pt", format=TarFormat(member="pt")) as sink:
+        sink.put_batch(range(3), torch.ones(3, 2, dtype=torch.float64))
+    [shard] = shard_files(tmp_path / "bf16")
+    members = {stem: (extension, body) for stem, extension, body in tar_members(shard.read_bytes())}
+    assert {stem: extension for stem, (extension, _) in members.items()} == {
+        **{str(i): "pt" for i in range(5)},
+        "5": "npy",
+        "6": "npy",
+    }
+    for i in range(5):
+        loaded = torch.load(io.BytesIO(members[str(i)][1]))
+        assert loaded.dtype == torch.bfloat16
+        assert torch.equal(loaded, batch[i])
+    np.testing.assert_array_equal(np.load(io.BytesIO(members["6"][1])), np.ones(3, np.float32))
+    [shard] = shard_files(tmp_path / "pt")
+    for stem, extension, body in tar_members(shard.read_bytes()):
+        assert extension == "pt"
+        assert torch.equal(torch.load(io.BytesIO(body)), torch.ones(2, dtype=torch.float64)), stem
+
+
+def _ranged(out: Path, record: dict[str, Any]) -> bytes:
+    with open(out / record["path"], "rb") as f:
+        f.seek(record["offset"])
+        return f.read(record["nbytes"])
+
+
+def test_parquet_scalars_matrices_and_narrow_integers(tmp_path: Path) -> None:
+    with Sink(tmp_path / "scalars", format="parquet") as sink:
+        sink.put_batch(range(10), torch.arange(10, dtype=torch.float64) / 4)
+    table = pq.read_table(tmp_path / "scalars" / "shards")
+    assert table.schema.field("value").type == pa.float64()  # a plain column: no list of one
+    assert dict(zip(table.column("id").to_pylist(), table.column("value").to_pylist(), strict=True)) == {
+        i: i / 4 for i in range(10)
+    }
+
+    matrices = torch.arange(6 * 12, dtype=torch.float32).reshape(6, 3, 4)
+    with Sink(tmp_path / "matrices", format="parquet") as sink:
+        sink.put_batch(range(6), matrices)
+    [file] = shard_files(tmp_path / "matrices")
+    meta = json.loads(pq.read_schema(file).metadata[b"lighter_sink"])
+    assert meta == {"shape": [3, 4], "dtype": "float32"}
+    table = pq.read_table(file)
+    assert table.schema.field("value").type == pa.list_(pa.float32(), 12)
+    rows = table.column("value").combine_chunks().flatten().to_numpy().reshape(-1, *meta["shape"])
+    np.testing.assert_array_equal(rows[table.column("id").to_pylist().index(4)], matrices[4].numpy())
+    record = next(r for r in manifest(tmp_path / "matrices") if r["id"] == 4)
+    ranged = np.frombuffer(_ranged(tmp_path / "matrices", record), record["dtype"]).reshape(record["shape"])
+    np.testing.assert_array_equal(ranged, matrices[4].numpy())
+
+    small = torch.tensor([[-128, -1, 0, 127], [5, 6, 7, 8]], dtype=torch.int8)
+    with Sink(tmp_path / "int8", format="parquet") as sink:
+        sink.put_batch([0, 1], small)
+    table = pq.read_table(tmp_path / "int8" / "shards")
+    assert table.schema.field("value").type == pa.list_(pa.int8(), 4)
+    for record in manifest(tmp_path / "int8"):
+        assert record["dtype"] == "int8"
+        # Parquet stores 8-bit integers widened to 32 bits: a ranged read returns them so
+        ranged = np.frombuffer(_ranged(tmp_path / "int8", record), "<i4")
+        np.testing.assert_array_equal(ranged, small[record["id"]].numpy())
+
+
+def test_bool_predictions_are_refused_by_parquet_at_put(tmp_path: Path) -> None:
+    with Sink(tmp_path, format="parquet") as sink:
+        with pytest.raises(PredictionError, match=r"stores numbers, got dtype torch.bool.*\.to\(torch.uint8\)"):
+            sink.put_batch(range(2), torch.ones(2, 3, dtype=torch.bool))
+        sink.put_batch(range(2), torch.ones(2, 3))  # the refused batch left the sink working
+    assert [r["id"] for r in manifest(tmp_path)] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("shard_bytes", "flush"),
+    [(2**20, False), (2**20, True), (64, False)],
+    ids=["in-one-shard", "after-a-flush", "after-shard-bytes"],
+)
+def test_parquet_refuses_predictions_of_mixed_shapes(tmp_path: Path, shard_bytes: int, flush: bool) -> None:
+    """Files of one output that disagree on the value column's type cannot be read together: refused, whether the
+    first prediction of the new shape goes into the open shard or opens the next one."""
+    refused = pytest.raises(WriteError, match=r"one shape and dtype.*\(3,\) float32, got \(4,\) float32")
+    with refused, Sink(tmp_path, format="parquet", shard_bytes=shard_bytes) as sink:
+        sink.put_batch(range(8), torch.ones(8, 3))  # 96 bytes: more than a shard of 64
+        if flush:
+            sink.flush()  # (records what was put: the open shard is complete)
+        sink.put_batch(range(8, 10), torch.ones(2, 4))
+    assert not (tmp_path / "_SUCCESS").exists()
+
+
+def test_parquet_ids_keep_one_type_across_shards(tmp_path: Path) -> None:
+    """An id column of int64 in one file and of strings in the next cannot be read together."""
+    refused = pytest.raises(WriteError, match=r"ids of one type.*numbers so far, got text ids such as 'scan-a'")
+    with refused, Sink(tmp_path / "numbers-first", format="parquet") as sink:
+        sink.put_batch(range(4), torch.ones(4, 3))
+        sink.flush()
+        sink.put_batch(["scan-a", "scan-b"], torch.ones(2, 3))
+    # text first: the numbers that follow are text too
+    with Sink(tmp_path / "text-first", format="parquet") as sink:
+        sink.put_batch(["scan-a", "scan-b"], torch.ones(2, 3))
+        sink.flush()
+        sink.put_batch(range(4), torch.ones(4, 3))
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(tmp_path / "text-first" / "shards", format="parquet").to_table()
+    assert sorted(table.column("id").to_pylist()) == ["0", "1", "2", "3", "scan-a", "scan-b"]
+
+
+def test_options_that_do_not_apply_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"shard_bytes applies to formats that pack.*'npy'"):
+        Sink(tmp_path, format="npy", shard_bytes=2**20)
+    with pytest.raises(ConfigurationError, match=r"format 'tar' names each prediction.*key='\{id:05d\}'"):
+        Sink(tmp_path, format="tar", key="{id:05d}")
+    with pytest.raises(ConfigurationError, match="shard_bytes must be a positive int"):
+        Sink(tmp_path, format="parquet", shard_bytes=0)
+
+
+@pytest.mark.parametrize(("fmt", "shard_bytes"), [("tar", 20_000), ("parquet", 5_000)])
+def test_shards_close_once_they_reach_shard_bytes(tmp_path: Path, fmt: str, shard_bytes: int) -> None:
+    batch = 7
+    with Sink(tmp_path, format=fmt, shard_bytes=shard_bytes, max_queue_bytes=1) as sink:
+        put_all(sink, 500, batch=batch)
+    records = manifest(tmp_path)
+    files = shard_files(tmp_path)
+    assert len(files) >= 3
+    if fmt == "tar":
+        member = 1024  # a 512-byte header and a 192-byte .npy padded to 512
+        batch_bytes, closing = batch * member, 1024  # (the end-of-archive marker)
+        sizes = [f.stat().st_size - closing for f in files]
+    else:  # a Parquet shard counts its values (ids and footer come on top)
+        batch_bytes = batch * WIDTH * 4
+        sizes = [sum(r["nbytes"] for r in records if r["path"] == f"shards/{f.name}") for f in files]
+    for size in sizes[:-1]:
+        assert shard_bytes <= size < shard_bytes + batch_bytes
+    assert 0 < sizes[-1] < shard_bytes + batch_bytes
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+
+def _shard_of(out: Path, identifier: int) -> tuple[dict[str, Any], list[int]]:
+    records = manifest(out)
+    record = next(r for r in records if r["id"] == identifier)
+    return record, [r["id"] for r in records if r["path"] == record["path"]]
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_verify_finds_a_flipped_byte_a_lost_shard_and_a_stray_one(tmp_path: Path, fmt: str) -> None:
+    base = tmp_path / "base"
+    with Sink(base, format=fmt, shard_bytes=8 * 2**10) as sink:
+        put_all(sink, 300, batch=16)
+    assert verify(str(base)).ok
+    record, siblings = _shard_of(base, 137)
+    assert len(siblings) < 300
+
+    flipped = shutil.copytree(base, tmp_path / "flipped")
+    with open(flipped / record["path"], "r+b") as f:
+        f.seek(record["offset"] + record["nbytes"] - 1)  # the last byte of its values
+        last = f.read(1)
+        f.seek(-1, io.SEEK_CUR)
+        f.write(bytes([last[0] ^ 0x10]))
+    problems = verify(str(flipped)).problems
+    assert [(p.kind, p.id, p.path) for p in problems] == [("checksum", "137", record["path"])]
+
+    lost = shutil.copytree(base, tmp_path / "lost")
+    (lost / record["path"]).unlink()
+    problems = verify(str(lost)).problems
+    assert {p.kind for p in problems} == {"missing"}
+    assert sorted(int(p.id or -1) for p in problems) == sorted(siblings)
+
+    stray = shutil.copytree(base, tmp_path / "stray")
+    copy = record["path"].replace("-000000.", "-009999.").replace("-000001.", "-009999.")
+    copy = copy if copy != record["path"] else record["path"][: -len(fmt) - 1] + "-copy." + fmt
+    shutil.copy(stray / record["path"], stray / copy)
+    problems = verify(str(stray)).problems
+    assert [(p.kind, p.path) for p in problems] == [("unlisted", copy)]
+
+
+def test_inspect_runs_on_a_shard_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with Sink(tmp_path, format="tar", shard_bytes=8 * 2**10) as sink:
+        put_all(sink, 50, batch=10)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tar" in out and "50" in out
+
+
+# ---------------------------------------------------------------------------------------------- resume, DDP, failure
+
+
+@pytest.mark.parametrize(("fmt", "member_bytes"), [("tar", 1024), ("parquet", 16)])
+def test_a_killed_run_resumes_at_shard_granularity(tmp_path: Path, fmt: str, member_bytes: int) -> None:
+    """A process that dies hard with shards complete, recorded or not, and one open: resume rewrites exactly the
+    predictions no manifest part records, and the output holds each id once."""
+    per_shard = 64
+    shard_bytes = per_shard * member_bytes  # a 2x2 float32: a 1 KiB tar member, a 16-byte Parquet row
+    # the sink records stored predictions in a manifest part every PART_RECORDS: the first 16 shards' are, the
+    # 17th shard is complete but unrecorded, the 18th open when the process dies
+    n = PART_RECORDS + per_shard + 12
+    run_killed(tmp_path, range(n), "--format", fmt, "--shard-bytes", str(shard_bytes), "--value", "2")
+    assert not (tmp_path / "_SUCCESS").exists()
+    complete = shard_files(tmp_path)
+    assert len(complete) == PART_RECORDS // per_shard + 1
+    todo = list(remaining(str(tmp_path), list(range(n))).indices)
+    assert todo == list(range(PART_RECORDS, n))
+
+    with Sink(tmp_path, format=fmt, mode="resume", shard_bytes=shard_bytes) as sink:
+        for start in range(0, n, 100):
+            ids = range(start, min(start + 100, n))
+            sink.put_batch(ids, torch.full((len(ids), 2, 2), 3.0))
+    assert sink.stats.skipped == PART_RECORDS
+    records = manifest(tmp_path)
+    assert sorted(r["id"] for r in records) == list(range(n))
+    files = sorted((tmp_path / "shards").iterdir())
+    assert {f"shards/{f.name}" for f in files} == {r["path"] for r in records}  # nothing else, no temporary
+    assert not set(complete[-1:]) & set(files)  # the unrecorded shard went: its predictions were written again
+    stored = read_shards(fmt, (f.read_bytes() for f in files))
+    assert sorted(stored) == list(range(n))
+    for identifier, value in stored.items():
+        assert np.all(value == (2.0 if identifier < PART_RECORDS else 3.0)), identifier
+    assert verify(str(tmp_path)).ok
+
+
+@pytest.mark.slow
+def test_two_ranks_write_their_own_tar_shards(tmp_path: Path) -> None:
+    from tests.test_distributed import expected, run_job
+
+    out, n = tmp_path / "out", 301
+    result = run_job(str(out), "--devices", "2", "--n", str(n), "--format", "tar", "--shard-bytes", "16384")
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = shard_files(out)
+    ranks = {f.name.rsplit("-", 2)[1] for f in files}
+    assert ranks == {"r00000", "r00001"}
+    assert len(files) >= 6  # several per rank
+    stored = read_shards("tar", (f.read_bytes() for f in files))
+    assert sorted(stored) == list(range(n))
+    reference = expected(n)
+    for identifier in (0, 1, 150, 299, 300):
+        np.testing.assert_allclose(stored[identifier], reference[identifier].numpy(), rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "_SUCCESS").read_text())["world_size"] == 2
+    assert verify(str(out)).ok
+
+
+def _fail_midway(url: str, **options: Any) -> None:
+    """64 members fill a shard: one shard is complete and another open (stored in part) when the error comes."""
+    sink = Sink(url, format="tar", shard_bytes=64 * 1024, max_queue_bytes=1, **options)
+    with pytest.raises(RuntimeError, match="the model blew up"), sink:
+        put_all(sink, 100, batch=8)  # each put waits for the one before: 96 predictions are in shards
+        raise RuntimeError("the model blew up")
+
+
+def test_a_failed_run_leaves_no_marker_and_no_open_shard(tmp_path: Path) -> None:
+    _fail_midway(str(tmp_path))
+    assert not (tmp_path / "_SUCCESS").exists()
+    [complete] = list((tmp_path / "shards").iterdir())  # the open shard's temporary was removed
+    assert len(list(tar_members(complete.read_bytes()))) == 64
+
+
+@pytest.mark.s3
+def test_a_failed_run_on_s3_leaves_no_open_shard(s3_server: S3Server, s3_bucket: str) -> None:
+    _fail_midway(f"s3://{s3_bucket}/failed", storage_options=s3_server.storage_options)
+    client = s3_server.client()
+    keys = [item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket, Prefix="failed/").get("Contents", [])]
+    assert "failed/_SUCCESS" not in keys
+    [complete] = [k for k in keys if k.startswith("failed/shards/")]
+    body = client.get_object(Bucket=s3_bucket, Key=complete)["Body"].read()
+    assert len(list(tar_members(body))) == 64
+    assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # none left behind, billed
