@@ -97,8 +97,13 @@ class ParquetFormat(ShardFormat):
         array: np.ndarray[Any, Any] = torch.stack(list(samples)).numpy()
         return np.ascontiguousarray(array)
 
-    def open_packer(self) -> Packer:
-        return _ParquetPacker(self.row_group_bytes)
+    def open_packer(self, previous: Packer | None = None) -> Packer:
+        packer = _ParquetPacker(self.row_group_bytes)
+        if isinstance(previous, _ParquetPacker):
+            # a rank's shards share one schema: readers read them together, and a dataset of files whose columns
+            # differ in type is refused (pyarrow, polars, DuckDB)
+            packer._kind, packer._numeric_ids = previous._kind, previous._numeric_ids
+        return packer
 
 
 class _Collector:
@@ -155,12 +160,13 @@ class _ParquetPacker(Packer):
             self._numeric_ids = all(map(is_numeric_id, ids))
         elif kind != self._kind:
             raise PredictionError(
-                f"format 'parquet' stores predictions of one shape and dtype per shard: this shard holds "
-                f"{self._kind[0]} {self._kind[1]}, got {kind[0]} {kind[1]}"
+                f"format 'parquet' stores predictions of one shape and dtype in all of a rank's shards (they are "
+                f"read together): they hold {self._kind[0]} {self._kind[1]}, got {kind[0]} {kind[1]}"
             )
         if self._numeric_ids and not all(map(is_numeric_id, ids)):
             raise PredictionError(
-                f"format 'parquet' stores ids of one type per shard: numbers so far, got text ids such as {ids[0]!r}"
+                f"format 'parquet' stores ids of one type in all of a rank's shards: numbers so far, got text ids "
+                f"such as {ids[0]!r}"
             )
         self._ids.extend(ids)
         self._values.append(encoded)

@@ -82,7 +82,7 @@ class TarFormat(ShardFormat):
             crcs.append(crc)
         return items, extensions, crcs
 
-    def open_packer(self) -> Packer:
+    def open_packer(self, previous: Packer | None = None) -> Packer:
         return _TarPacker()
 
 
