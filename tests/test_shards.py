@@ -171,6 +171,7 @@ def test_20000_predictions_to_s3_are_read_back_whole_and_one_by_one(bucket: Buck
         assert len(piece) == record["nbytes"]
         value = np.load(io.BytesIO(piece)) if fmt == "tar" else np.frombuffer(piece, record["dtype"])
         np.testing.assert_array_equal(value, values([identifier])[0])
+    assert verify(url, bucket.storage_options).ok  # the library's own check reads the shards by ranges too
 
 
 # ---------------------------------------------------------------------------------------------- readers as they are
@@ -259,6 +260,12 @@ def test_text_ids_give_a_string_id_column(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- edge cases
 
 
+def _ranged(out: Path, record: dict[str, Any]) -> bytes:
+    with open(out / record["path"], "rb") as f:
+        f.seek(record["offset"])
+        return f.read(record["nbytes"])
+
+
 def test_bfloat16_predictions_become_pt_members_that_torch_loads(tmp_path: Path) -> None:
     batch = torch.randn(5, 3).bfloat16()
     with Sink(tmp_path / "bf16", format="tar") as sink:
@@ -277,17 +284,13 @@ def test_bfloat16_predictions_become_pt_members_that_torch_loads(tmp_path: Path)
         loaded = torch.load(io.BytesIO(members[str(i)][1]))
         assert loaded.dtype == torch.bfloat16
         assert torch.equal(loaded, batch[i])
+    record = next(r for r in manifest(tmp_path / "bf16") if r["id"] == 3)
+    assert torch.equal(torch.load(io.BytesIO(_ranged(tmp_path / "bf16", record))), batch[3])  # one ranged read
     np.testing.assert_array_equal(np.load(io.BytesIO(members["6"][1])), np.ones(3, np.float32))
     [shard] = shard_files(tmp_path / "pt")
     for stem, extension, body in tar_members(shard.read_bytes()):
         assert extension == "pt"
         assert torch.equal(torch.load(io.BytesIO(body)), torch.ones(2, dtype=torch.float64)), stem
-
-
-def _ranged(out: Path, record: dict[str, Any]) -> bytes:
-    with open(out / record["path"], "rb") as f:
-        f.seek(record["offset"])
-        return f.read(record["nbytes"])
 
 
 def test_parquet_scalars_matrices_and_narrow_integers(tmp_path: Path) -> None:
@@ -325,11 +328,14 @@ def test_parquet_scalars_matrices_and_narrow_integers(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ranged, small[record["id"]].numpy())
 
 
-def test_bool_predictions_are_refused_by_parquet_at_put(tmp_path: Path) -> None:
+def test_what_parquet_cannot_hold_is_refused_at_put(tmp_path: Path) -> None:
+    """On the caller's thread, before anything is queued: the sink keeps working."""
     with Sink(tmp_path, format="parquet") as sink:
         with pytest.raises(PredictionError, match=r"stores numbers, got dtype torch.bool.*\.to\(torch.uint8\)"):
             sink.put_batch(range(2), torch.ones(2, 3, dtype=torch.bool))
-        sink.put_batch(range(2), torch.ones(2, 3))  # the refused batch left the sink working
+        with pytest.raises(PredictionError, match=r"at least one value, got shape \(3, 0\)"):
+            sink.put_batch(range(2), torch.ones(2, 3, 0))
+        sink.put_batch(range(2), torch.ones(2, 3))
     assert [r["id"] for r in manifest(tmp_path)] == [0, 1]
 
 
