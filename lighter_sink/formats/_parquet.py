@@ -82,6 +82,10 @@ class ParquetFormat(ShardFormat):
                 f"format 'parquet' stores numbers, got dtype {value.dtype}; cast the prediction (for example "
                 ".to(torch.uint8)) or use format='tar'"
             )
+        if value.numel() == 0:  # (a kind of sample: the sink checks one sample of each shape)
+            raise PredictionError(
+                f"format 'parquet' stores predictions of at least one value, got shape {tuple(value.shape)}"
+            )
 
     def prepare(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> np.ndarray[Any, Any]:
         if not samples:
@@ -90,10 +94,6 @@ class ParquetFormat(ShardFormat):
         if any(s.shape != first.shape or s.dtype != first.dtype for s in samples):
             kinds = sorted({f"{tuple(s.shape)} {s.dtype}" for s in samples})
             raise PredictionError(f"format 'parquet' stores predictions of one shape and dtype, got {', '.join(kinds)}")
-        if first.numel() == 0:
-            raise PredictionError(
-                f"format 'parquet' stores predictions of at least one value, got shape {tuple(first.shape)}"
-            )
         array: np.ndarray[Any, Any] = torch.stack(list(samples)).numpy()
         return np.ascontiguousarray(array)
 
