@@ -25,7 +25,7 @@ from lighter_sink._demo import DemoModel, SyntheticImages
 from lighter_sink._engine import PART_RECORDS
 from lighter_sink._verify import verify
 from lighter_sink.cli import main
-from lighter_sink.formats import TarFormat
+from lighter_sink.formats import ParquetFormat, TarFormat
 from tests._killed_run import run_killed
 from tests.conftest import S3Server, quiet_trainer
 
@@ -316,6 +316,16 @@ def test_parquet_scalars_matrices_and_narrow_integers(tmp_path: Path) -> None:
     ranged = np.frombuffer(_ranged(tmp_path / "matrices", record), record["dtype"]).reshape(record["shape"])
     np.testing.assert_array_equal(ranged, matrices[4].numpy())
 
+    # several row groups per shard: each one's values are where their records say
+    many = torch.arange(300 * 5, dtype=torch.float32).reshape(300, 5)
+    with Sink(tmp_path / "groups", format=ParquetFormat(row_group_bytes=1000), shard_bytes=3000) as sink:
+        for start in range(0, 300, 30):
+            sink.put_batch(range(start, start + 30), many[start : start + 30])
+    files = shard_files(tmp_path / "groups")
+    assert len(files) >= 3 and all(pq.ParquetFile(f).num_row_groups >= 2 for f in files[:-1])
+    for record in manifest(tmp_path / "groups"):
+        np.testing.assert_array_equal(np.frombuffer(_ranged(tmp_path / "groups", record), "<f4"), many[record["id"]])
+
     small = torch.tensor([[-128, -1, 0, 127], [5, 6, 7, 8]], dtype=torch.int8)
     with Sink(tmp_path / "int8", format="parquet") as sink:
         sink.put_batch([0, 1], small)
@@ -524,8 +534,11 @@ def test_a_failed_run_leaves_no_marker_and_no_open_shard(tmp_path: Path) -> None
 
 
 @pytest.mark.s3
-def test_a_failed_run_on_s3_leaves_no_open_shard(s3_server: S3Server, s3_bucket: str) -> None:
-    _fail_midway(f"s3://{s3_bucket}/failed", storage_options=s3_server.storage_options)
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_a_failed_run_on_s3_leaves_no_open_shard(s3_server: S3Server, s3_bucket: str, backend: str) -> None:
+    if backend == "obstore":
+        pytest.importorskip("obstore")
+    _fail_midway(f"s3://{s3_bucket}/failed", storage_options=s3_server.storage_options, backend=backend)
     client = s3_server.client()
     keys = [item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket, Prefix="failed/").get("Contents", [])]
     assert "failed/_SUCCESS" not in keys
