@@ -10,14 +10,21 @@ import shutil
 import tarfile
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
+import pandas
+import polars
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 import torch
+import webdataset
 from torch.utils.data import DataLoader
 
 from lighter_sink import ConfigurationError, PredictionError, PredictionSink, Sink, WriteError, remaining
@@ -28,9 +35,6 @@ from lighter_sink.cli import main
 from lighter_sink.formats import ParquetFormat, TarFormat
 from tests._killed_run import run_killed
 from tests.conftest import S3Server, quiet_trainer
-
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 
 WIDTH = 16
 
@@ -127,6 +131,7 @@ def bucket(request: pytest.FixtureRequest) -> Bucket:
         moto: S3Server = request.getfixturevalue("s3_server")
         return Bucket(request.getfixturevalue("s3_bucket"), moto.storage_options, moto.client())
     server = request.getfixturevalue("rclone")
+    name = server.url("").removeprefix("s3://").rstrip("/")  # the bucket the fixture made
     options = server.storage_options
     client = boto3.client(
         "s3",
@@ -137,7 +142,7 @@ def bucket(request: pytest.FixtureRequest) -> Bucket:
         # rclone answers a ranged GET with the whole object's checksum, which botocore would check the range against
         config=Config(response_checksum_validation="when_required"),
     )
-    return Bucket("bench", options, client)
+    return Bucket(name, options, client)
 
 
 # ---------------------------------------------------------------------------------------------- done means
@@ -178,7 +183,6 @@ def test_20000_predictions_to_s3_are_read_back_whole_and_one_by_one(bucket: Buck
 
 
 def test_webdataset_reads_every_sample_of_the_tar_shards(tmp_path: Path) -> None:
-    webdataset = pytest.importorskip("webdataset")
     n = 1000
     with Sink(tmp_path, format="tar", shard_bytes=64 * 2**10) as sink:
         put_all(sink, n, batch=64)
@@ -204,20 +208,16 @@ def test_pyarrow_pandas_polars_and_duckdb_read_the_parquet_shards(tmp_path: Path
     assert len(files) >= 3
     expected = values(range(n))
 
-    import pyarrow.dataset as ds
-
     table = ds.dataset(tmp_path / "shards", format="parquet").to_table().sort_by("id")
     assert table.column("id").to_pylist() == list(range(n))
     np.testing.assert_array_equal(table.column("value").combine_chunks().flatten().to_numpy().reshape(n, -1), expected)
     for file in files:  # the schema says what a prediction is
         assert json.loads(pq.read_schema(file).metadata[b"lighter_sink"]) == {"shape": [WIDTH], "dtype": "float32"}
 
-    pandas = pytest.importorskip("pandas")
     frame = pandas.read_parquet(tmp_path / "shards").sort_values("id")
     assert frame["id"].tolist() == list(range(n))
     np.testing.assert_array_equal(np.stack(frame["value"].to_list()), expected)
 
-    polars = pytest.importorskip("polars")
     pattern = str(tmp_path / "shards" / "*.parquet")
     frame = polars.read_parquet(pattern).sort("id")
     assert frame["id"].to_list() == list(range(n))
@@ -225,7 +225,6 @@ def test_pyarrow_pandas_polars_and_duckdb_read_the_parquet_shards(tmp_path: Path
     one = polars.scan_parquet(pattern).filter(polars.col("id") == 777).collect()
     assert one["value"].to_list() == [expected[777].tolist()]
 
-    duckdb = pytest.importorskip("duckdb")
     [(count, distinct, low, high, first)] = duckdb.sql(
         f"SELECT count(*), count(DISTINCT id), min(id), max(id), sum(value[1]) FROM '{pattern}'"
     ).fetchall()
@@ -378,8 +377,6 @@ def test_parquet_ids_keep_one_type_across_shards(tmp_path: Path) -> None:
         sink.put_batch(["scan-a", "scan-b"], torch.ones(2, 3))
         sink.flush()
         sink.put_batch(range(4), torch.ones(4, 3))
-    import pyarrow.dataset as ds
-
     table = ds.dataset(tmp_path / "text-first" / "shards", format="parquet").to_table()
     assert sorted(table.column("id").to_pylist()) == ["0", "1", "2", "3", "scan-a", "scan-b"]
 
@@ -519,19 +516,30 @@ def test_two_ranks_write_their_own_tar_shards(tmp_path: Path) -> None:
     assert verify(str(out)).ok
 
 
-def _fail_midway(url: str, **options: Any) -> None:
-    """64 members fill a shard: one shard is complete and another open (stored in part) when the error comes."""
-    sink = Sink(url, format="tar", shard_bytes=64 * 1024, max_queue_bytes=1, **options)
+def _fail_midway(url: str, inside: Callable[[], None] = lambda: None, **options: Any) -> None:
+    """Predictions of 64 KiB, 256 to a shard of 16 MiB: one shard is complete and 96 predictions (6 MiB, more than
+    a local output holds in memory or an S3 multipart upload's smallest part) are in the open one when the error
+    comes. ``inside`` looks at the storage just before."""
+    sink = Sink(url, format="tar", shard_bytes=16 * 2**20, max_queue_bytes=1, **options)
     with pytest.raises(RuntimeError, match="the model blew up"), sink:
-        put_all(sink, 100, batch=8)  # each put waits for the one before: 96 predictions are in shards
+        for start in range(0, 352, 8):  # each put waits for the one before: every batch but the last is stored
+            sink.put_batch(range(start, start + 8), torch.zeros(8, 2**14))
+        inside()
         raise RuntimeError("the model blew up")
 
 
+def _complete_shard(data: bytes) -> None:
+    assert sorted(int(stem) for stem, _, _ in tar_members(data)) == list(range(256))
+
+
 def test_a_failed_run_leaves_no_marker_and_no_open_shard(tmp_path: Path) -> None:
-    _fail_midway(str(tmp_path))
+    def inside() -> None:  # the open shard is being written, to a temporary
+        assert len(list((tmp_path / "shards").iterdir())) == 2
+
+    _fail_midway(str(tmp_path), inside)
     assert not (tmp_path / "_SUCCESS").exists()
     [complete] = list((tmp_path / "shards").iterdir())  # the open shard's temporary was removed
-    assert len(list(tar_members(complete.read_bytes()))) == 64
+    _complete_shard(complete.read_bytes())
 
 
 @pytest.mark.s3
@@ -544,6 +552,5 @@ def test_a_failed_run_on_s3_leaves_no_open_shard(s3_server: S3Server, s3_bucket:
     keys = [item["Key"] for item in client.list_objects_v2(Bucket=s3_bucket, Prefix="failed/").get("Contents", [])]
     assert "failed/_SUCCESS" not in keys
     [complete] = [k for k in keys if k.startswith("failed/shards/")]
-    body = client.get_object(Bucket=s3_bucket, Key=complete)["Body"].read()
-    assert len(list(tar_members(body))) == 64
+    _complete_shard(client.get_object(Bucket=s3_bucket, Key=complete)["Body"].read())
     assert not client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")  # none left behind, billed
