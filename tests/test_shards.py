@@ -408,7 +408,7 @@ def test_options_that_do_not_apply_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("fmt", "shard_bytes"), [("tar", 20_000), ("parquet", 5_000)])
 def test_shards_close_once_they_reach_shard_bytes(tmp_path: Path, fmt: str, shard_bytes: int) -> None:
     batch = 7
-    with Sink(tmp_path, format=fmt, shard_bytes=shard_bytes, max_queue_bytes=1) as sink:
+    with Sink(tmp_path, format=fmt, shard_bytes=shard_bytes) as sink:
         put_all(sink, 500, batch=batch)
     records = manifest(tmp_path)
     files = shard_files(tmp_path)
