@@ -83,11 +83,17 @@ def main() -> None:
     parser.add_argument("--skip-done", action="store_true", help="compute only what remaining() returns")
     parser.add_argument("--report", help="file where rank 0 writes its sink statistics as JSON")
     parser.add_argument("--format", default="npy", help="the sink's format (npy, zarr, csv, ...)")
+    parser.add_argument("--shard-bytes", type=int, help="for the formats that pack shards (tar, parquet)")
     parser.add_argument("--summarise", action="store_true", help="predict [mean, max] per image instead of images")
     args = parser.parse_args()
 
     sink = PredictionSink(
-        args.url, format=args.format, mode=args.mode, storage_options=_options(args), max_queue_bytes=64 * 2**10
+        args.url,
+        format=args.format,
+        mode=args.mode,
+        storage_options=_options(args),
+        max_queue_bytes=64 * 2**10,
+        shard_bytes=args.shard_bytes,
     )
     trainer = pl.Trainer(
         accelerator="cpu",

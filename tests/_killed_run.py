@@ -1,7 +1,7 @@
 """A plain-loop job run as a real process and killed hard (``os._exit``) by the commit tests.
 
 ``python tests/_killed_run.py URL --ids 0,1,2 --value 2.0 [--format npy] [--key T] [--mode M] [--num-samples N]
-[--flush]``
+[--shard-bytes B] [--flush]``
 puts one prediction per id (a 2x2 tensor filled with ``value``); with ``--flush`` it records them in a manifest
 part first. Then it dies without closing the sink: no commit, no clean-up, no atexit. ``max_queue_bytes=1``
 makes every put wait until the one before it is stored, so every id but the last is stored when it dies.
@@ -32,10 +32,17 @@ def main() -> None:
     parser.add_argument("--key", default="{id}")
     parser.add_argument("--mode", default="overwrite")
     parser.add_argument("--num-samples", type=int, help="for zarr")
+    parser.add_argument("--shard-bytes", type=int, help="for tar and parquet")
     parser.add_argument("--flush", action="store_true", help="record what was put before dying")
     args = parser.parse_args()
     sink = Sink(
-        args.url, format=args.format, key=args.key, mode=args.mode, num_samples=args.num_samples, max_queue_bytes=1
+        args.url,
+        format=args.format,
+        key=args.key,
+        mode=args.mode,
+        num_samples=args.num_samples,
+        shard_bytes=args.shard_bytes,
+        max_queue_bytes=1,
     ).open()
     for identifier in args.ids.split(","):
         sink.put(identifier, torch.full((2, 2), args.value))

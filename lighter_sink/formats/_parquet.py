@@ -82,11 +82,14 @@ class ParquetFormat(ShardFormat):
                 f"format 'parquet' stores numbers, got dtype {value.dtype}; cast the prediction (for example "
                 ".to(torch.uint8)) or use format='tar'"
             )
+        if value.numel() == 0:  # (a kind of sample: the sink checks one sample of each shape)
+            raise PredictionError(
+                f"format 'parquet' stores predictions of at least one value, got shape {tuple(value.shape)}"
+            )
 
     def prepare(self, ids: Sequence[str], samples: torch.Tensor | Sequence[torch.Tensor]) -> np.ndarray[Any, Any]:
         if isinstance(samples, torch.Tensor):
-            shape = tuple(samples.shape[1:])  # (rows are samples)
-            values = samples
+            values = samples  # (rows are samples)
         elif samples:
             shape = tuple(samples[0].shape)
             if any(tuple(s.shape) != shape or s.dtype != samples[0].dtype for s in samples):
@@ -95,12 +98,15 @@ class ParquetFormat(ShardFormat):
             values = torch.stack(list(samples))
         else:
             return np.empty((0,), dtype=np.float32)
-        if not math.prod(shape):
-            raise PredictionError(f"format 'parquet' stores predictions of at least one value, got shape {shape}")
         return np.ascontiguousarray(values.numpy())
 
-    def open_packer(self) -> Packer:
-        return _ParquetPacker(self.row_group_bytes)
+    def open_packer(self, previous: Packer | None = None) -> Packer:
+        packer = _ParquetPacker(self.row_group_bytes)
+        if isinstance(previous, _ParquetPacker):
+            # a rank's shards share one schema: readers read them together, and a dataset of files whose columns
+            # differ in type is refused (pyarrow, polars, DuckDB)
+            packer._kind, packer._numeric_ids = previous._kind, previous._numeric_ids
+        return packer
 
 
 class _Collector:
@@ -157,12 +163,13 @@ class _ParquetPacker(Packer):
             self._numeric_ids = all(map(is_numeric_id, ids))
         elif kind != self._kind:
             raise PredictionError(
-                f"format 'parquet' stores predictions of one shape and dtype per shard: this shard holds "
-                f"{self._kind[0]} {self._kind[1]}, got {kind[0]} {kind[1]}"
+                f"format 'parquet' stores predictions of one shape and dtype in all of a rank's shards (they are "
+                f"read together): they hold {self._kind[0]} {self._kind[1]}, got {kind[0]} {kind[1]}"
             )
         if self._numeric_ids and not all(map(is_numeric_id, ids)):
             raise PredictionError(
-                f"format 'parquet' stores ids of one type per shard: numbers so far, got text ids such as {ids[0]!r}"
+                f"format 'parquet' stores ids of one type in all of a rank's shards: numbers so far, got text ids "
+                f"such as {ids[0]!r}"
             )
         self._ids.extend(ids)
         self._values.append(encoded)

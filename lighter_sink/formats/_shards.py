@@ -104,7 +104,9 @@ class ShardFormat(Format):
         rows are the samples, or a list of samples."""
         raise NotImplementedError
 
-    def open_packer(self) -> Packer:
+    def open_packer(self, previous: Packer | None = None) -> Packer:
+        """The packer of a rank's next shard; ``previous`` packed the shard before it (what the rank's shards must
+        agree on, such as a Parquet schema, comes from it)."""
         raise NotImplementedError
 
     def open_writer(self, context: WriterContext) -> FormatWriter:
@@ -152,6 +154,7 @@ class ShardWriter(FormatWriter):
         if self._shard_bytes < 1:
             raise ConfigurationError(f"shard_bytes must be a positive int, got {self._shard_bytes!r}")
         self._open: _Shard | None = None
+        self._packer: Packer | None = None  # the last shard's: the next one's comes from it
         self._seq = 0
         self._lock = anyio.Lock()
         self._closing: set[_Shard] = set()  # full shards being finished while the next one fills
@@ -167,7 +170,8 @@ class ShardWriter(FormatWriter):
             if shard is None:
                 key = f"{self._prefix}{self._seq:06d}{self._format.shard_extension}"
                 self._seq += 1
-                shard = self._open = _Shard(key, self._store.open_output(key), self._format.open_packer())
+                self._packer = self._format.open_packer(self._packer)
+                shard = self._open = _Shard(key, self._store.open_output(key), self._packer)
             try:
                 for piece in await anyio.to_thread.run_sync(shard.packer.add, ids, encoded):
                     await shard.output.write(piece)

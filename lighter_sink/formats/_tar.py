@@ -82,7 +82,7 @@ class TarFormat(ShardFormat):
             extensions = [_NPY.extension] * len(items)
         return items, extensions, _crcs(items)
 
-    def open_packer(self) -> Packer:
+    def open_packer(self, previous: Packer | None = None) -> Packer:
         return _TarPacker()
 
 
