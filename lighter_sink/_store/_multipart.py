@@ -419,17 +419,24 @@ class ObstoreOutput:
 async def abort_s3_uploads(fs: Any, root: str, retrying: Retrying, keep: MutableSet[str]) -> int:
     """Abort the multipart uploads under ``root`` (``bucket/prefix``) but those in ``keep``; return how many.
 
-    What a killed run left: parts S3 stores and bills until the upload is aborted, and never shows.
+    What a killed run left: parts S3 stores and bills until the upload is aborted, and never shows. Best effort:
+    they are never read, so a store that cannot list them (rclone answers ``NoSuchUpload`` when there is none, a
+    policy may not grant ``s3:ListBucketMultipartUploads``) leaves them to the bucket's lifecycle rule rather than
+    failing the run.
     """
     bucket, prefix, _ = fs.split_path(root)
     prefix = f"{prefix.rstrip('/')}/" if prefix else ""
     markers: dict[str, str] = {}
     found: list[tuple[str, str]] = []
     while True:
-        page = await retrying(
-            "listing incomplete uploads",
-            functools.partial(fs._call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers),
-        )
+        try:
+            page = await retrying(
+                "listing incomplete uploads",
+                functools.partial(fs._call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers),
+            )
+        except OSError as exc:
+            logger.info("cannot list the incomplete uploads under s3://%s/%s (%r); leaving them", bucket, prefix, exc)
+            break
         found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", []) if u["UploadId"] not in keep]
         if not page.get("IsTruncated"):
             break

@@ -35,6 +35,9 @@ def s3_options(options: dict[str, Any], concurrency: int, retry: RetryPolicy, up
     # botocore checksums every PUT body (CRC32) by default, a CPU cost per byte on the event loop's thread. The
     # sink's own objects come with their CRC-32 and skip it; the rest (parts, manifest, marker) are small.
     config.setdefault("request_checksum_calculation", "when_supported" if upload_checksums else "when_required")
+    # What the sink reads back it checks against its own records (the manifest's CRC-32), and servers such as rclone
+    # and Ceph answer a ranged GET with the whole object's checksum, which botocore would compare with the range.
+    config.setdefault("response_checksum_validation", "when_required")
     if upload_checksums and _is_https(options):
         # botocore skips hashing a body for the signature over TLS only when it computed the checksum header
         # itself; for a header the caller provides it would SHA-256 every body on the loop. Over TLS the signed
