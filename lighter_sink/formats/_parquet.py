@@ -26,7 +26,7 @@ import torch
 
 from lighter_sink._checksum import crc32
 from lighter_sink._errors import ConfigurationError, MissingDependencyError, PredictionError
-from lighter_sink._types import Buffer, is_numeric_id
+from lighter_sink._types import Buffer, Record, is_numeric_id
 from lighter_sink.formats._base import require_numpy_dtype
 from lighter_sink.formats._shards import Member, Packer, ShardFormat
 
@@ -99,6 +99,21 @@ class ParquetFormat(ShardFormat):
         else:
             return np.empty((0,), dtype=np.float32)
         return np.ascontiguousarray(values.numpy())
+
+    def check_records(self, records: Sequence[Record]) -> None:
+        kinds = {(tuple(r.shape), r.dtype) for r in records}
+        if len(kinds) > 1:
+            shown = ", ".join(f"{list(shape)} {dtype}" for shape, dtype in sorted(kinds)[:4])
+            raise PredictionError(
+                f"format 'parquet': the ranks' shards hold predictions of {len(kinds)} shapes and dtypes ({shown}); "
+                "readers cannot read such shards as one dataset, so the output is not committed"
+            )
+        numeric = {is_numeric_id(r.id) for r in records}
+        if len(numeric) > 1:
+            raise PredictionError(
+                "format 'parquet': the ranks' shards hold both number ids (an int64 column) and text ids (a string "
+                "column); readers cannot read such shards as one dataset, so the output is not committed"
+            )
 
     def open_packer(self, previous: Packer | None = None) -> Packer:
         packer = _ParquetPacker(self.row_group_bytes)

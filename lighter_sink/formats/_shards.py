@@ -109,6 +109,10 @@ class ShardFormat(Format):
         agree on, such as a Parquet schema, comes from it)."""
         raise NotImplementedError
 
+    def check_records(self, records: Sequence[Record]) -> None:
+        """At commit, on rank 0: raise when the shards of every rank (and of the run a resume continued) cannot be
+        read together, so that no ``_SUCCESS`` vouches for them. Tar shards always can."""
+
     def open_writer(self, context: WriterContext) -> FormatWriter:
         return ShardWriter(self, context)
 
@@ -210,6 +214,7 @@ class ShardWriter(FormatWriter):
     async def commit(self, records: Mapping[str, Record]) -> None:
         """Remove the shards no record lists: a killed run's, stored whole but never recorded (their predictions
         were written again), so that the output holds exactly what its manifest lists."""
+        self._format.check_records(list(records.values()))
         listed = {record.path for record in records.values()}
         stale = [key for key in await self._store.list(SHARDS_DIR) if key not in listed]
         await self._store.delete(stale)
