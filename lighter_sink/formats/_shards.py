@@ -148,8 +148,6 @@ class _Shard:
 class ShardWriter(FormatWriter):
     """One rank's shards: one open at a time, filled by every worker in turn, closed at ``shard_bytes``."""
 
-    takes_batches = True
-
     def __init__(self, fmt: ShardFormat, context: WriterContext) -> None:
         self._format = fmt
         self._store = context.store
