@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from lighter_sink import Sink
-from lighter_sink._verify import inspect_output, verify
+from lighter_sink._inspect import inspect_output
+from lighter_sink._verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES, BATCH = 64, 32
