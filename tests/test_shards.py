@@ -9,7 +9,6 @@ import json
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,18 +52,6 @@ class Bucket:
     def get(self, key: str, **kwargs: Any) -> bytes:
         body: bytes = self.client.get_object(Bucket=self.name, Key=key, **kwargs)["Body"].read()
         return body
-
-
-@pytest.fixture(scope="module")
-def rclone() -> Iterator[Any]:
-    """``rclone serve s3`` over a temporary directory (benchmarks/_servers.py), for this module's tests."""
-    servers = pytest.importorskip("benchmarks._servers")
-    try:
-        servers.rclone_binary()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    with servers.rclone_server() as server:
-        yield server
 
 
 @pytest.fixture(params=["moto", "rclone"])

@@ -76,29 +76,20 @@ def moto(s3_server: S3Server) -> tuple[str, str, str, Any, str]:
 
 
 @pytest.fixture(scope="module")
-def rclone() -> Iterator[tuple[str, str, str, Any, str]]:
-    """``rclone serve s3`` over a temporary directory (the benchmarks' server), for this module."""
-    servers = pytest.importorskip("benchmarks._servers")
-    try:
-        servers.rclone_binary()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    with servers.rclone_server() as server:
-        key, secret = server.storage_options["key"], server.storage_options["secret"]
-        client = boto3.client(
-            "s3",
-            endpoint_url=server.endpoint,
-            region_name="us-east-1",
-            aws_access_key_id=key,
-            aws_secret_access_key=secret,
-        )
-        yield server.endpoint, key, secret, client, servers.BUCKET
+def rclone_s3(rclone: Any) -> tuple[str, str, str, Any, str]:
+    """rclone's S3 server (the conftest fixture) as this module's tests address it, with a boto3 client."""
+    key, secret = rclone.storage_options["key"], rclone.storage_options["secret"]
+    client = boto3.client(
+        "s3", endpoint_url=rclone.endpoint, region_name="us-east-1", aws_access_key_id=key, aws_secret_access_key=secret
+    )
+    return rclone.endpoint, key, secret, client, rclone.url("").removeprefix("s3://").rstrip("/")
 
 
 @pytest.fixture(params=["s3fs-moto", "s3fs-rclone", "obstore-moto"])
 def target(request: pytest.FixtureRequest) -> Iterator[S3Target]:
     backend, server = request.param.split("-")
-    upstream, key, secret, client, bucket = request.getfixturevalue(server)  # (each test writes under a prefix)
+    fixture = "rclone_s3" if server == "rclone" else server
+    upstream, key, secret, client, bucket = request.getfixturevalue(fixture)  # (each test writes under a prefix)
     with FaultProxy(upstream, seed=16) as proxy:
         options = {"endpoint_url": proxy.endpoint, "key": key, "secret": secret}
         yield S3Target(
