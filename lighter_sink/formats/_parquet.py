@@ -108,12 +108,6 @@ class ParquetFormat(ShardFormat):
                 f"format 'parquet': the ranks' shards hold predictions of {len(kinds)} shapes and dtypes ({shown}); "
                 "readers cannot read such shards as one dataset, so the output is not committed"
             )
-        numeric = {is_numeric_id(r.id) for r in records}
-        if len(numeric) > 1:
-            raise PredictionError(
-                "format 'parquet': the ranks' shards hold both number ids (an int64 column) and text ids (a string "
-                "column); readers cannot read such shards as one dataset, so the output is not committed"
-            )
 
     def open_packer(self, previous: Packer | None = None) -> Packer:
         packer = _ParquetPacker(self.row_group_bytes)
