@@ -41,3 +41,28 @@ def test_tar_members_are_named_by_id_and_read_back_by_tarfile(tmp_path: Path) ->
     for line in (url / "_manifest.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert data[record["offset"] : record["offset"] + record["nbytes"]] == members[f"{record['id']}.npy"]
+
+
+def test_members_small_and_large_and_of_odd_sizes_read_back_whole(tmp_path: Path) -> None:
+    """Small members are copied into the shard's buffers, large ones passed on as views: both read back exactly."""
+    url = tmp_path / "out"
+    values = {
+        "tiny": torch.arange(3, dtype=torch.uint8),  # a member far below a tar block
+        "odd": torch.arange(70_001, dtype=torch.uint8),  # over the copy threshold, not a multiple of 512
+        "large": torch.randn(2**18 + 3),  # about 1 MiB
+        "after": torch.arange(5, dtype=torch.int16),
+    }
+    with Sink(str(url), format="tar", concurrency=1) as sink:
+        for name, value in values.items():
+            sink.put(name, value)
+        sink.put_batch(["b0", "b1"], torch.randn(2, 40_000))  # rows of a batch as views, 160 kB each
+    (shard,) = (url / "shards").iterdir()
+    data = shard.read_bytes()
+    with tarfile.open(shard) as archive:
+        members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}  # type: ignore[union-attr]
+    assert sorted(members) == sorted(f"{name}.npy" for name in [*values, "b0", "b1"])
+    for name, value in values.items():
+        assert np.array_equal(np.load(io.BytesIO(members[f"{name}.npy"])), value.numpy())
+    for line in (url / "_manifest.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert data[record["offset"] : record["offset"] + record["nbytes"]] == members[f"{record['id']}.npy"]

@@ -30,6 +30,8 @@ from lighter_sink.formats._torch import TorchFormat
 __all__ = ["TarFormat"]
 
 _BLOCK = tarfile.BLOCKSIZE
+_ZEROS = bytes(_BLOCK)
+_COPY_BELOW = 64 * 2**10  # members smaller than this are copied into the shard's buffers
 _NPY = NpyFormat()
 _PT = TorchFormat()
 
@@ -135,18 +137,28 @@ class _TarPacker(Packer):
 
     def add(self, ids: Sequence[str], encoded: _Prepared) -> list[Buffer]:
         items, extensions, crcs = encoded
+        # Small members are copied into one buffer (a store write costs more than copying a few KiB); large ones
+        # are passed on as views of the prediction's memory, between buffers of headers.
         out: list[Buffer] = []
+        small = bytearray()
         position = self.size
         for identifier, item, extension, crc in zip(ids, items, extensions, crcs, strict=True):
             header = _header(identifier + extension, item.nbytes, self._mtime)
-            out.append(header)
+            small += header
             position += len(header)
             self.members.append(Member(identifier, position, item.nbytes, crc, item.shape, item.dtype))
-            out.extend(item.buffers)
+            if item.nbytes < _COPY_BELOW:
+                for buffer in item.buffers:
+                    small += buffer
+            else:
+                out.append(small)
+                out.extend(item.buffers)
+                small = bytearray()
             padding = -item.nbytes % _BLOCK
-            if padding:
-                out.append(bytes(padding))
+            small += _ZEROS[:padding]
             position += item.nbytes + padding
+        if small:
+            out.append(small)
         self.size = position
         return out
 
