@@ -20,6 +20,7 @@ import anyio
 import anyio.to_thread
 
 from lighter_sink._errors import ConfigurationError, SinkStateError
+from lighter_sink._store._deadline import bounded
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, Output
 
@@ -169,10 +170,10 @@ class Store(ABC):
             try:
                 if timeout is None:
                     return await call()
-                # asyncio's own timeout, not anyio.fail_after: a cancel scope per object cost about an eighth
-                # of the event loop's time on small objects (the sink's loop is asyncio by design).
-                async with asyncio.timeout(timeout):
-                    return await call()
+                # Not anyio.fail_after (a cancel scope per object cost about an eighth of the event loop's time
+                # on small objects), nor asyncio.timeout (a timer armed and cancelled per object, a fifth): one
+                # lazily re-armed timer per task (the sink's loop is asyncio by design).
+                return await bounded(call, timeout)
             except Exception as exc:
                 error = exc
                 if type(exc) is TimeoutError and not exc.args:  # asyncio's own, which says nothing
