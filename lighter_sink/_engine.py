@@ -10,6 +10,7 @@ manifest part every :data:`PART_RECORDS` records and at flush; what failed fails
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -55,6 +56,51 @@ class _Upload:
     errors: list[BaseException | None]
     left: int
     retries: int = 0  # the store's retry count when the group was handed to it
+
+
+class _Jobs:
+    """The objects an encoder hands to the uploaders: a deque they drain, waiting only when it is empty.
+
+    An ``asyncio.Queue(1)`` cost two futures and two wake-ups per object (a fifth of the loop's time per small
+    object); here an encoder hands over a whole group at once and waits until the uploaders took every object of
+    it (so encoders stay one group ahead, as before one object), and an uploader waits only when nothing is left.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[_Upload, int] | None] = deque()
+        self._takers: deque[asyncio.Future[None]] = deque()  # uploaders waiting for an object
+        self._taken = asyncio.Event()  # set whenever the deque is empty
+        self._taken.set()
+
+    async def put_all(self, jobs: list[tuple[_Upload, int] | None]) -> None:
+        """Hand over ``jobs``; return once every one of them was taken."""
+        if not jobs:
+            return
+        self._items.extend(jobs)
+        self._taken.clear()
+        for _ in range(min(len(jobs), len(self._takers))):
+            waiter = self._takers.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        await self._taken.wait()
+
+    async def get(self) -> tuple[_Upload, int] | None:
+        items = self._items
+        while not items:
+            waiter = asyncio.get_running_loop().create_future()
+            self._takers.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                with contextlib.suppress(ValueError):
+                    self._takers.remove(waiter)
+                if waiter.done() and not waiter.cancelled() and items and self._takers:
+                    self._takers.popleft().set_result(None)  # (woken, then cancelled: the object goes to another)
+                raise
+        job = items.popleft()
+        if not items:
+            self._taken.set()
+        return job
 
 
 class Engine:
@@ -104,18 +150,16 @@ class Engine:
                 store = self.store
                 if self.writer is None and store is not None and not store.supports_write_many:
                     # Object stores: a few workers encode groups off the loop and hand each object to a fixed pool
-                    # of `concurrency` uploaders (no task, no queueing under a timeout per object). An asyncio
-                    # queue, not an anyio stream: the loop is asyncio by design, and anyio's checkpoints and events
-                    # (each looking up the running library) were a quarter of the loop's time on tiny objects.
-                    # Bounded to one: encoders run at most one object ahead.
-                    uploads: asyncio.Queue[tuple[_Upload, int] | None] = asyncio.Queue(1)
+                    # of `concurrency` uploaders (no task, no queueing under a timeout per object). Plain asyncio,
+                    # not an anyio stream: the loop is asyncio by design, and anyio's checkpoints and events (each
+                    # looking up the running library) were a quarter of the loop's time on tiny objects.
+                    uploads = _Jobs()
                     for _ in range(self.concurrency):
                         tg.start_soon(self._uploader, store, uploads)
                     async with anyio.create_task_group() as encoders:
                         for _ in range(min(self.concurrency, _ENCODERS)):
                             encoders.start_soon(self._worker, receive.clone(), uploads)
-                    for _ in range(self.concurrency):
-                        await uploads.put(None)  # every group was handed over: the uploaders finish
+                    await uploads.put_all([None] * self.concurrency)  # every group was handed over: they finish
                 else:
                     for _ in range(self.concurrency):
                         tg.start_soon(self._worker, receive.clone(), None)
@@ -144,7 +188,7 @@ class Engine:
     async def _worker(
         self,
         receive: MemoryObjectReceiveStream[list[Batch]],
-        uploads: asyncio.Queue[tuple[_Upload, int] | None] | None,
+        uploads: _Jobs | None,
     ) -> None:
         handoff = self.handoff
         async with receive:
@@ -163,8 +207,7 @@ class Engine:
                             upload = _Upload(group, encoded, [None] * len(encoded), len(encoded))
                             upload.retries = _retries(self.store)
                             handed_over = bool(encoded)  # from here on, the upload of its last object releases it
-                            for index in range(len(encoded)):
-                                await uploads.put((upload, index))
+                            await uploads.put_all([(upload, index) for index in range(len(encoded))])
                 except Exception as exc:
                     handoff.fail(exc, [i for b in group for i in b.ids])
                 finally:
@@ -172,7 +215,7 @@ class Engine:
                         for batch in group:
                             handoff.release(batch.host.nbytes, batch.host.pooled if stored else None)
 
-    async def _uploader(self, store: Store, uploads: asyncio.Queue[tuple[_Upload, int] | None]) -> None:
+    async def _uploader(self, store: Store, uploads: _Jobs) -> None:
         while (job := await uploads.get()) is not None:
             upload, index = job
             path, record, buffers = upload.encoded[index]
