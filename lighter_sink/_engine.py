@@ -41,6 +41,9 @@ _ENCODERS = 2
 PART_RECORDS = 1024
 _LATENCY_SAMPLES = 4096
 _GIL_FREE_COPY = 64 * 2**10
+# Workers of a store that writes groups in its own threads, beyond its threads: one can settle its group on the
+# loop while the others keep every thread busy.
+_SPARE_WORKERS = 1
 
 _Encoded = tuple[str, Record, tuple[Buffer, ...]]
 # Objects of a group left unwritten because an earlier write failed: neither stored nor counted as failures.
@@ -161,7 +164,12 @@ class Engine:
                             encoders.start_soon(self._worker, receive.clone(), uploads)
                     await uploads.put_all([None] * self.concurrency)  # every group was handed over: they finish
                 else:
-                    for _ in range(self.concurrency):
+                    workers = self.concurrency
+                    if self.writer is None and store is not None and store.limiter is not None:
+                        # Each group is written in one thread call: workers beyond the store's threads would only
+                        # hold small groups waiting for a thread, which the busy ones could have taken together.
+                        workers = min(workers, int(store.limiter.total_tokens) + _SPARE_WORKERS)
+                    for _ in range(workers):
                         tg.start_soon(self._worker, receive.clone(), None)
         finally:
             self.handoff.drop_all()  # cancelled (abort): what was queued will never be written
@@ -192,7 +200,8 @@ class Engine:
     ) -> None:
         handoff = self.handoff
         async with receive:
-            async for group in receive:
+            async for first in receive:
+                group = _gathered(receive, first)
                 handed_over = stored = False
                 try:
                     if handoff.error is None:
@@ -212,8 +221,7 @@ class Engine:
                     handoff.fail(exc, [i for b in group for i in b.ids])
                 finally:
                     if not handed_over:
-                        for batch in group:
-                            handoff.release(batch.host.nbytes, batch.host.pooled if stored else None)
+                        _release(handoff, group, stored)
 
     async def _uploader(self, store: Store, uploads: _Jobs) -> None:
         while (job := await uploads.get()) is not None:
@@ -241,8 +249,7 @@ class Engine:
         except Exception as exc:
             self.handoff.fail(exc, [i for b in upload.group for i in b.ids])
         finally:
-            for batch in upload.group:
-                self.handoff.release(batch.host.nbytes, batch.host.pooled if stored else None)
+            _release(self.handoff, upload.group, stored)
 
     async def _settle(self, encoded: Sequence[_Encoded], errors: Sequence[BaseException | None]) -> None:
         stored = [record for (_, record, _), error in zip(encoded, errors, strict=True) if error is None]
@@ -305,12 +312,8 @@ class Engine:
 
         def encode_and_write() -> list[BaseException | None]:
             encoded.extend(self._encode(group))
-            errors: list[BaseException | None] = []
-            for path, _, buffers in encoded:  # one object at a time, so that each write is timed on its own
-                started = time.perf_counter()
-                errors += store.write_many([(path, buffers)], since)
-                latencies.append(time.perf_counter() - started)
-            return errors
+            # (one call for the group; the store times each object's write on its own)
+            return store.write_many([(path, buffers) for path, _, buffers in encoded], since, latencies.append)
 
         try:  # bounded: a write stuck in the kernel (a dead mount) fails the group, retried as a timeout
             errors = await store.run_bounded(encode_and_write, f"writing {len(group)} batches of predictions")
@@ -349,6 +352,28 @@ class Engine:
 
 def _retries(store: Store | None) -> int:
     return store.retries if store is not None else -1
+
+
+def _gathered(receive: MemoryObjectReceiveStream[list[Batch]], group: list[Batch]) -> list[Batch]:
+    """``group`` and the groups queued behind it, up to about the group bounds: a worker that was busy takes the
+    backlog in one thread call (the loop handed each wake-up's batches over as they came, in small groups)."""
+    items = sum(len(batch.ids) for batch in group)
+    size = sum(batch.host.nbytes for batch in group)
+    while items < _GROUP_ITEMS and size < _GROUP_BYTES:
+        try:
+            more = receive.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            break
+        group = [*group, *more]
+        items += sum(len(batch.ids) for batch in more)
+        size += sum(batch.host.nbytes for batch in more)
+    return group
+
+
+def _release(handoff: Handoff, group: Sequence[Batch], stored: bool) -> None:
+    """Free a group's place in the queue in one call (one lock, one wake-up), recycling its buffers if ``stored``."""
+    pooled = [buffer for batch in group if batch.host.pooled for buffer in batch.host.pooled] if stored else []
+    handoff.release(sum(batch.host.nbytes for batch in group), pooled or None, len(group))
 
 
 def _joined(buffers: Sequence[Buffer], nbytes: int) -> Buffer:

@@ -207,12 +207,13 @@ class Handoff:
             self._stopping = reason
             self.cond.notify_all()
 
-    def release(self, nbytes: int, recycle: list[np.ndarray] | None = None) -> None:
-        """Free a batch's place in the queue. ``recycle``: its staging buffers, given only once every object made
-        from them was stored at the first attempt (a write that failed or timed out may still read them)."""
+    def release(self, nbytes: int, recycle: list[np.ndarray] | None = None, batches: int = 1) -> None:
+        """Free the place of ``batches`` batches (``nbytes`` in all) in the queue, at once. ``recycle``: their
+        staging buffers, given only once every object made from them was stored at the first attempt (a write
+        that failed or timed out may still read them)."""
         with self.cond:
             self.held_bytes -= nbytes
-            self.pending -= 1
+            self.pending -= batches
             if recycle is not None:  # (pooled and queued bytes together stay within max_queue_bytes)
                 self.pool.give_back(recycle, self.max_queue_bytes - self.held_bytes)
             self.cond.notify_all()

@@ -122,12 +122,15 @@ class Store(ABC):
             raise SinkStateError(f"{key} was not written to {self.url}: the sink was aborted")
 
     def write_many(
-        self, items: Sequence[tuple[str, Sequence[Buffer]]], since: int | None = None
+        self,
+        items: Sequence[tuple[str, Sequence[Buffer]]],
+        since: int | None = None,
+        timed: Callable[[float], None] | None = None,
     ) -> list[BaseException | None]:
         """Write ``items`` from the calling (worker) thread; return each one's error (``None`` when stored).
 
         Only where ``supports_write_many`` says so. ``since`` is the :attr:`fence_epoch` taken when the caller's
-        work began (default: when this call began).
+        work began (default: when this call began). ``timed`` is called with each object's seconds, stored or not.
 
         Raises:
             NotImplementedError: the store has no synchronous batch write; use :meth:`put_many`.
