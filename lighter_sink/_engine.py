@@ -128,6 +128,7 @@ class Engine:
         self._part_seq = 0
         self._part_lock: anyio.Lock | None = None  # made on the loop, at the first part
         self._send: MemoryObjectSendStream[list[Batch]] | None = None
+        self._input_closed = False
 
     def streams(self) -> MemoryObjectReceiveStream[list[Batch]]:
         """The loop's end of the hand-off (unbounded: the caller's side bounds it in bytes)."""
@@ -137,6 +138,7 @@ class Engine:
 
     def close_input(self) -> None:
         """No more groups: the workers finish what they have and end."""
+        self._input_closed = True
         if self._send is not None:
             self._send.close()
 
@@ -175,7 +177,10 @@ class Engine:
             self.handoff.drop_all()  # cancelled (abort): what was queued will never be written
 
     def hand_over(self) -> None:
-        """On the loop, woken by the waker: split the outbox into groups for the workers."""
+        """On the loop (woken by the waker, or from a worker done with a group): the outbox, in groups, to the
+        workers."""
+        if self._input_closed:
+            return  # (aborted: what is left is dropped with the workers)
         batches = self.handoff.take()
         assert self._send is not None
         # Groups bounded in items and bytes: small predictions share thread hops, big ones spread over workers.
@@ -200,7 +205,19 @@ class Engine:
     ) -> None:
         handoff = self.handoff
         async with receive:
-            async for first in receive:
+            while True:
+                self.hand_over()  # what was put since: the loop is woken for batches only while a worker waits
+                try:
+                    first = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    if not handoff.want():
+                        continue  # put meanwhile
+                    try:
+                        first = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                except anyio.EndOfStream:
+                    return
                 group = _gathered(receive, first)
                 handed_over = stored = False
                 try:

@@ -87,6 +87,10 @@ class Handoff:
         # only append here, so one loop wake-up carries many batches and put never waits for the loop.
         self._outbox: list[Batch] = []
         self._hand_over_scheduled = False
+        # Whether a worker waits for batches. Only then does a put wake the loop: a busy worker takes the outbox
+        # itself once done, so that a stream of single puts does not wake two threads (the waker, the loop) for
+        # every batch or two, each wake-up a trip of the interpreter lock between threads.
+        self._wanted = False
         self._wakes: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._waker: threading.Thread | None = None
 
@@ -163,7 +167,7 @@ class Handoff:
             self.batches += 1
             self.high_water = max(self.high_water, self.held_bytes)
             self._outbox.append(batch)
-            if self._hand_over_scheduled:
+            if self._hand_over_scheduled or not self._wanted:
                 return
             self._hand_over_scheduled = True
         # The waker thread wakes the loop: the caller's thread never gives up the GIL here. Waking the loop
@@ -172,11 +176,22 @@ class Handoff:
         self._wakes.put(True)
 
     def take(self) -> list[Batch]:
-        """On the loop: every batch handed over so far (the next put schedules a new hand-over)."""
+        """On the loop: every batch handed over so far (the next put schedules a new hand-over if a worker waits)."""
         with self.cond:
             batches, self._outbox = self._outbox, []
             self._hand_over_scheduled = False
+            if batches:  # (a worker gets them: the one that waited, or the one that took them)
+                self._wanted = False
         return batches
+
+    def want(self) -> bool:
+        """On the loop, from a worker about to wait for batches: whether it may (nothing is in the outbox); from
+        now on a put wakes the loop."""
+        with self.cond:
+            if self._outbox:
+                return False
+            self._wanted = True
+            return True
 
     def start_waker(self, loop: asyncio.AbstractEventLoop, hand_over: Callable[[], None]) -> None:
         """Start the waker thread: one ``hand_over`` call on ``loop`` per hand-over that :meth:`submit` scheduled."""
