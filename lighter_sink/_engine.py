@@ -10,6 +10,7 @@ manifest part every :data:`PART_RECORDS` records and at flush; what failed fails
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -40,6 +41,9 @@ _ENCODERS = 2
 PART_RECORDS = 1024
 _LATENCY_SAMPLES = 4096
 _GIL_FREE_COPY = 64 * 2**10
+# Workers of a store that writes groups in its own threads, beyond its threads: one can settle its group on the
+# loop while the others keep every thread busy.
+_SPARE_WORKERS = 1
 
 _Encoded = tuple[str, Record, tuple[Buffer, ...]]
 # Objects of a group left unwritten because an earlier write failed: neither stored nor counted as failures.
@@ -55,6 +59,51 @@ class _Upload:
     errors: list[BaseException | None]
     left: int
     retries: int = 0  # the store's retry count when the group was handed to it
+
+
+class _Jobs:
+    """The objects an encoder hands to the uploaders: a deque they drain, waiting only when it is empty.
+
+    An ``asyncio.Queue(1)`` cost two futures and two wake-ups per object (a fifth of the loop's time per small
+    object); here an encoder hands over a whole group at once and waits until the uploaders took every object of
+    it (so encoders stay one group ahead, as before one object), and an uploader waits only when nothing is left.
+    """
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[_Upload, int] | None] = deque()
+        self._takers: deque[asyncio.Future[None]] = deque()  # uploaders waiting for an object
+        self._taken = asyncio.Event()  # set whenever the deque is empty
+        self._taken.set()
+
+    async def put_all(self, jobs: list[tuple[_Upload, int] | None]) -> None:
+        """Hand over ``jobs``; return once every one of them was taken."""
+        if not jobs:
+            return
+        self._items.extend(jobs)
+        self._taken.clear()
+        for _ in range(min(len(jobs), len(self._takers))):
+            waiter = self._takers.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        await self._taken.wait()
+
+    async def get(self) -> tuple[_Upload, int] | None:
+        items = self._items
+        while not items:
+            waiter = asyncio.get_running_loop().create_future()
+            self._takers.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                with contextlib.suppress(ValueError):
+                    self._takers.remove(waiter)
+                if waiter.done() and not waiter.cancelled() and items and self._takers:
+                    self._takers.popleft().set_result(None)  # (woken, then cancelled: the object goes to another)
+                raise
+        job = items.popleft()
+        if not items:
+            self._taken.set()
+        return job
 
 
 class Engine:
@@ -79,6 +128,7 @@ class Engine:
         self._part_seq = 0
         self._part_lock: anyio.Lock | None = None  # made on the loop, at the first part
         self._send: MemoryObjectSendStream[list[Batch]] | None = None
+        self._input_closed = False
 
     def streams(self) -> MemoryObjectReceiveStream[list[Batch]]:
         """The loop's end of the hand-off (unbounded: the caller's side bounds it in bytes)."""
@@ -88,6 +138,7 @@ class Engine:
 
     def close_input(self) -> None:
         """No more groups: the workers finish what they have and end."""
+        self._input_closed = True
         if self._send is not None:
             self._send.close()
 
@@ -104,26 +155,32 @@ class Engine:
                 store = self.store
                 if self.writer is None and store is not None and not store.supports_write_many:
                     # Object stores: a few workers encode groups off the loop and hand each object to a fixed pool
-                    # of `concurrency` uploaders (no task, no queueing under a timeout per object). An asyncio
-                    # queue, not an anyio stream: the loop is asyncio by design, and anyio's checkpoints and events
-                    # (each looking up the running library) were a quarter of the loop's time on tiny objects.
-                    # Bounded to one: encoders run at most one object ahead.
-                    uploads: asyncio.Queue[tuple[_Upload, int] | None] = asyncio.Queue(1)
+                    # of `concurrency` uploaders (no task, no queueing under a timeout per object). Plain asyncio,
+                    # not an anyio stream: the loop is asyncio by design, and anyio's checkpoints and events (each
+                    # looking up the running library) were a quarter of the loop's time on tiny objects.
+                    uploads = _Jobs()
                     for _ in range(self.concurrency):
                         tg.start_soon(self._uploader, store, uploads)
                     async with anyio.create_task_group() as encoders:
                         for _ in range(min(self.concurrency, _ENCODERS)):
                             encoders.start_soon(self._worker, receive.clone(), uploads)
-                    for _ in range(self.concurrency):
-                        await uploads.put(None)  # every group was handed over: the uploaders finish
+                    await uploads.put_all([None] * self.concurrency)  # every group was handed over: they finish
                 else:
-                    for _ in range(self.concurrency):
+                    workers = self.concurrency
+                    if self.writer is None and store is not None and store.limiter is not None:
+                        # Each group is written in one thread call: workers beyond the store's threads would only
+                        # hold small groups waiting for a thread, which the busy ones could have taken together.
+                        workers = min(workers, int(store.limiter.total_tokens) + _SPARE_WORKERS)
+                    for _ in range(workers):
                         tg.start_soon(self._worker, receive.clone(), None)
         finally:
             self.handoff.drop_all()  # cancelled (abort): what was queued will never be written
 
     def hand_over(self) -> None:
-        """On the loop, woken by the waker: split the outbox into groups for the workers."""
+        """On the loop (woken by the waker, or from a worker done with a group): the outbox, in groups, to the
+        workers."""
+        if self._input_closed:
+            return  # (aborted: what is left is dropped with the workers)
         batches = self.handoff.take()
         assert self._send is not None
         # Groups bounded in items and bytes: small predictions share thread hops, big ones spread over workers.
@@ -144,11 +201,24 @@ class Engine:
     async def _worker(
         self,
         receive: MemoryObjectReceiveStream[list[Batch]],
-        uploads: asyncio.Queue[tuple[_Upload, int] | None] | None,
+        uploads: _Jobs | None,
     ) -> None:
         handoff = self.handoff
         async with receive:
-            async for group in receive:
+            while True:
+                self.hand_over()  # what was put since: the loop is woken for batches only while a worker waits
+                try:
+                    first = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    if not handoff.want():
+                        continue  # put meanwhile
+                    try:
+                        first = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                except anyio.EndOfStream:
+                    return
+                group = _gathered(receive, first)
                 handed_over = stored = False
                 try:
                     if handoff.error is None:
@@ -163,16 +233,14 @@ class Engine:
                             upload = _Upload(group, encoded, [None] * len(encoded), len(encoded))
                             upload.retries = _retries(self.store)
                             handed_over = bool(encoded)  # from here on, the upload of its last object releases it
-                            for index in range(len(encoded)):
-                                await uploads.put((upload, index))
+                            await uploads.put_all([(upload, index) for index in range(len(encoded))])
                 except Exception as exc:
                     handoff.fail(exc, [i for b in group for i in b.ids])
                 finally:
                     if not handed_over:
-                        for batch in group:
-                            handoff.release(batch.host.nbytes, batch.host.pooled if stored else None)
+                        _release(handoff, group, stored)
 
-    async def _uploader(self, store: Store, uploads: asyncio.Queue[tuple[_Upload, int] | None]) -> None:
+    async def _uploader(self, store: Store, uploads: _Jobs) -> None:
         while (job := await uploads.get()) is not None:
             upload, index = job
             path, record, buffers = upload.encoded[index]
@@ -198,8 +266,7 @@ class Engine:
         except Exception as exc:
             self.handoff.fail(exc, [i for b in upload.group for i in b.ids])
         finally:
-            for batch in upload.group:
-                self.handoff.release(batch.host.nbytes, batch.host.pooled if stored else None)
+            _release(self.handoff, upload.group, stored)
 
     async def _settle(self, encoded: Sequence[_Encoded], errors: Sequence[BaseException | None]) -> None:
         stored = [record for (_, record, _), error in zip(encoded, errors, strict=True) if error is None]
@@ -262,12 +329,8 @@ class Engine:
 
         def encode_and_write() -> list[BaseException | None]:
             encoded.extend(self._encode(group))
-            errors: list[BaseException | None] = []
-            for path, _, buffers in encoded:  # one object at a time, so that each write is timed on its own
-                started = time.perf_counter()
-                errors += store.write_many([(path, buffers)], since)
-                latencies.append(time.perf_counter() - started)
-            return errors
+            # (one call for the group; the store times each object's write on its own)
+            return store.write_many([(path, buffers) for path, _, buffers in encoded], since, latencies.append)
 
         try:  # bounded: a write stuck in the kernel (a dead mount) fails the group, retried as a timeout
             errors = await store.run_bounded(encode_and_write, f"writing {len(group)} batches of predictions")
@@ -306,6 +369,28 @@ class Engine:
 
 def _retries(store: Store | None) -> int:
     return store.retries if store is not None else -1
+
+
+def _gathered(receive: MemoryObjectReceiveStream[list[Batch]], group: list[Batch]) -> list[Batch]:
+    """``group`` and the groups queued behind it, up to about the group bounds: a worker that was busy takes the
+    backlog in one thread call (the loop handed each wake-up's batches over as they came, in small groups)."""
+    items = sum(len(batch.ids) for batch in group)
+    size = sum(batch.host.nbytes for batch in group)
+    while items < _GROUP_ITEMS and size < _GROUP_BYTES:
+        try:
+            more = receive.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            break
+        group = [*group, *more]
+        items += sum(len(batch.ids) for batch in more)
+        size += sum(batch.host.nbytes for batch in more)
+    return group
+
+
+def _release(handoff: Handoff, group: Sequence[Batch], stored: bool) -> None:
+    """Free a group's place in the queue in one call (one lock, one wake-up), recycling its buffers if ``stored``."""
+    pooled = [buffer for batch in group if batch.host.pooled for buffer in batch.host.pooled] if stored else []
+    handoff.release(sum(batch.host.nbytes for batch in group), pooled or None, len(group))
 
 
 def _joined(buffers: Sequence[Buffer], nbytes: int) -> Buffer:

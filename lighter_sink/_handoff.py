@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+import torch
 
 from lighter_sink._errors import IdentifierError, SinkStateError, WriteError
 from lighter_sink._ids import KeyTemplate
 from lighter_sink._staging import BufferPool, HostBatch
 
-__all__ = ["WAKE_EVERY", "Batch", "Handoff", "wait_for"]
+__all__ = ["ROW_FROM", "WAKE_EVERY", "Batch", "Handoff", "wait_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 # interpreter raise KeyboardInterrupt promptly.
 WAKE_EVERY = 0.25
 _FAILED_IDS_KEPT = 100
+#: Single predictions of at most this many bytes are copied into an array shared with the others of their kind.
+ROW_FROM = 4096
+ROWS_BYTES = 64 * 2**10  # of one such array (at most ROWS_MAX rows)
+ROWS_MAX = 1024
 T = TypeVar("T")
 
 
@@ -53,6 +58,33 @@ class Batch:
     ids: list[str]
     keys: list[str]  # object keys without the extension
     host: HostBatch
+
+
+class _Rows:
+    """Single predictions of one kind (dtype and shape) copied into one array as they are put: one batch.
+
+    ``Sink.put`` of a small CPU tensor made a tensor, a host batch, a batch and two lists per prediction: each a
+    thread hop's worth of work for the workers, and objects the garbage collector walked again and again while
+    they were queued (two full collections, a sixth of the run, for 20,000 queued puts). Copied here, the
+    predictions put while the workers are busy become one batch, encoded as the rows of one array.
+    """
+
+    __slots__ = ("array", "count", "ids", "keys", "kind")
+
+    def __init__(self, sample: np.ndarray) -> None:
+        capacity = max(1, min(ROWS_MAX, ROWS_BYTES // max(1, sample.nbytes)))
+        self.kind = (sample.dtype, sample.shape)
+        self.array = np.empty((capacity, *sample.shape), sample.dtype)
+        self.count = 0
+        self.ids: list[str] = []
+        self.keys: list[str] = []
+
+    def batch(self) -> Batch:
+        rows = self.array[: self.count]
+        if self.count * 4 < len(self.array):
+            rows = rows.copy()  # (a mostly empty array would hold more memory than the queue's bound counts)
+        values = torch.from_numpy(rows)
+        return Batch(self.ids, self.keys, HostBatch(values, self.count, values.nbytes))
 
 
 class Handoff:
@@ -87,6 +119,11 @@ class Handoff:
         # only append here, so one loop wake-up carries many batches and put never waits for the loop.
         self._outbox: list[Batch] = []
         self._hand_over_scheduled = False
+        # Whether a worker waits for batches. Only then does a put wake the loop: a busy worker takes the outbox
+        # itself once done, so that a stream of single puts does not wake two threads (the waker, the loop) for
+        # every batch or two, each wake-up a trip of the interpreter lock between threads.
+        self._wanted = False
+        self._rows: _Rows | None = None  # the small single predictions put since the last batch: still growing
         self._wakes: queue.SimpleQueue[bool] = queue.SimpleQueue()
         self._waker: threading.Thread | None = None
 
@@ -137,46 +174,99 @@ class Handoff:
     # ------------------------------------------------------------------ the hand-off
 
     def submit(self, batch: Batch) -> None:
-        """Wait for room, then add ``batch`` to the outbox and wake the loop if no hand-over is pending."""
+        """Wait for room, then add ``batch`` to the outbox and wake the loop if a worker waits for batches."""
         nbytes = batch.host.nbytes
         with self.cond:
-            waited_from = None
-            while (
-                self.error is None
-                and not self._stopping
-                and self.held_bytes > 0
-                and self.held_bytes + nbytes > self.max_queue_bytes
-            ):
-                if waited_from is None:
-                    waited_from = time.perf_counter()
-                self.cond.wait(WAKE_EVERY)
-            if waited_from is not None:
-                self.stall += time.perf_counter() - waited_from
-            if self._stopping:
-                raise SinkStateError(
-                    f"put() raced {'abort' if self._stopping == 'aborted' else 'commit'}(): {self.url} is "
-                    f"{self._stopping}; the batch was not queued"
-                )
-            self.raise_if_failed()
+            self._wait_for_room(nbytes)
+            self._close_rows()
             self.held_bytes += nbytes
             self.pending += 1
             self.batches += 1
             self.high_water = max(self.high_water, self.held_bytes)
             self._outbox.append(batch)
-            if self._hand_over_scheduled:
+            if not self._schedule_hand_over():
                 return
-            self._hand_over_scheduled = True
         # The waker thread wakes the loop: the caller's thread never gives up the GIL here. Waking the loop
         # itself (call_soon_threadsafe writes to a socket) releases the GIL for the system call, and on a busy
         # machine the caller then waited milliseconds to get it back from the loop and the encoders.
         self._wakes.put(True)
 
-    def take(self) -> list[Batch]:
-        """On the loop: every batch handed over so far (the next put schedules a new hand-over)."""
+    def submit_row(self, identifier: str, key: str, sample: np.ndarray) -> None:
+        """:meth:`submit` of one small prediction (``sample``: at most :data:`ROW_FROM` bytes, its memory still
+        the caller's), copied into the array of the predictions of its kind put since the last batch."""
+        nbytes = sample.nbytes
         with self.cond:
+            self._wait_for_room(nbytes)
+            rows = self._rows
+            if rows is None or rows.kind != (sample.dtype, sample.shape) or rows.count == len(rows.array):
+                self._close_rows()
+                rows = self._rows = _Rows(sample)
+            rows.array[rows.count] = sample
+            rows.count += 1
+            rows.ids.append(identifier)
+            rows.keys.append(key)
+            self.held_bytes += nbytes
+            self.batches += 1
+            self.high_water = max(self.high_water, self.held_bytes)
+            if not self._schedule_hand_over():
+                return
+        self._wakes.put(True)
+
+    def _wait_for_room(self, nbytes: int) -> None:
+        """Under :attr:`cond`: wait while the queue holds ``max_queue_bytes``; raise if the run stopped or failed."""
+        waited_from = None
+        while (
+            self.error is None
+            and not self._stopping
+            and self.held_bytes > 0
+            and self.held_bytes + nbytes > self.max_queue_bytes
+        ):
+            if waited_from is None:
+                waited_from = time.perf_counter()
+            self.cond.wait(WAKE_EVERY)
+        if waited_from is not None:
+            self.stall += time.perf_counter() - waited_from
+        if self._stopping:
+            raise SinkStateError(
+                f"put() raced {'abort' if self._stopping == 'aborted' else 'commit'}(): {self.url} is "
+                f"{self._stopping}; the batch was not queued"
+            )
+        self.raise_if_failed()
+
+    def _close_rows(self) -> bool:
+        """Under :attr:`cond`: the growing batch of single predictions, if any, to the outbox."""
+        rows, self._rows = self._rows, None
+        if rows is None:
+            return False
+        self._outbox.append(rows.batch())
+        self.pending += 1
+        return True
+
+    def _schedule_hand_over(self) -> bool:
+        """Under :attr:`cond`: whether to wake the loop (a worker waits, and no hand-over is pending yet)."""
+        if self._hand_over_scheduled or not self._wanted:
+            return False
+        self._hand_over_scheduled = True
+        return True
+
+    def take(self) -> list[Batch]:
+        """On the loop: every batch handed over so far (the next put schedules a new hand-over if a worker waits)."""
+        with self.cond:
+            self._close_rows()
             batches, self._outbox = self._outbox, []
             self._hand_over_scheduled = False
+            if batches:  # (a worker gets them: the one that waited, or the one that took them)
+                self._wanted = False
         return batches
+
+    def want(self) -> bool:
+        """On the loop, from a worker about to wait for batches: whether it may (nothing is in the outbox); from
+        now on a put wakes the loop."""
+        with self.cond:
+            if self._outbox or self._rows is not None:
+                return False
+            self._wanted = True
+            return True
 
     def start_waker(self, loop: asyncio.AbstractEventLoop, hand_over: Callable[[], None]) -> None:
         """Start the waker thread: one ``hand_over`` call on ``loop`` per hand-over that :meth:`submit` scheduled."""
@@ -207,12 +297,13 @@ class Handoff:
             self._stopping = reason
             self.cond.notify_all()
 
-    def release(self, nbytes: int, recycle: list[np.ndarray] | None = None) -> None:
-        """Free a batch's place in the queue. ``recycle``: its staging buffers, given only once every object made
-        from them was stored at the first attempt (a write that failed or timed out may still read them)."""
+    def release(self, nbytes: int, recycle: list[np.ndarray] | None = None, batches: int = 1) -> None:
+        """Free the place of ``batches`` batches (``nbytes`` in all) in the queue, at once. ``recycle``: their
+        staging buffers, given only once every object made from them was stored at the first attempt (a write
+        that failed or timed out may still read them)."""
         with self.cond:
             self.held_bytes -= nbytes
-            self.pending -= 1
+            self.pending -= batches
             if recycle is not None:  # (pooled and queued bytes together stay within max_queue_bytes)
                 self.pool.give_back(recycle, self.max_queue_bytes - self.held_bytes)
             self.cond.notify_all()
@@ -221,10 +312,14 @@ class Handoff:
         """The loop's workers were cancelled: what was queued will never be written; wake any put waiting."""
         with self.cond:
             self.held_bytes = self.pending = 0
+            self._rows = None
             self.cond.notify_all()
 
     def wait_drained(self) -> None:
         with self.cond:
+            # single predictions still gathering: a batch now, for a worker to take (woken if one waits)
+            if self._close_rows() and self._schedule_hand_over():
+                self._wakes.put(True)
             while self.pending and self.error is None:
                 self.cond.wait(WAKE_EVERY)
         self.raise_if_failed()

@@ -81,6 +81,8 @@ def validate_identifier(identifier: object) -> str:
     absolute paths, ``.`` and ``..`` segments, backslashes, NUL and other control characters, and names that start
     with ``_`` at the top level (they are reserved for ``_manifest.jsonl``, ``_SUCCESS`` and ``_parts/``).
     """
+    if type(identifier) is int and identifier >= 0:  # the common case, without the ABC checks below
+        return str(identifier)
     if isinstance(identifier, bool):
         raise IdentifierError(f"identifier must be an int or a str, got bool {identifier!r}")
     if isinstance(identifier, Integral):
@@ -115,7 +117,7 @@ def validate_identifier(identifier: object) -> str:
 def validate_identifiers(identifiers: Sequence[object]) -> list[str]:
     """Validate a batch of identifiers and refuse duplicates inside it."""
     keys = [validate_identifier(i) for i in identifiers]
-    if len(set(keys)) != len(keys):
+    if len(keys) > 1 and len(set(keys)) != len(keys):
         seen: set[str] = set()
         for key in keys:
             if key in seen:

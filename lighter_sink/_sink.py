@@ -17,10 +17,10 @@ from typing import Any, Self, Unpack
 
 from lighter_sink._config import SinkConfig, SinkOptions
 from lighter_sink._errors import ConfigurationError, PredictionError, SinkStateError
-from lighter_sink._handoff import Batch
-from lighter_sink._ids import CounterIds, IdBatch, id_batch, validate_identifiers
+from lighter_sink._handoff import ROW_FROM, Batch
+from lighter_sink._ids import CounterIds, IdBatch, id_batch, validate_identifier, validate_identifiers
 from lighter_sink._run import Run, SinkState
-from lighter_sink._staging import HostBatch, count_samples, stage
+from lighter_sink._staging import HostBatch, count_samples, numpy_view, stage, stage_one
 from lighter_sink._stats import SinkProgress, SinkStats
 from lighter_sink.formats import Format
 
@@ -177,7 +177,29 @@ class Sink:
             PredictionError: the value is not a tensor the format can store.
             SinkStateError: the sink is not running.
         """
-        self.put_batch([identifier], [value])
+        # put_batch([identifier], [value]) without what a batch needs (one call per prediction: the hot path)
+        run = self._run
+        run.check_running("put")
+        handoff = run.handoff
+        handoff.raise_if_failed()
+        ids = [validate_identifier(identifier)]
+        keys = [self._key.render(ids[0])]
+        handoff.check_unique(ids, keys)
+        if handoff.stored is not None and not handoff.split_stored(keys):
+            return  # resume: stored already
+        sample = numpy_view(value, ROW_FROM)
+        if sample is not None:  # small: copied into an array with the others put meanwhile, one batch for all
+            kind = (value.dtype, value.shape)  # type: ignore[attr-defined]
+            if kind not in self._checked:
+                self.format.check(value)  # type: ignore[arg-type]
+                self._remember(kind)
+            handoff.claim(ids, keys)
+            handoff.submit_row(ids[0], keys[0], sample)
+            return
+        host = stage_one(value, copy=self.config.copy, pool=handoff.pool)
+        self._check(host)
+        handoff.claim(ids, keys)
+        handoff.submit(Batch(ids, keys, host))
 
     def put_batch(self, identifiers: IdBatch, values: object) -> None:
         """Queue a batch: ``values`` is a tensor whose dim 0 matches ``identifiers``, or one tensor per id.

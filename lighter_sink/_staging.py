@@ -23,7 +23,7 @@ import torch
 
 from lighter_sink._errors import PredictionError
 
-__all__ = ["BufferPool", "HostBatch", "count_samples", "stage"]
+__all__ = ["BufferPool", "HostBatch", "count_samples", "numpy_view", "stage", "stage_one"]
 
 _NUMPY_DTYPES = frozenset(
     {
@@ -266,6 +266,26 @@ def stage(values: object, count: int, *, copy: bool = True, pool: BufferPool | N
     pooled: list[np.ndarray] = []
     host, event = _to_host(tensor, copy, pool, pooled)
     return HostBatch(host, count, host.nbytes, _waiter([event] if event is not None else []), pooled or None)
+
+
+def numpy_view(value: object, max_bytes: int) -> np.ndarray | None:
+    """A numpy view of ``value`` when it is a dense CPU tensor without a graph of at most ``max_bytes`` that numpy
+    can hold (the caller copies it), else None (then :func:`stage_one` stages it, and says what is wrong)."""
+    if type(value) is not torch.Tensor or value.layout != torch.strided or value.is_nested or not value.is_cpu:
+        return None
+    if value.requires_grad or value.dtype not in _NUMPY_DTYPES or value.nbytes > max_bytes:
+        return None
+    try:
+        return value.numpy()
+    except RuntimeError:  # a lazy negation or conjugation: staging resolves it
+        return None
+
+
+def stage_one(value: object, *, copy: bool = True, pool: BufferPool | None = None) -> HostBatch:
+    """``stage([value], 1, ...)`` without the bookkeeping of a list: ``Sink.put``'s path, once per prediction."""
+    taken: list[np.ndarray] = []
+    host, event = _to_host(_as_tensor(value, 0), copy, pool, taken)
+    return HostBatch([host], 1, host.nbytes, None if event is None else _waiter([event]), taken or None)
 
 
 def _waiter(events: list[torch.cuda.Event]) -> Callable[[], None] | None:

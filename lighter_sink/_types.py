@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import json.encoder
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 Buffer = bytes | bytearray | memoryview
+
+_json_str = json.encoder.encode_basestring_ascii  # json.dumps(text), as json.dumps writes a str with its defaults
 
 #: The manifest's name of a record's checksum field.
 CHECKSUM = "crc32"
@@ -67,12 +70,13 @@ class Record(NamedTuple):
 
     def to_json(self) -> str:
         # The same text as json.dumps of the dict, several times faster: only the strings need escaping.
+        # (json.dumps of a str is this C function behind two Python calls: a third of the time of a record)
         shape = ",".join(map(str, self.shape))
-        identifier = self.id if is_numeric_id(self.id) else json.dumps(self.id)
+        identifier = self.id if is_numeric_id(self.id) else _json_str(self.id)
         offset = "" if self.offset is None else f',"offset":{self.offset}'
         return (
-            f'{{"id":{identifier},"path":{json.dumps(self.path)},"nbytes":{self.nbytes},'
-            f'"{CHECKSUM}":"{self.crc32}","shape":[{shape}],"dtype":{json.dumps(self.dtype)}{offset}}}'
+            f'{{"id":{identifier},"path":{_json_str(self.path)},"nbytes":{self.nbytes},'
+            f'"{CHECKSUM}":"{self.crc32}","shape":[{shape}],"dtype":{_json_str(self.dtype)}{offset}}}'
         )
 
     @classmethod

@@ -8,7 +8,8 @@ import only downwards::
      ├── _fsspec     async fsspec (s3fs, gcsfs) on the loop, others in threads   (-> _s3: client options, delete)
      └── _obstore    S3 through obstore (Rust)
     _multipart  open_output streamed in parts: S3 multipart and GCS resumable uploads, obstore's writer
-    _base       Store (the contract, its capability flags) and RetryPolicy   (-> _retry: what is transient)
+    _base       Store (the contract, its capability flags) and RetryPolicy   (-> _retry: what is transient;
+                _deadline: the timeout of each attempt)
     _urls       what a url names, whether a local destination can be used
 """
 

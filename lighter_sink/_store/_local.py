@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -193,18 +194,26 @@ class LocalStore(Store):
             fsync_path(parent, directory=True)
 
     def write_many(
-        self, items: Sequence[tuple[str, Sequence[Buffer]]], since: int | None = None
+        self,
+        items: Sequence[tuple[str, Sequence[Buffer]]],
+        since: int | None = None,
+        timed: Callable[[float], None] | None = None,
     ) -> list[BaseException | None]:
-        """Write ``items`` from the calling worker thread, one after another; return each one's error."""
+        """Write ``items`` from the calling worker thread, one after another; return each one's error, and give
+        ``timed`` each one's seconds."""
         if since is None:
             since = self.fence_epoch  # (a call stuck on its first object must not write the rest once woken)
         results: list[BaseException | None] = []
+        clock = time.perf_counter
         for key, buffers in items:
+            started = clock()
             try:
                 self._write(key, buffers, since)
                 results.append(None)
             except Exception as exc:
                 results.append(exc)
+            if timed is not None:
+                timed(clock() - started)
         return results
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:

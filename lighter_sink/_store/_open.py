@@ -76,9 +76,10 @@ async def open_store(
         return open_obstore(url, options, retry, upload_checksums)
     limiter = anyio.CapacityLimiter(concurrency)
     if is_local_url(url):
-        # Writes to one local directory contend on the directory lock and, for small files, on the GIL:
-        # more threads than cores only add switching. Network filesystems want more: raise it with concurrency.
-        threads = min(concurrency, max(2, os.cpu_count() or 2))
+        # Writes to one local directory contend on the directory lock and, for small files, on the GIL: more
+        # threads than cores only add switching, and the caller's thread (the predict loop) and the event loop
+        # need a core of their own: on 2 cores a second writer halved the tiny predictions stored per second.
+        threads = min(concurrency, max(1, (os.cpu_count() or 2) - 1))
         limiter = anyio.CapacityLimiter(threads)
         return LocalStore(url, retry, local_path(url), limiter, temp_prefix=temp_prefix, run=run, durable=durable)
     protocol = protocol_of(url)
