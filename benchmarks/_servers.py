@@ -78,6 +78,24 @@ def rclone_binary() -> str:
     return found
 
 
+def obstore_s3(bucket: str, prefix: str, options: dict[str, Any], checksums: bool) -> Any:
+    """An obstore ``S3Store`` for a server of this module (its ``storage_options``), as a raw client would open it."""
+    from obstore.store import S3Store
+
+    config: dict[str, Any] = {"checksum_algorithm": "sha256"} if checksums else {}
+    return S3Store(
+        bucket,
+        prefix=prefix,
+        endpoint=options["endpoint_url"],
+        access_key_id=options["key"],
+        secret_access_key=options["secret"],
+        region="us-east-1",
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+        **config,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

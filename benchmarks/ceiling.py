@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from benchmarks._runner import RESULTS, environment
-from benchmarks._servers import s3_servers
+from benchmarks._servers import obstore_s3, s3_servers
 from benchmarks._spec import human_bytes, parse_size
 from lighter_sink import Sink
 
@@ -59,21 +59,9 @@ async def _raw_s3fs(root: str, options: dict[str, Any], payloads: list[bytes], t
 
 async def _raw_obstore(url: str, options: dict[str, Any], payloads: list[bytes], tasks: int, checksums: bool) -> float:
     import obstore
-    from obstore.store import S3Store
 
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    config: dict[str, Any] = {"checksum_algorithm": "sha256"} if checksums else {}
-    store = S3Store(
-        bucket,
-        prefix=prefix,
-        endpoint=options["endpoint_url"],
-        access_key_id=options["key"],
-        secret_access_key=options["secret"],
-        region="us-east-1",
-        virtual_hosted_style_request=False,
-        client_options={"allow_http": True},
-        **config,
-    )
+    store = obstore_s3(bucket, prefix, options, checksums)
     todo = iter(enumerate(payloads))
 
     async def worker() -> None:

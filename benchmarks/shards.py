@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from benchmarks._runner import RESULTS, environment, exit_cleanly_on_signals, write_json
-from benchmarks._servers import BUCKET, Server, admin_fs, s3_servers
+from benchmarks._servers import BUCKET, Server, admin_fs, obstore_s3, s3_servers
 from benchmarks._spec import human_bytes, parse_size
 from lighter_sink import Sink
 
@@ -186,22 +186,10 @@ def _raw_boto3(target: Target, prefix: str, payload: bytes, checksums: bool) -> 
 
 def _raw_obstore(target: Target, prefix: str, payload: bytes, checksums: bool) -> float:
     import obstore
-    from obstore.store import S3Store
 
     options = target.options
     assert options is not None
-    config: dict[str, Any] = {"checksum_algorithm": "sha256"} if checksums else {}
-    store = S3Store(
-        BUCKET,
-        prefix=prefix,
-        endpoint=options["endpoint_url"],
-        access_key_id=options["key"],
-        secret_access_key=options["secret"],
-        region="us-east-1",
-        virtual_hosted_style_request=False,
-        client_options={"allow_http": True},
-        **config,
-    )
+    store = obstore_s3(BUCKET, prefix, options, checksums)
 
     async def put() -> float:
         await obstore.list(store).collect_async()  # connected before the clock starts
