@@ -1,4 +1,5 @@
-"""File-level steps of the local store: gathered writes, an exclusive atomic create, fsync and ``syncfs``.
+"""File-level steps of the local store: gathered writes, an exclusive atomic create, fsync and ``syncfs``, and
+the output streamed to a temporary file (:class:`FileOutput`) that the store renames into place.
 
 System calls and no store state: kept out of :mod:`._local`, which is about what the local store promises
 (atomic, fenced, durable objects), not about how a file gets its bytes.
@@ -14,10 +15,14 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
 
 from lighter_sink._types import Buffer
 
-__all__ = ["create_file", "fsync_path", "libc_syncfs", "write_all"]
+__all__ = ["FileOutput", "Renaming", "create_file", "fsync_path", "libc_syncfs", "write_all"]
 
 _SMALL = 64 * 2**10  # below this, one joined write beats a gathered one
 
@@ -106,3 +111,67 @@ def create_file(path: str, data: bytes, *, durable: bool) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
+
+
+class Renaming(Protocol):
+    """What a :class:`FileOutput` needs of the local store: its temporary names, its fenced rename."""
+
+    @property
+    def fence_epoch(self) -> int: ...
+
+    def temp_path(self, key: str) -> str: ...
+
+    def replace(self, temp: str, key: str, since: int) -> None: ...
+
+
+_OUTPUT_PIECE = 1 << 20  # a local output is written in pieces of this size
+
+
+class FileOutput:
+    """A local object streamed to a hidden temporary file and renamed into place when complete."""
+
+    def __init__(self, store: Renaming, key: str) -> None:
+        self._store = store
+        self._key = key
+        # a temporary name of the store's own (bounded whatever the key; swept after a crash)
+        self._temp = store.temp_path(key)
+        self._since = store.fence_epoch  # (a write stuck from before an abort never replaces the object)
+        self._file: Any = None
+        self._pieces: list[Buffer] = []
+        self._size = 0
+
+    async def write(self, data: Buffer) -> None:
+        self._pieces.append(data)
+        self._size += memoryview(data).nbytes
+        if self._size >= _OUTPUT_PIECE:
+            await self._spill()
+
+    async def _spill(self) -> None:
+        pieces, self._pieces, self._size = self._pieces, [], 0
+
+        def write() -> None:
+            if self._file is None:
+                os.makedirs(os.path.dirname(self._temp), exist_ok=True)
+                self._file = open(self._temp, "wb")  # noqa: SIM115 - closed in finish() or discard()
+            self._file.writelines(pieces)
+
+        # (an abort does not wait for a write stuck on a dead mount; the store's fence keeps it from landing)
+        await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
+
+    async def finish(self) -> None:
+        await self._spill()
+
+        def close() -> None:
+            self._file.close()
+            self._store.replace(self._temp, self._key, self._since)  # fenced and, where asked, durable
+
+        await anyio.to_thread.run_sync(close, abandon_on_cancel=True)
+
+    async def discard(self) -> None:
+        def remove() -> None:
+            if self._file is not None:
+                self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._temp)
+
+        await anyio.to_thread.run_sync(remove)

@@ -25,7 +25,7 @@ import anyio.to_thread
 
 from lighter_sink._errors import ConfigurationError
 from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
-from lighter_sink._store._files import create_file, fsync_path, libc_syncfs, write_all
+from lighter_sink._store._files import FileOutput, create_file, fsync_path, libc_syncfs, write_all
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, Output
 
@@ -36,6 +36,8 @@ T = TypeVar("T")
 
 _temp_counter = itertools.count()
 _DIR_FDS = 256  # directory descriptors a local store keeps open at most
+# How long closing a store waits for writes it gave up on (an abort) to see the fence and remove their temporary files
+_SETTLE_SECONDS = 5.0
 
 TEMP_PREFIX = ".lsink."
 
@@ -92,6 +94,8 @@ class LocalStore(Store):
         self._unsynced_dirs: set[str] = set()
         self._fresh_dirs: set[str] = set()
         self._abandoned = False  # a thread call was given up on: it may still use the directory descriptors
+        self._writing = 0  # objects being written by threads right now (a temporary file may exist for each)
+        self._written = threading.Condition()
 
     @property
     def root(self) -> str:
@@ -142,6 +146,17 @@ class LocalStore(Store):
         return fd
 
     def _write(self, key: str, buffers: Sequence[Buffer], since: int) -> None:
+        with self._written:
+            self._writing += 1
+        try:
+            self._write_one(key, buffers, since)
+        finally:
+            with self._written:
+                self._writing -= 1
+                if not self._writing:
+                    self._written.notify_all()
+
+    def _write_one(self, key: str, buffers: Sequence[Buffer], since: int) -> None:
         self._check_fence(key, since)
         if "/" in key:
             directory, name = os.path.split(os.path.join(self._root, key))
@@ -251,7 +266,7 @@ class LocalStore(Store):
 
     def open_output(self, key: str, *, part_size: int = PART_SIZE) -> Output:
         """A local object written piece by piece: streamed to a temporary file, renamed into place whole."""
-        return _FileOutput(self, key)
+        return FileOutput(self, key)
 
     def temp_path(self, key: str) -> str:
         """The absolute path of a fresh temporary file next to ``key`` (no I/O: the caller makes the directory).
@@ -329,6 +344,15 @@ class LocalStore(Store):
             raise
 
     async def aclose(self) -> None:
+        if self._abandoned:
+            # Writes given up on (an abort does not wait for them) find the fence before their rename and remove
+            # their temporary files: wait for that, briefly, so that a closed sink leaves none behind; one stuck
+            # on a dead mount is left to the next run's sweep.
+            def settle() -> None:
+                with self._written:
+                    self._written.wait_for(lambda: not self._writing, timeout=_SETTLE_SECONDS)
+
+            await anyio.to_thread.run_sync(settle, abandon_on_cancel=True)
         with self._dirs_lock:
             fds, self._dir_fds = list(self._dir_fds.values()), {}
         if self._abandoned:
@@ -438,56 +462,3 @@ class LocalStore(Store):
             return sorted(keys)
 
         return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
-
-
-_OUTPUT_PIECE = 1 << 20  # a local output is written in pieces of this size
-
-
-class _FileOutput:
-    """A local object streamed to a hidden temporary file and renamed into place when complete."""
-
-    def __init__(self, store: LocalStore, key: str) -> None:
-        self._store = store
-        self._key = key
-        # a temporary name of the store's own (bounded whatever the key; swept after a crash)
-        self._temp = store.temp_path(key)
-        self._since = store.fence_epoch  # (a write stuck from before an abort never replaces the object)
-        self._file: Any = None
-        self._pieces: list[Buffer] = []
-        self._size = 0
-
-    async def write(self, data: Buffer) -> None:
-        self._pieces.append(data)
-        self._size += memoryview(data).nbytes
-        if self._size >= _OUTPUT_PIECE:
-            await self._spill()
-
-    async def _spill(self) -> None:
-        pieces, self._pieces, self._size = self._pieces, [], 0
-
-        def write() -> None:
-            if self._file is None:
-                os.makedirs(os.path.dirname(self._temp), exist_ok=True)
-                self._file = open(self._temp, "wb")  # noqa: SIM115 - closed in finish() or discard()
-            self._file.writelines(pieces)
-
-        # (an abort does not wait for a write stuck on a dead mount; the store's fence keeps it from landing)
-        await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
-
-    async def finish(self) -> None:
-        await self._spill()
-
-        def close() -> None:
-            self._file.close()
-            self._store.replace(self._temp, self._key, self._since)  # fenced and, where asked, durable
-
-        await anyio.to_thread.run_sync(close, abandon_on_cancel=True)
-
-    async def discard(self) -> None:
-        def remove() -> None:
-            if self._file is not None:
-                self._file.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._temp)
-
-        await anyio.to_thread.run_sync(remove)
