@@ -23,12 +23,15 @@ __all__ = [
     "SUCCESS",
     "Record",
     "merge_parts",
+    "object_lines",
     "read_records",
     "write_success",
 ]
 
 MANIFEST = "_manifest.jsonl"
 SUCCESS = "_SUCCESS"
+#: Bytes of a manifest (or a part) read at a time: a ten-million-record manifest is never held whole.
+READ_BYTES = 8 * 2**20
 
 
 def id_order(identifier: str) -> tuple[int, int, str]:
@@ -45,6 +48,33 @@ def sorted_ids(identifiers: Iterable[str]) -> list[str]:
     numeric.sort(key=int)
     text.sort()
     return numeric + text
+
+
+async def object_lines(store: Store, key: str, *, chunk_bytes: int = READ_BYTES) -> AsyncIterator[list[str]]:
+    """The text lines of the object ``key`` (without their line ends, blank ones skipped), a chunk's worth at a
+    time, read by ranged reads of ``chunk_bytes``; raises ``FileNotFoundError`` when absent."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be at least 1, got {chunk_bytes}")
+    offset = 0
+    tail = b""
+    while True:
+        data = await store.get_range(key, offset, chunk_bytes)
+        offset += len(data)
+        if len(data) < chunk_bytes:  # the end (a short read)
+            text = (tail + data).decode()
+            lines = [line for line in text.splitlines() if line.strip()]
+            if lines:
+                yield lines
+            return
+        head, newline, rest = data.rpartition(b"\n")
+        if not newline:  # (one line longer than a chunk: keep reading)
+            tail += data
+            continue
+        text = (tail + head).decode()
+        tail = rest
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines:
+            yield lines
 
 
 async def _recorded(store: Store, keys: ControlKeys, parts: list[str]) -> AsyncIterator[tuple[str, bytes]]:

@@ -1,13 +1,15 @@
 import json
 import os
+import uuid
 
 import pytest
 
 from lighter_sink._errors import CommitError
 from lighter_sink._layout import ControlKeys
-from lighter_sink._manifest import MANIFEST, id_order, merge_parts, sorted_ids
+from lighter_sink._manifest import MANIFEST, id_order, merge_parts, object_lines, sorted_ids
 from lighter_sink._store import open_store
 from lighter_sink._types import Record, encode_records
+from tests.conftest import S3Server
 
 KEYS = ControlKeys()
 
@@ -103,3 +105,29 @@ def test_a_record_keeps_its_ids_type_in_json() -> None:
     assert Record.from_json(_record("12", 1).to_json()) == _record("12", 1)
     with pytest.raises(ValueError, match="id"):
         Record.from_json('{"id":1.5,"path":"a","nbytes":1,"crc32":"00000001","shape":[],"dtype":"u1"}')
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 64])
+async def test_object_lines_reads_every_line_in_bounded_chunks(
+    tmp_path: os.PathLike[str], s3_server: S3Server, size: int
+) -> None:
+    """Chunks of 8 bytes: lines longer than a chunk, objects ending exactly at a chunk's end, blank lines."""
+    lines = [("x" * (n % 13)) + str(n) for n in range(size)]
+    body = "".join(line + ("\n\n" if n % 5 == 0 else "\n") for n, line in enumerate(lines)).encode()
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=bucket)
+    options = {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}
+    for url, backend in [(str(tmp_path), "fsspec"), (f"s3://{bucket}/m", "fsspec"), (f"s3://{bucket}/o", "obstore")]:
+        store = await open_store(url, options if "://" in url else {}, backend=backend)
+        try:
+            await store.put("m.jsonl", [body])
+            read = [line async for chunk in object_lines(store, "m.jsonl", chunk_bytes=8) for line in chunk]
+            assert read == lines, url
+            for length in (max(1, len(body)), 2 * len(body) + 1):  # (an object exactly one chunk long, and a short one)
+                whole = [line async for chunk in object_lines(store, "m.jsonl", chunk_bytes=length) for line in chunk]
+                assert whole == lines, url
+            with pytest.raises(FileNotFoundError):
+                _ = [chunk async for chunk in object_lines(store, "absent.jsonl")]
+        finally:
+            await store.aclose()

@@ -94,7 +94,17 @@ class AsyncFsStore(Store):
     async def get_range(self, key: str, start: int, length: int) -> bytes:
         path = _join(self._root, key)
         async with self._limiter:
-            data: bytes = await self._retrying(key, lambda: self._fs._cat_file(path, start=start, end=start + length))
+            try:
+                data: bytes = await self._retrying(
+                    key, lambda: self._fs._cat_file(path, start=start, end=start + length)
+                )
+            except FileNotFoundError:
+                raise
+            except OSError:
+                # S3 and GCS refuse a range that starts at the object's end (416): an empty read, as a file's
+                if start >= await self._retrying(key, lambda: self._fs._size(path)):
+                    return b""
+                raise
             return data
 
     async def exists(self, key: str) -> bool:
