@@ -7,12 +7,14 @@ heavy is imported in the orchestrating process.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import multiprocessing
 import os
 import platform
 import signal
+import socketserver
 import subprocess
 import sys
 import time
@@ -137,3 +139,15 @@ def write_results(out: Path, data: dict[str, Any], markdown: str, plot: Callable
     write_json(out.with_suffix(".json"), data)
     out.with_suffix(".md").write_text(markdown)
     plot(data, out.with_suffix(".png"))
+
+
+def serve(server_class: Callable[[tuple[str, int]], socketserver.TCPServer], doc: str | None) -> None:
+    """A server's command line: ``--host``, ``--port`` (0 picks a free one); announces its address, then serves."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    args = parser.parse_args()
+    with server_class((args.host, args.port)) as server:
+        host, port = server.server_address[:2]
+        print(f"Running on http://{host}:{port}", flush=True)
+        server.serve_forever()

@@ -96,6 +96,21 @@ def obstore_s3(bucket: str, prefix: str, options: dict[str, Any], checksums: boo
     )
 
 
+def boto3_s3(options: dict[str, Any], **config: Any) -> Any:
+    """A boto3 S3 client for a server of this module (its ``storage_options``); ``config``: botocore ``Config``."""
+    import boto3  # type: ignore[import-untyped]
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=options["endpoint_url"],
+        aws_access_key_id=options["key"],
+        aws_secret_access_key=options["secret"],
+        region_name="us-east-1",
+        config=Config(**config),
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

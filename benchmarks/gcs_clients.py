@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._runner import RESULTS, environment
-from benchmarks._servers import fake_gcs_server, null_gcs_server, s3_servers
+from benchmarks._servers import fake_gcs_server, null_gcs_server, obstore_s3, s3_servers
 from benchmarks._spec import parse_size
 
 Put = Callable[[str, bytes], Awaitable[Any]]
@@ -81,17 +81,8 @@ async def _s3fs(options: dict[str, Any], payloads: list[bytes], tasks: int, pref
 
 async def _obstore_s3(options: dict[str, Any], payloads: list[bytes], tasks: int, prefix: str) -> tuple[float, float]:
     import obstore
-    from obstore.store import S3Store
 
-    store = S3Store(
-        "bench",
-        endpoint=options["endpoint_url"],
-        access_key_id=options["key"],
-        secret_access_key=options["secret"],
-        region="us-east-1",
-        virtual_hosted_style_request=False,
-        client_options={"allow_http": True},
-    )
+    store = obstore_s3("bench", "", options, checksums=False)
     return await _timed(lambda key, data: obstore.put_async(store, key, data), payloads, tasks, prefix)
 
 

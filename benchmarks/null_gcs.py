@@ -11,12 +11,13 @@ Prints "Running on http://HOST:PORT" once the socket listens.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from benchmarks._runner import serve
 
 _CHUNK = 1 << 20
 _NAME = re.compile(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -107,14 +108,7 @@ class _NullServer(ThreadingHTTPServer):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    args = parser.parse_args()
-    with _NullServer((args.host, args.port)) as server:
-        host, port = server.server_address[:2]
-        print(f"Running on http://{host}:{port}", flush=True)
-        server.serve_forever()
+    serve(_NullServer, __doc__)
 
 
 if __name__ == "__main__":

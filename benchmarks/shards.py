@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from benchmarks._runner import RESULTS, environment, exit_cleanly_on_signals, write_json
-from benchmarks._servers import BUCKET, Server, admin_fs, obstore_s3, s3_servers
+from benchmarks._servers import BUCKET, Server, admin_fs, boto3_s3, obstore_s3, s3_servers
 from benchmarks._spec import human_bytes, parse_size
 from lighter_sink import Sink
 
@@ -161,20 +161,9 @@ def _raw_s3fs(target: Target, prefix: str, payload: bytes, checksums: bool) -> f
 
 
 def _raw_boto3(target: Target, prefix: str, payload: bytes, checksums: bool) -> float:
-    import boto3  # type: ignore[import-untyped]
-    from botocore.config import Config
-
     options = target.options
     assert options is not None
-    config = Config(request_checksum_calculation="when_supported" if checksums else "when_required")
-    client = boto3.client(
-        "s3",
-        endpoint_url=options["endpoint_url"],
-        aws_access_key_id=options["key"],
-        aws_secret_access_key=options["secret"],
-        region_name="us-east-1",
-        config=config,
-    )
+    client = boto3_s3(options, request_checksum_calculation="when_supported" if checksums else "when_required")
     try:
         client.head_bucket(Bucket=BUCKET)
         started = time.perf_counter()

@@ -25,6 +25,7 @@ import torch
 import webdataset
 from torch.utils.data import DataLoader
 
+from benchmarks._servers import boto3_s3
 from lighter_sink import ConfigurationError, PredictionError, PredictionSink, Sink, WriteError
 from lighter_sink._demo import DemoModel, SyntheticImages
 from lighter_sink._verify import verify
@@ -56,24 +57,14 @@ class Bucket:
 
 @pytest.fixture(params=["moto", "rclone"])
 def bucket(request: pytest.FixtureRequest) -> Bucket:
-    import boto3
-    from botocore.config import Config
-
     if request.param == "moto":
         moto: S3Server = request.getfixturevalue("s3_server")
         return Bucket("moto", request.getfixturevalue("s3_bucket"), moto.storage_options, moto.client())
     server = request.getfixturevalue("rclone")
     name = server.url("").removeprefix("s3://").rstrip("/")  # the bucket the fixture made
     options = server.storage_options
-    client = boto3.client(
-        "s3",
-        endpoint_url=options["endpoint_url"],
-        aws_access_key_id=options["key"],
-        aws_secret_access_key=options["secret"],
-        region_name="us-east-1",
-        # rclone answers a ranged GET with the whole object's checksum, which botocore would check the range against
-        config=Config(response_checksum_validation="when_required"),
-    )
+    # rclone answers a ranged GET with the whole object's checksum, which botocore would check the range against
+    client = boto3_s3(options, response_checksum_validation="when_required")
     return Bucket("rclone", name, options, client)
 
 
