@@ -58,6 +58,7 @@ bench:
 	$(BIN)/python -m benchmarks.stall --size 1MiB --batch 8 --step-ms 60 --batches 200 --json benchmarks/results/stall-1mib.json
 	$(BIN)/python -m benchmarks.memory
 	$(BIN)/python -m benchmarks.tiny_local
+	$(BIN)/python -m benchmarks.scale
 	$(BIN)/python -m benchmarks.shards
 
 clean:

@@ -29,11 +29,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _context: Any = None
 
 
-def _child(conn: Connection, spec: Any) -> None:
-    from benchmarks import _workloads
-
+def _child(conn: Connection, spec: Any, func: Callable[[Any], dict[str, Any]] | None = None) -> None:
     try:
-        conn.send({"ok": True, **_workloads.run(spec)})
+        if func is None:
+            from benchmarks import _workloads
+
+            func = _workloads.run
+        conn.send({"ok": True, **func(spec)})
     except BaseException as exc:
         conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
     finally:
@@ -48,11 +50,12 @@ def _get_context() -> Any:
     return _context
 
 
-def run_isolated(spec: Any, timeout: float) -> dict[str, Any]:
-    """Run ``benchmarks._workloads.run(spec)`` in a new process; a run past ``timeout`` is killed."""
+def run_isolated(spec: Any, timeout: float, func: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run ``func(spec)`` (a module-level function; ``benchmarks._workloads.run`` by default) in a new process,
+    which returns its figures as a dict; a run past ``timeout`` is killed."""
     context = _get_context()
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(send, spec), daemon=True)
+    process = context.Process(target=_child, args=(send, spec, func), daemon=True)
     process.start()
     send.close()
     try:

@@ -117,3 +117,37 @@ def test_gcs_clients_compares_gcsfs_and_obstore_per_request(tmp_path: Path) -> N
     assert data["rows"]["null GCS|obstore"]["cpu_us_per_put"] > 0
     assert data["rows"]["fake-gcs-server|gcsfs"]["puts_per_s"] > 0
     assert "null GCS" in data["ratios"]
+
+
+def test_scale_reports_commit_memory_and_resume_per_count(tmp_path: Path) -> None:
+    pytest.importorskip("benchmarks.scale")
+    _run(
+        "benchmarks.scale",
+        "--counts",
+        "300",
+        "1000",
+        "--storages",
+        "local",
+        "--formats",
+        "npy,tar",
+        "--batch",
+        "128",
+        "--dir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    data = json.loads((tmp_path / "out" / "scale.json").read_text())
+    assert not data["errors"]
+    assert [(r["format"], r["count"]) for r in data["rows"]] == [
+        ("npy", 300),
+        ("npy", 1000),
+        ("tar", 300),
+        ("tar", 1000),
+    ]
+    for row in data["rows"]:
+        assert row["write"]["count"] == row["count"]  # committed, every prediction
+        assert row["remaining"]["left"] == 0  # a resume has nothing left to compute
+        assert row["resume"]["skipped"] == row["count"]  # and the resumed sink skips every put
+        assert row["write"]["peak_at_commit_mib"] >= row["write"]["rss_at_commit_mib"] > 0
+    assert "| local | tar | 1,000 |" in (tmp_path / "out" / "scale.md").read_text()
