@@ -52,9 +52,7 @@ def sorted_ids(identifiers: Iterable[str]) -> list[str]:
     return numeric + text
 
 
-async def object_lines(
-    store: Store, key: str, *, chunk_bytes: int = READ_BYTES
-) -> AsyncGenerator[list[str], None]:
+async def object_lines(store: Store, key: str, *, chunk_bytes: int = READ_BYTES) -> AsyncGenerator[list[str], None]:
     """The text lines of the object ``key`` (without their line ends, blank ones skipped), a chunk's worth at a
     time, read by ranged reads of ``chunk_bytes``; raises ``FileNotFoundError`` when absent."""
     if chunk_bytes < 1:

@@ -110,7 +110,7 @@ class _Reader:
         return entries
 
     async def aclose(self) -> None:
-        await self._chunks.aclose()  # type: ignore[attr-defined]
+        await self._chunks.aclose()
 
 
 class _Writer:
@@ -291,7 +291,9 @@ async def write_manifest(
         while True:
             try:
                 # the committed manifest joins the last pass only: a part that repeats its line is told apart
-                reduced = await _reduced(runs, uncommitted, fan_in - min(len(committed), fan_in // 2), fan_in, read_ahead)
+                reduced = await _reduced(
+                    runs, uncommitted, fan_in - min(len(committed), fan_in // 2), fan_in, read_ahead
+                )
                 kept = await _reduced(runs, committed, fan_in - len(reduced), fan_in, read_ahead)
                 count, nbytes = await _write(store, keys.manifest, [*kept, *reduced], read_ahead)
                 return Merged(count, nbytes, parts)
