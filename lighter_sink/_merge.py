@@ -36,8 +36,8 @@ logger = logging.getLogger(__name__)
 LOCAL_FAN_IN = 1024
 REMOTE_FAN_IN = 64
 #: Bytes read ahead over all the sources of one pass (each source reads at least :data:`MIN_CHUNK` at a time).
-READ_AHEAD = 16 * 2**20
-MIN_CHUNK = 16 * 2**10
+READ_AHEAD = 8 * 2**20
+MIN_CHUNK = 8 * 2**10
 #: Lines sorted in memory at a time when a source is out of order.
 SORT_LINES = 200_000
 #: Bytes of merged lines gathered before they are handed to the output.
@@ -71,43 +71,35 @@ class _Source:
 
 
 class _Reader:
-    """One source's entries, a chunk of ``chunk_bytes`` at a time: all the merge holds of it."""
+    """One source's entries, a chunk of ``chunk_bytes`` at a time (its lines, each parsed as it is reached): all
+    the merge holds of it."""
 
-    __slots__ = ("_chunks", "_entries", "_last", "_next", "source")
+    __slots__ = ("_chunks", "_last", "_lines", "_next", "source")
 
     def __init__(self, store: Store, source: _Source, chunk_bytes: int) -> None:
         self.source = source
         self._chunks = object_lines(store, source.key, chunk_bytes=chunk_bytes)
-        self._entries: list[_Entry] = []
+        self._lines: list[str] = []
         self._next = 0
         self._last: tuple[int, int, str] | None = None
 
     async def next(self) -> _Entry | None:
-        if self._next >= len(self._entries):
-            self._entries = []
+        if self._next >= len(self._lines):
+            self._lines = []
             self._next = 0
             async for lines in self._chunks:
-                self._entries = self._parsed(lines)
-                if self._entries:
+                if lines:
+                    self._lines = lines
                     break
             else:
                 return None
-        entry = self._entries[self._next]
+        identifier, nbytes, line = line_id_and_size(self._lines[self._next])
         self._next += 1
-        return entry
-
-    def _parsed(self, lines: list[str]) -> list[_Entry]:
-        entries = []
-        last = self._last
-        for text in lines:
-            identifier, nbytes, line = line_id_and_size(text)
-            order = id_order(identifier)
-            if last is not None and order < last:
-                raise _Unsorted(self.source.key)
-            last = order
-            entries.append((order, identifier, nbytes, line))
-        self._last = last
-        return entries
+        order = id_order(identifier)
+        if self._last is not None and order < self._last:
+            raise _Unsorted(self.source.key)
+        self._last = order
+        return order, identifier, nbytes, line
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
@@ -300,9 +292,10 @@ async def write_manifest(
             except _Unsorted as unsorted:
                 # sort it (and the other parts of the run that wrote it: one writer, one version), and start again
                 key = unsorted.key
+                if key.startswith(runs.prefix + "/"):  # (a run this merge wrote: sorted by construction)
+                    raise AssertionError(f"a run of the manifest's merge is out of order: {key}") from unsorted
                 folder = key.rpartition("/")[0] + "/"
                 doomed = {s.key for s in [*committed, *uncommitted] if s.key == key or s.key.startswith(folder)}
-                doomed = {k for k in doomed if not k.startswith(runs.prefix + "/")} or {key}
                 logger.info("%s: %d manifest sources out of id order are sorted first", store.url, len(doomed))
                 committed = await _resorted(runs, committed, doomed)
                 uncommitted = await _resorted(runs, uncommitted, doomed)
