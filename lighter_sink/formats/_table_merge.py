@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import json
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -153,7 +153,7 @@ class TableMerge:
         self._scratch = scratch
         self._part_rows = part_rows
 
-    async def _wanted(self) -> AsyncIterator[tuple[tuple[int, int, str], str, str]]:
+    async def _wanted(self) -> AsyncGenerator[tuple[tuple[int, int, str], str, str], None]:
         """``(order, id, crc32)`` of each record of the table, in id order."""
         filename = self._format.filename
         async for batch in self._records.batches():
@@ -288,12 +288,15 @@ class TableMerge:
                 )
             await output.write(row.line)
 
-        await _merge(readers, emit)
-        while current is not None:
-            count_missing += 1
-            if len(missing) < 5:
-                missing.append(current[1])
-            current = await anext(wanted, None)
+        try:
+            await _merge(readers, emit)
+            while current is not None:
+                count_missing += 1
+                if len(missing) < 5:
+                    missing.append(current[1])
+                current = await anext(wanted, None)
+        finally:
+            await wanted.aclose()
         if columns is None:
             await output.write(self._format.header(self._format.columns or ()))
         if count_missing:
