@@ -19,6 +19,7 @@ from lighter_sink._merge import MIN_CHUNK, manifest_records, merge_parts, write_
 from lighter_sink._store import Store, open_store
 from lighter_sink._types import Record, RecordStream, encode_records
 from tests import _faulty
+from tests.conftest import S3Server
 
 KEYS = ControlKeys()
 
@@ -74,6 +75,22 @@ async def test_many_parts_of_different_sizes_merge_in_passes(tmp_path: os.PathLi
     assert await _manifest_ids(store) == sorted(ids, key=id_order)
     assert await store.list(KEYS.parts) == []
     assert await store.list(KEYS.scratch) == []  # the intermediate runs are gone
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+async def test_a_merge_in_passes_on_s3_streams_the_manifest(s3_server: S3Server, s3_bucket: str, backend: str) -> None:
+    """On an object store: the runs and the manifest go through its streamed outputs, the runs are removed."""
+    options = {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}
+    store = await open_store(f"s3://{s3_bucket}/m", options, backend=backend)
+    try:
+        ids = _ids(4000, seed=5)
+        await _write_parts(store, ids, 60, seed=5)
+        assert (await merge_parts(store, KEYS, "g", fan_in=8))[0] == len(ids)
+        assert await _manifest_ids(store) == sorted(ids, key=id_order)
+        assert await store.list(KEYS.parts) == [] and await store.list(KEYS.scratch) == []
+    finally:
+        await store.aclose()
 
 
 @pytest.mark.anyio
