@@ -40,6 +40,8 @@ READ_AHEAD = 8 * 2**20
 MIN_CHUNK = 8 * 2**10
 #: Lines sorted in memory at a time when a source is out of order.
 SORT_LINES = 200_000
+#: Bytes of the manifest decoded into records at a time for a format's commit (some 7,000 records).
+RECORD_BYTES = 2**20
 #: Bytes of merged lines gathered before they are handed to the output.
 _WRITE_BYTES = 2**20
 
@@ -325,7 +327,7 @@ def manifest_records(store: Store, keys: ControlKeys) -> RecordStream:
     """The records of the manifest, in its order (id order once merged), read a chunk at a time."""
 
     async def batches() -> AsyncIterator[list[Record]]:
-        async for lines in object_lines(store, keys.manifest):
+        async for lines in object_lines(store, keys.manifest, chunk_bytes=RECORD_BYTES):
             yield [Record.from_json(line) for line in lines]
 
     return RecordStream(batches)

@@ -382,6 +382,7 @@ class _TableWriter(FormatWriter):
             level += 1
             groups = [readers[i : i + _FAN_IN] for i in range(0, len(readers), _FAN_IN)]
             readers = [await merge.spill(group, f"{level}-{i:06d}") for i, group in enumerate(groups)]
+            del groups
         output = store.open_output(filename)
         try:
             await merge.write_table(readers, output)

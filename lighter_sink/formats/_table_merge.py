@@ -101,6 +101,7 @@ class _Reader:
 
     async def next(self) -> Row | None:
         while self._next >= len(self._rows):
+            self._rows = []  # (an exhausted run holds nothing: its readers outlive it)
             if not self._loaders:
                 return None
             self._rows = await self._loaders.pop(0)()
