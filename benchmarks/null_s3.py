@@ -174,7 +174,19 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if data is None:
             data = bytes(size)  # the bytes were discarded: answer with as many zeros
-        self.send_response(200)
+        status = 200
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if wanted is not None:  # a ranged read, answered as S3 does (the commit reads manifest parts in chunks)
+            start = int(wanted.group(1))
+            if start >= len(data):
+                self._error(416, "InvalidRange")
+                return
+            end = min(len(data), int(wanted.group(2)) + 1) if wanted.group(2) else len(data)
+            total = len(data)
+            data, status = data[start:end], 206
+        self.send_response(status)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{total}")
         self.send_header("ETag", _FAKE_ETAG)
         self.send_header("Last-Modified", formatdate(self.server.started, usegmt=True))
         self.send_header("Content-Type", "application/octet-stream")

@@ -30,7 +30,8 @@ from lighter_sink._lease import (
     renew_lease,
     stored_generation,
 )
-from lighter_sink._manifest import merge_parts, read_records, write_success
+from lighter_sink._manifest import read_records, write_success
+from lighter_sink._merge import manifest_records, write_manifest
 from lighter_sink._store import Store, check_local_destination, local_path
 from lighter_sink._types import Record, encode_records
 from lighter_sink.formats import Format, FormatWriter
@@ -248,16 +249,23 @@ class Ownership:
             await self.release(committed=False)  # (a no-op after a commit, which deleted it)
 
     async def commit(self, writer: FormatWriter | None, summary: Mapping[str, Any], *, durable: bool) -> dict[str, Any]:
-        """Rank 0, once every rank flushed: finish the format's output, merge the manifest, write ``_SUCCESS``."""
+        """Rank 0, once every rank flushed: merge the manifest, finish the format's output, write ``_SUCCESS``.
+
+        The manifest is merged first (streamed: rank 0's memory does not grow with the predictions), and the
+        format reads the records back from it in id order; the parts go only once both are written, so that a
+        commit that fails on the way leaves what a resumed run needs (its merge takes a part that repeats a line
+        of the manifest as one record).
+        """
         store = self.store
         assert store is not None and self.generation is not None and self.lease is not None
         keys = self.keys
+        merged = await write_manifest(store, keys, self.generation)
         if writer is not None:
-            await writer.commit(await read_records(store, keys, self.generation))
+            await writer.commit(manifest_records(store, keys))
             if durable:  # (what the format wrote at commit, a zarr array's metadata say; tables fsync their own)
                 await store.sync()
-        count, nbytes = await merge_parts(store, keys, self.generation)
-        result = {**summary, "count": count, "bytes": nbytes}
+        await store.delete(merged.parts)
+        result = {**summary, "count": merged.count, "bytes": merged.nbytes}
         # Only the run that owns the output commits; the marker goes last (S3 has no rename), and then the
         # output is given up.
         await check_lease(store, keys, self.lease)

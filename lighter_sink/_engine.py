@@ -4,7 +4,8 @@ Object stores: a few workers encode groups of batches in worker threads and hand
 ``concurrency`` uploaders. Local directories (stores that write many objects in one call): each worker encodes
 and writes a group in one worker thread, bounded by the store's timeout. Formats that are not one object per
 prediction (arrays, tables) get the rows through their writer. What was stored becomes records, written to a
-manifest part every :data:`PART_RECORDS` records and at flush; what failed fails the sink, through the hand-off.
+manifest part (sorted by id) every :data:`PART_RECORDS` records and at flush; what failed fails the sink, through
+the hand-off.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from lighter_sink._checksum import crc32
 from lighter_sink._handoff import Batch, Handoff
 from lighter_sink._layout import ControlKeys
+from lighter_sink._manifest import id_order
 from lighter_sink._store import Store
 from lighter_sink._types import Buffer, Record, encode_records
 from lighter_sink.formats import Format, FormatWriter
@@ -362,7 +364,9 @@ class Engine:
             assert self.generation is not None
             count = len(self._records)  # (workers only append: the first `count` are this part's)
             key = self.keys.part(self.generation, self.run, self.rank, self._part_seq + 1)
-            await self.store.put(key, [encode_records(self._records[:count])])
+            # sorted by id: the commit merges the parts as sorted streams, a chunk of each at a time
+            part = sorted(self._records[:count], key=lambda record: id_order(record.id))
+            await self.store.put(key, [encode_records(part)])
             del self._records[:count]
             self._part_seq += 1
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from typing import Any
 
-from lighter_sink._errors import CommitError
 from lighter_sink._ids import is_numeric_id
 from lighter_sink._layout import ControlKeys
 from lighter_sink._store import Store
@@ -22,9 +21,12 @@ __all__ = [
     "MANIFEST",
     "SUCCESS",
     "Record",
-    "merge_parts",
+    "id_order",
+    "line_id_and_size",
     "object_lines",
+    "part_keys",
     "read_records",
+    "sorted_ids",
     "write_success",
 ]
 
@@ -50,7 +52,7 @@ def sorted_ids(identifiers: Iterable[str]) -> list[str]:
     return numeric + text
 
 
-async def object_lines(store: Store, key: str, *, chunk_bytes: int = READ_BYTES) -> AsyncIterator[list[str]]:
+async def object_lines(store: Store, key: str, *, chunk_bytes: int = READ_BYTES) -> AsyncGenerator[list[str], None]:
     """The text lines of the object ``key`` (without their line ends, blank ones skipped), a chunk's worth at a
     time, read by ranged reads of ``chunk_bytes``; raises ``FileNotFoundError`` when absent."""
     if chunk_bytes < 1:
@@ -103,7 +105,7 @@ async def read_records(store: Store, keys: ControlKeys, generation: str | None) 
     return records
 
 
-def _line_id_and_size(line: str) -> tuple[str, int, str]:
+def line_id_and_size(line: str) -> tuple[str, int, str]:
     """The id and nbytes of a record line as :meth:`Record.to_json` writes it, without decoding the rest, and the
     line as the manifest keeps it: a number's id as a JSON number (older versions wrote every id as a string).
 
@@ -136,52 +138,13 @@ def _line_id_and_size(line: str) -> tuple[str, int, str]:
 
 
 def _decoded_id_and_size(line: str) -> tuple[str, int, str]:
-    """:func:`_line_id_and_size` of a line in another layout: decoded whole, its id given its type if need be."""
+    """:func:`line_id_and_size` of a line in another layout: decoded whole, its id given its type if need be."""
     record = Record.from_json(line)
     data = json.loads(line)
     if data["id"] != record.id or not is_numeric_id(record.id):
         return record.id, record.nbytes, line
     data["id"] = int(record.id)  # a number's id written as a string: that field changed, the others kept
     return record.id, record.nbytes, json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-
-
-async def merge_parts(store: Store, keys: ControlKeys, generation: str) -> tuple[int, int]:
-    """Write the manifest from the one there is and ``generation``'s parts, sorted by id; then remove the parts.
-
-    Works on the record lines as they are (an id and a size read from each, nothing re-encoded but the id of an
-    older line that wrote a number's id as a string): a commit of a million records costs seconds, not minutes.
-    Returns the number of predictions and their bytes.
-
-    Raises:
-        CommitError: an id is recorded twice (put on two ranks, by a padding sampler say): which of the two
-            predictions is right cannot be known, and listing one would hide the other.
-    """
-    parts = await part_keys(store, keys, generation)
-    lines: dict[str, str] = {}  # id -> line
-    total = 0
-    async for source, data in _recorded(store, keys, parts):
-        for text in data.decode().splitlines():
-            if text.strip():
-                identifier, nbytes, line = _line_id_and_size(text)
-                if identifier in lines:
-                    raise CommitError(
-                        f"the id {identifier!r} was recorded twice in {store.url} (again in {source}): ids must be "
-                        "unique across ranks; a padding DistributedSampler repeats samples: use Lightning's own "
-                        "sampler, or drop the repeated ids; nothing was committed"
-                    )
-                lines[identifier] = line
-                total += nbytes
-    # One line per record is all the merge holds: no tuple per record, and the body is joined once ("" ends it
-    # with a newline) and encoded once.
-    ordered = [lines[i] for i in sorted_ids(lines)]
-    count = len(ordered)
-    lines.clear()
-    ordered.append("")
-    body = "\n".join(ordered).encode()
-    del ordered
-    await store.put(keys.manifest, [body])
-    await store.delete(parts)
-    return count, total
 
 
 async def write_success(store: Store, keys: ControlKeys, summary: Mapping[str, Any]) -> None:

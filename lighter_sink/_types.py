@@ -1,7 +1,8 @@
 """The ground floor: the types every room shares. It imports nothing of the package.
 
 * :data:`Buffer`: bytes as the formats make them and the stores send them (never joined without need).
-* :class:`Record`: what the manifest says of one stored prediction.
+* :class:`Record`: what the manifest says of one stored prediction; :class:`RecordStream`: the records of an output
+  in id order, as a format's commit reads them (a chunk at a time: never all at once).
 * :class:`ObjectStore` and :class:`Output`: the narrow interface a format that streams or updates in place (tables,
   zarr) gets to the sink's store. It has no url and no credentials: the sink opened the store, with its retries,
   timeouts and statistics, and every byte a format stores goes through it.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import json.encoder
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
@@ -25,6 +26,7 @@ __all__ = [
     "Problem",
     "ProblemKind",
     "Record",
+    "RecordStream",
     "decode_records",
     "encode_records",
     "is_numeric_id",
@@ -109,6 +111,45 @@ def encode_records(records: Iterable[Record]) -> bytes:
 
 def decode_records(data: bytes) -> list[Record]:
     return [Record.from_json(line) for line in data.decode().splitlines() if line.strip()]
+
+
+class RecordStream:
+    """The records of an output in id order, read as they are needed: a format's commit goes through them without
+    holding them all (ten million records are gigabytes as Python objects).
+
+    ``async for record in records`` reads them one by one, :meth:`batches` a list at a time; each pass reads them
+    again from the start. :meth:`collect` holds them all, by id, for code written against a dict of records.
+
+    Args:
+        batches: a function returning a new iterator over the records, in lists (one per chunk read).
+    """
+
+    def __init__(self, batches: Callable[[], AsyncIterator[list[Record]]]) -> None:
+        self._batches = batches
+
+    @classmethod
+    def of(cls, records: Iterable[Record]) -> RecordStream:
+        """A stream of records already in memory, in the order given (tests, and formats that wrap others)."""
+        held = list(records)
+
+        async def batches() -> AsyncIterator[list[Record]]:
+            if held:
+                yield held
+
+        return cls(batches)
+
+    def batches(self) -> AsyncIterator[list[Record]]:
+        """The records in lists, in id order."""
+        return self._batches()
+
+    async def __aiter__(self) -> AsyncIterator[Record]:
+        async for batch in self._batches():
+            for record in batch:
+                yield record
+
+    async def collect(self) -> dict[str, Record]:
+        """Every record by id, held in memory: as large as the output's record count."""
+        return {record.id: record async for record in self}
 
 
 class Output(Protocol):

@@ -30,6 +30,7 @@ class Plan:
     started: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     files: dict[str, Any] = field(default_factory=dict)  # what the filesystem stores, by path
     writes: int = 0
+    reads: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes asked) of each ranged read
     failures: int = 0
     in_flight: int = 0
     most_in_flight: int = 0
@@ -78,6 +79,12 @@ class FaultyFileSystem(MemoryFileSystem):
     @classmethod
     def _strip_protocol(cls, path: str) -> str:
         return str(super()._strip_protocol(path.removeprefix("faulty://")))
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        if start is not None and end is not None:
+            with self.plan.lock:
+                self.plan.reads.append((self._strip_protocol(path), end - start))
+        return bytes(super().cat_file(path, start=start, end=end, **kwargs))
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         self.plan.on_write(self._strip_protocol(path))

@@ -6,7 +6,8 @@ import pytest
 
 from lighter_sink._errors import CommitError
 from lighter_sink._layout import ControlKeys
-from lighter_sink._manifest import MANIFEST, id_order, merge_parts, object_lines, sorted_ids
+from lighter_sink._manifest import MANIFEST, id_order, object_lines, sorted_ids
+from lighter_sink._merge import merge_parts
 from lighter_sink._store import open_store
 from lighter_sink._types import Record, encode_records
 from tests.conftest import S3Server

@@ -219,6 +219,12 @@ class ThreadFsStore(Store):
         data: bytes = await self._retrying(key, lambda: self._run(self._fs.cat_file, _join(self._root, key)))
         return data
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        # (a ranged read, not the whole object each time: the commit reads a manifest part a chunk at a time)
+        read = functools.partial(self._fs.cat_file, _join(self._root, key), start=start, end=start + length)
+        data: bytes = await self._retrying(key, lambda: self._run(read))
+        return data
+
     async def exists(self, key: str) -> bool:
         return bool(await self._retrying(key, lambda: self._run(self._fs.exists, _join(self._root, key))))
 

@@ -10,6 +10,7 @@ from lighter_sink.formats._base import (
     Format,
     FormatWriter,
     RecordCheck,
+    RecordStream,
     WriterContext,
 )
 from lighter_sink.formats._function import FunctionFormat, WriterFunction
@@ -38,6 +39,7 @@ __all__ = [
     "ParquetFormat",
     "PngFormat",
     "RecordCheck",
+    "RecordStream",
     "ShardFormat",
     "TableFormat",
     "TarFormat",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from lighter_sink._errors import PredictionError
-from lighter_sink._types import Buffer, ObjectStore, Problem, Record
+from lighter_sink._types import Buffer, ObjectStore, Problem, Record, RecordStream
 
 __all__ = [
     "Buffer",
@@ -18,6 +18,7 @@ __all__ = [
     "Format",
     "FormatWriter",
     "RecordCheck",
+    "RecordStream",
     "WriterContext",
     "record_problem",
 ]
@@ -94,8 +95,12 @@ class FormatWriter:
         """
         return []
 
-    async def commit(self, records: Mapping[str, Record]) -> None:
-        """On rank 0 only, after every rank flushed: finish the output (merge parts, write metadata)."""
+    async def commit(self, records: RecordStream) -> None:
+        """On rank 0 only, after every rank flushed: finish the output (merge parts, write metadata).
+
+        ``records``: every record of the output (those of earlier runs a resume kept included), in id order, read
+        as they are needed; the manifest listing them is written already, ``_SUCCESS`` follows if this returns.
+        """
 
     async def aclose(self) -> None:
         """Release resources; called on every rank, after a commit or an abort."""

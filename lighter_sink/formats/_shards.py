@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -34,7 +34,7 @@ import torch
 
 from lighter_sink._checksum import crc32
 from lighter_sink._errors import ConfigurationError
-from lighter_sink._types import Buffer, ObjectStore, Output, Problem, Record
+from lighter_sink._types import Buffer, ObjectStore, Output, Problem, Record, RecordStream
 from lighter_sink.formats._base import CheckContext, Format, FormatWriter, RecordCheck, WriterContext, record_problem
 
 __all__ = ["DEFAULT_SHARD_BYTES", "SHARDS_DIR", "Member", "Packer", "ShardCheck", "ShardFormat", "ShardWriter"]
@@ -111,7 +111,11 @@ class ShardFormat(Format):
 
     def check_records(self, records: Sequence[Record]) -> None:
         """At commit, on rank 0: raise when the shards of every rank (and of the run a resume continued) cannot be
-        read together, so that no ``_SUCCESS`` vouches for them. Tar shards always can."""
+        read together, so that no ``_SUCCESS`` vouches for them. Tar shards always can.
+
+        ``records``: one record of each shape and dtype the output holds (not every record: their number is not
+        bounded).
+        """
 
     def open_writer(self, context: WriterContext) -> FormatWriter:
         return ShardWriter(self, context)
@@ -209,13 +213,18 @@ class ShardWriter(FormatWriter):
             shard, self._open = self._open, None
         return [] if shard is None else await self._finish(shard)
 
-    async def commit(self, records: Mapping[str, Record]) -> None:
+    async def commit(self, records: RecordStream) -> None:
         """Remove the shards no record lists: a killed run's, stored whole but never recorded (their predictions
-        were written again), so that the output holds exactly what its manifest lists."""
-        self._format.check_records(list(records.values()))
-        listed = {record.path for record in records.values()}
-        stale = [key for key in await self._store.list(SHARDS_DIR) if key not in listed]
-        await self._store.delete(stale)
+        were written again), so that the output holds exactly what its manifest lists. Reads the records as they
+        come; holds the shards' keys and one record of each shape and dtype."""
+        unlisted = set(await self._store.list(SHARDS_DIR))
+        kinds: dict[tuple[tuple[int, ...], str], Record] = {}
+        async for batch in records.batches():
+            for record in batch:
+                unlisted.discard(record.path)
+                kinds.setdefault((tuple(record.shape), record.dtype), record)
+        self._format.check_records(list(kinds.values()))
+        await self._store.delete(sorted(unlisted))
 
     async def aclose(self) -> None:
         shards = [*self._closing, *([self._open] if self._open is not None else [])]

@@ -40,7 +40,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
 import anyio
@@ -49,7 +49,7 @@ import torch
 
 from lighter_sink._errors import ConfigurationError, PredictionError
 from lighter_sink._ids import is_numeric_id
-from lighter_sink._types import ObjectStore, Problem, Record
+from lighter_sink._types import ObjectStore, Problem, Record, RecordStream
 from lighter_sink.formats._base import CheckContext, Format, FormatWriter, RecordCheck, WriterContext, record_problem
 from lighter_sink.formats._table_merge import Row, TableMerge, order, part_rows
 
@@ -368,21 +368,21 @@ class _TableWriter(FormatWriter):
 
     # ------------------------------------------------------------------ commit, on rank 0
 
-    async def commit(self, records: Mapping[str, Record]) -> None:
+    async def commit(self, records: RecordStream) -> None:
         store = self._context.store
         filename = self._format.filename
-        wanted = {r.id: r.crc32 for r in records.values() if r.path == filename}
         scratch = self._context.scratch
-        merge = TableMerge(self._format, store, wanted, self._token, scratch, part_rows=_PART_ROWS)
+        merge = TableMerge(self._format, store, records, self._token, scratch, part_rows=_PART_ROWS)
         parts = [key for key in await store.list(scratch) if key.endswith(".part")]
         readers = [merge.part_reader(key) for key in parts]
-        if self._context.mode == "resume" and wanted:
+        if self._context.mode == "resume":
             readers.append(merge.table_reader(parts))
         level = 0
         while len(readers) > _FAN_IN:
             level += 1
             groups = [readers[i : i + _FAN_IN] for i in range(0, len(readers), _FAN_IN)]
             readers = [await merge.spill(group, f"{level}-{i:06d}") for i, group in enumerate(groups)]
+            del groups
         output = store.open_output(filename)
         try:
             await merge.write_table(readers, output)

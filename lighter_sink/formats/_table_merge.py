@@ -4,9 +4,9 @@ The writer stores rows in part objects, sorted by id, one ``json(id) TAB line`` 
 (``json(id) NUL json(line)`` for a line that holds line breaks of its own, a CSV cell's);
 at commit rank 0 merges them (an external merge: at most ``fan_in`` objects are read at once, more parts are
 first merged into intermediate runs) into the table, keeping exactly the rows the manifest vouches for (same id,
-same CRC-32 of the line). ``verify`` reads the parts of an uncommitted run the same way. A table whose rows hold
-no id (``ids_in_rows`` false) was written in id order: a resumed run pairs its lines with the recorded ids that no
-part holds, in that order.
+same CRC-32 of the line), read from the manifest in id order as the rows come. ``verify`` reads the parts of an
+uncommitted run the same way. A table whose rows hold no id (``ids_in_rows`` false) was written in id order: a
+resumed run pairs its lines with the recorded ids that no part holds, in that order.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from __future__ import annotations
 import heapq
 import json
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from lighter_sink._errors import CommitError
 from lighter_sink._ids import is_numeric_id
-from lighter_sink._types import ObjectStore, Output
+from lighter_sink._types import ObjectStore, Output, RecordStream
 
 __all__ = ["Row", "TableMerge", "TableText", "order", "part_rows"]
 
@@ -35,6 +35,7 @@ class Row:
     order: tuple[int, int, str]
     id: str
     line: bytes  # the table's line, newline included
+    columns: tuple[str, ...] | None = None  # the columns of the part that holds it (None: not known yet)
 
     def part_line(self) -> bytes:
         line = self.line
@@ -43,17 +44,30 @@ class Row:
         return json.dumps(self.id).encode() + b"\t" + line
 
 
-def part_rows(data: bytes) -> list[Row]:
-    """The rows of a part's body (the part without its header line), or of an intermediate run."""
+def part_rows(data: bytes, columns: tuple[str, ...] | None = None) -> list[Row]:
+    """The rows of a part's body (the part without its header line), of ``columns``."""
+    return [_row(raw, columns) for raw in data.splitlines(keepends=True)]
+
+
+def _row(raw: bytes, columns: tuple[str, ...] | None) -> Row:
+    encoded_id, tab, line = raw.partition(b"\t")
+    if not tab:  # a line with line breaks of its own, stored as a JSON string (Row.part_line)
+        encoded_id, _, text = raw.partition(b"\x00")
+        line = json.loads(text).encode()
+    # json.dumps wrote the id in ASCII: without a backslash its text is what lies between the quotes
+    identifier = json.loads(encoded_id) if b"\\" in encoded_id else encoded_id[1:-1].decode("ascii")
+    return Row(order(identifier), identifier, line, columns)
+
+
+def _run_rows(data: bytes) -> list[Row]:
+    """The rows of an intermediate run: a header line listing the columns of its parts, then ``index SPACE
+    part line`` per row (``index`` into that list)."""
+    header, _, body = data.partition(b"\n")
+    kinds = [tuple(c) for c in json.loads(header)["columns"]]
     rows = []
-    for raw in data.splitlines(keepends=True):
-        encoded_id, tab, line = raw.partition(b"\t")
-        if not tab:  # a line with line breaks of its own, stored as a JSON string (Row.part_line)
-            encoded_id, _, text = raw.partition(b"\x00")
-            line = json.loads(text).encode()
-        # json.dumps wrote the id in ASCII: without a backslash its text is what lies between the quotes
-        identifier = json.loads(encoded_id) if b"\\" in encoded_id else encoded_id[1:-1].decode("ascii")
-        rows.append(Row(order(identifier), identifier, line))
+    for raw in body.splitlines(keepends=True):
+        index, _, rest = raw.partition(b" ")
+        rows.append(_row(rest, kinds[int(index)] if index != b"-" else None))
     return rows
 
 
@@ -87,6 +101,7 @@ class _Reader:
 
     async def next(self) -> Row | None:
         while self._next >= len(self._rows):
+            self._rows = []  # (an exhausted run holds nothing: its readers outlive it)
             if not self._loaders:
                 return None
             self._rows = await self._loaders.pop(0)()
@@ -116,45 +131,42 @@ async def _merge(readers: Sequence[_Reader], emit: Callable[[Row], Awaitable[Non
 class TableMerge:
     """The commit's external merge: sorted runs in, one table out, only rows the manifest vouches for.
 
+    The records come as a stream in id order, as the merged rows do: the table is written by walking both at once
+    (a merge join), so that neither the records nor the rows are held whole, except the previous table a resumed
+    run keeps (read whole, as it was written) and, for a table without ids, that table's recorded ids.
+
     Args:
         fmt: the table's format.
         store: the sink's store.
-        wanted: the CRC-32 (hex) of each recorded row's line, by id.
+        records: the output's records, in id order (those of other paths are passed over).
         token: this writer's token, naming its intermediate runs.
         scratch: the prefix of the parts and intermediate runs.
         part_rows: rows per intermediate run object.
     """
 
     def __init__(
-        self, fmt: TableText, store: ObjectStore, wanted: Mapping[str, str], token: str, scratch: str, *, part_rows: int
+        self, fmt: TableText, store: ObjectStore, records: RecordStream, token: str, scratch: str, *, part_rows: int
     ) -> None:
         self._format = fmt
         self._store = store
-        self._wanted = wanted
+        self._records = records
         self._token = token
         self._scratch = scratch
         self._part_rows = part_rows
-        self._columns: tuple[str, ...] | None = None
 
-    def _keep(self, rows: list[Row], columns: tuple[str, ...], where: str) -> list[Row]:
-        wanted = self._wanted
-        kept = [r for r in rows if wanted.get(r.id) == f"{zlib.crc32(r.line):08x}"]
-        if kept:
-            if self._columns is None:
-                self._columns = columns
-            elif columns != self._columns:
-                raise CommitError(
-                    f"{where} holds rows with columns {list(columns)}, others have {list(self._columns)}: "
-                    "ranks (or the resumed run) stored predictions of different shapes"
-                )
-        return kept
+    async def _wanted(self) -> AsyncGenerator[tuple[tuple[int, int, str], str, str], None]:
+        """``(order, id, crc32)`` of each record of the table, in id order."""
+        filename = self._format.filename
+        async for batch in self._records.batches():
+            for record in batch:
+                if record.path == filename:
+                    yield order(record.id), record.id, record.crc32
 
     def part_reader(self, key: str) -> _Reader:
         async def load() -> list[Row]:
             data = await self._store.get(key)
             header, _, body = data.partition(b"\n")
-            columns = tuple(json.loads(header)["columns"])
-            return self._keep(part_rows(body), columns, key)
+            return part_rows(body, tuple(json.loads(header)["columns"]))
 
         return _Reader([load])
 
@@ -174,53 +186,61 @@ class TableMerge:
             lines = fmt.split_lines(data)
             columns = fmt.columns_of(lines[:1])
             if not fmt.ids_in_rows:
-                return self._keep(self._paired(fmt.rows_of(lines), await self._part_ids(parts)), columns, fmt.filename)
+                wanted = {i: crc async for _, i, crc in self._wanted()}
+                return self._paired(fmt.rows_of(lines), wanted, await self._part_ids(parts, wanted), columns)
             rows = []
             for line in fmt.rows_of(lines):
                 identifier = fmt.row_id(line)
-                rows.append(Row(order(identifier), identifier, line))
+                rows.append(Row(order(identifier), identifier, line, columns))
             rows.sort(key=lambda r: r.order)
-            return self._keep(rows, columns, fmt.filename)
+            return rows
 
         return _Reader([load])
 
-    async def _part_ids(self, parts: Sequence[str]) -> set[str]:
+    async def _part_ids(self, parts: Sequence[str], wanted: Mapping[str, str]) -> set[str]:
         """The ids whose recorded row a part holds."""
         found: set[str] = set()
         for key in parts:
             _header, _, body = (await self._store.get(key)).partition(b"\n")
-            found.update(r.id for r in part_rows(body) if self._wanted.get(r.id) == f"{zlib.crc32(r.line):08x}")
+            found.update(r.id for r in part_rows(body) if wanted.get(r.id) == f"{zlib.crc32(r.line):08x}")
         return found
 
-    def _paired(self, lines: Sequence[bytes], in_parts: set[str]) -> list[Row]:
+    @staticmethod
+    def _paired(
+        lines: Sequence[bytes], wanted: Mapping[str, str], in_parts: set[str], columns: tuple[str, ...]
+    ) -> list[Row]:
         """The rows of a table without ids: its lines, in order, are the recorded rows no part holds, in id order.
 
         Each line is paired with the next such id when it is that id's row (the same CRC-32); a line that is not
         (a row of a run interrupted after writing the table, whose part is still here) is passed over.
         """
-        ids = [i for i in sorted(self._wanted, key=order) if i not in in_parts]
+        ids = [i for i in sorted(wanted, key=order) if i not in in_parts]
         rows: list[Row] = []
         for line in lines:
             if len(rows) == len(ids):
                 break
             identifier = ids[len(rows)]
-            if self._wanted[identifier] == f"{zlib.crc32(line):08x}":
-                rows.append(Row(order(identifier), identifier, line))
+            if wanted[identifier] == f"{zlib.crc32(line):08x}":
+                rows.append(Row(order(identifier), identifier, line, columns))
         return rows
 
     async def spill(self, readers: Sequence[_Reader], name: str) -> _Reader:
         """Merge ``readers`` into an intermediate run of objects of ``part_rows`` rows; return its reader."""
         keys: list[str] = []
         buffer: list[bytes] = []
+        kinds: dict[tuple[str, ...], int] = {}  # the columns of the rows of the object being filled
 
         async def put() -> None:
             key = f"{self._scratch}/merge-{self._token}/{name}-{len(keys):06d}.run"
-            await self._store.put(key, [b"".join(buffer)])
+            header = json.dumps({"columns": list(kinds)}).encode() + b"\n"
+            await self._store.put(key, [header + b"".join(buffer)])
             keys.append(key)
             buffer.clear()
+            kinds.clear()
 
         async def emit(row: Row) -> None:
-            buffer.append(row.part_line())
+            index = b"-" if row.columns is None else str(kinds.setdefault(row.columns, len(kinds))).encode()
+            buffer.append(index + b" " + row.part_line())
             if len(buffer) >= self._part_rows:
                 await put()
 
@@ -230,31 +250,59 @@ class TableMerge:
 
         def loader(key: str) -> Callable[[], Awaitable[list[Row]]]:
             async def load() -> list[Row]:
-                return part_rows(await self._store.get(key))
+                return _run_rows(await self._store.get(key))
 
             return load
 
         return _Reader([loader(k) for k in keys])
 
     async def write_table(self, readers: Sequence[_Reader], output: Output) -> None:
-        remaining = dict(self._wanted)
-        started = False
+        """Write the rows the records vouch for (same id, same CRC-32 of the line), once each, in id order.
+
+        Raises:
+            CommitError: a recorded row is in no part (nothing is written), or kept rows have different columns.
+        """
+        wanted = self._wanted()
+        current = await anext(wanted, None)
+        columns: tuple[str, ...] | None = None
+        missing: list[str] = []
+        count_missing = 0
 
         async def emit(row: Row) -> None:
-            nonlocal started
-            if remaining.pop(row.id, None) is None:
-                return  # a second copy of a row already written (an earlier run's part, or its table)
-            if not started:
-                started = True
-                await output.write(self._format.header(self._columns or ()))
+            nonlocal current, columns, count_missing
+            while current is not None and current[0] < row.order:  # recorded, and in no part
+                count_missing += 1
+                if len(missing) < 5:
+                    missing.append(current[1])
+                current = await anext(wanted, None)
+            if current is None or current[1] != row.id or current[2] != f"{zlib.crc32(row.line):08x}":
+                return  # a row no record vouches for (a stale part's), or a second copy of one already written
+            current = await anext(wanted, None)
+            row_columns = row.columns or ()
+            if columns is None:
+                columns = row_columns
+                await output.write(self._format.header(columns))
+            elif row_columns != columns:
+                raise CommitError(
+                    f"the parts hold rows with columns {list(row_columns)} and {list(columns)}: ranks (or the "
+                    "resumed run) stored predictions of different shapes"
+                )
             await output.write(row.line)
 
-        await _merge(readers, emit)
-        if not started:
+        try:
+            await _merge(readers, emit)
+            while current is not None:
+                count_missing += 1
+                if len(missing) < 5:
+                    missing.append(current[1])
+                current = await anext(wanted, None)
+        finally:
+            await wanted.aclose()
+        if columns is None:
             await output.write(self._format.header(self._format.columns or ()))
-        if remaining:
-            some = ", ".join(repr(i) for i in sorted(remaining, key=order)[:5])
+        if count_missing:
+            some = ", ".join(repr(i) for i in missing)
             raise CommitError(
-                f"{len(remaining)} rows recorded in the manifest are in no table part (for example {some}); "
+                f"{count_missing} rows recorded in the manifest are in no table part (for example {some}); "
                 f"{self._format.filename} was not written"
             )

@@ -37,7 +37,7 @@ chunk, so that ``lighter-sink verify`` checks what a reader gets back (:meth:`Za
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -54,7 +54,7 @@ from lighter_sink._errors import (
     PredictionError,
 )
 from lighter_sink._ids import is_numeric_id
-from lighter_sink._types import ObjectStore, Problem, Record
+from lighter_sink._types import ObjectStore, Problem, Record, RecordStream
 from lighter_sink.formats._base import (
     NON_NUMPY_DTYPES,
     CheckContext,
@@ -277,36 +277,50 @@ class _ZarrWriter(FormatWriter):
                 records.append(Record(ids[position], key, nbytes, f"{crc:08x}", item_shape, str(dtype)))
         return records
 
-    async def commit(self, records: Mapping[str, Record]) -> None:
-        """Check that every rank wrote the same array, then delete the chunks no record vouches for."""
-        from zarr.storage import StorePath
+    async def commit(self, records: RecordStream) -> None:
+        """Check that every rank wrote the same array, then delete the chunks no record vouches for.
 
+        Reads the records as they come (a chunk of the manifest at a time); holds the array's chunk keys.
+        """
         store = self._context.store
-        rows = [r for r in records.values() if r.path.startswith(CHUNKS + "/")]
-        if not rows:
+        unlisted: set[str] | None = None  # the stored chunks no record has named yet; None until the first row
+        item_shape: tuple[int, ...] = ()
+        dtype = ""
+        async for batch in records.batches():
+            for record in batch:
+                if not record.path.startswith(CHUNKS + "/"):
+                    continue
+                if unlisted is None:
+                    item_shape, dtype = await self._stored_layout()
+                    unlisted = set(await store.list(CHUNKS))
+                if tuple(record.shape) != item_shape or record.dtype != dtype:
+                    raise CommitError(
+                        f"row {record.id!r} was written with shape {tuple(record.shape)} and dtype {record.dtype}, "
+                        f"but the array holds rows of shape {item_shape} and dtype {dtype}: ranks saw different "
+                        "predictions"
+                    )
+                unlisted.discard(record.path)
+        if unlisted is None:
             # nothing stored by this run nor kept from an earlier one: leave no stale array behind either
             await store.delete([METADATA])
             await store.delete_prefix(CHUNKS)
             return
+        await store.delete(sorted(unlisted))
+
+    async def _stored_layout(self) -> tuple[tuple[int, ...], str]:
+        """The item shape and dtype of the stored array; raises :class:`CommitError` when it is absent, or is not
+        the array rank 0 wrote."""
+        from zarr.storage import StorePath
+
         stored = await _existing_array(StorePath(self._store))
         if stored is None:
-            raise CommitError(f"{len(rows)} rows are recorded but the output holds no {METADATA}")
-        item_shape = tuple(stored.metadata.shape[1:])
-        dtype = str(_numpy_dtype(stored))
+            raise CommitError(f"rows are recorded but the output holds no {METADATA}")
         if self._array is not None and _layout(stored.metadata) != _layout(self._array.metadata):
             raise CommitError(
                 f"{METADATA} no longer describes the array rank 0 wrote (shape "
                 f"{tuple(self._array.metadata.shape)}): did ranks see predictions of different shapes or dtypes?"
             )
-        for record in rows:
-            if tuple(record.shape) != item_shape or record.dtype != dtype:
-                raise CommitError(
-                    f"row {record.id!r} was written with shape {tuple(record.shape)} and dtype {record.dtype}, but "
-                    f"the array holds rows of shape {item_shape} and dtype {dtype}: ranks saw different predictions"
-                )
-        recorded = {r.path for r in rows}
-        stale = [key for key in await store.list(CHUNKS) if key not in recorded]
-        await store.delete(stale)
+        return tuple(stored.metadata.shape[1:]), str(_numpy_dtype(stored))
 
 
 class _ZarrCheck(RecordCheck):
