@@ -76,7 +76,8 @@ class AsyncFsStore(Store):
 
     async def _put_once(self, key: str, buffers: Sequence[Buffer], crc32: int | None) -> None:
         # (no fence: an asyncio request is cancelled with its task, and nothing of it wakes up later)
-        data = buffers[0] if len(buffers) == 1 else b"".join(buffers)
+        # botocore takes bytes, bytearray or a file, not a memoryview (a format's single buffer, as torch.save's)
+        data = buffers[0] if len(buffers) == 1 and isinstance(buffers[0], bytes | bytearray) else b"".join(buffers)
         extra: dict[str, str] = {}
         # (s3fs switches to a multipart upload from 100 MiB, whose parts each carry their own checksum)
         if crc32 is not None and self._s3_crc32 and memoryview(data).nbytes < S3_SINGLE_PUT:
