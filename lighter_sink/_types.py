@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import json.encoder
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
@@ -151,6 +152,10 @@ class ObjectStore(Protocol):
 
     async def list(self, prefix: str = "") -> list[str]:
         """Keys of every object below ``prefix`` (recursively)."""
+        ...
+
+    def iter_list(self, prefix: str = "", *, page_size: int = ...) -> AsyncIterator[builtins.list[str]]:
+        """:meth:`list` in pages of at most ``page_size`` keys, in no particular order."""
         ...
 
     def open_output(self, key: str, *, part_size: int = ...) -> Output:

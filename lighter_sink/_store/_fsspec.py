@@ -8,16 +8,17 @@ backends) block: their calls run in worker threads, abandoned (never awaited) on
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
+from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store
 from lighter_sink._store._multipart import GcsOutput, S3Output, abort_s3_uploads
 from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, delete_objects
 from lighter_sink._store._urls import protocol_of
@@ -138,6 +139,30 @@ class AsyncFsStore(Store):
         except FileNotFoundError:
             return []
         return sorted(_relative(self._root, p) for p in found)
+
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> AsyncIterator[builtins.list[str]]:
+        """S3: one ``ListObjectsV2`` request a page, each retried on its own; other filesystems list whole."""
+        if not self._s3:
+            async for keys in super().iter_list(prefix, page_size=page_size):
+                yield keys
+            return
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        fs = self._fs
+        bucket, folder, _ = fs.split_path(_join(self._root, prefix.rstrip("/")))
+        request: dict[str, Any] = {"Bucket": bucket, "Prefix": folder + "/" if folder else "", "MaxKeys": page_size}
+        cut = len(fs.split_path(self._root)[1].rstrip("/") + "/") if "/" in self._root else 0
+        while True:
+            try:
+                page = await self._retrying("list", functools.partial(fs._call_s3, "list_objects_v2", **request))
+            except FileNotFoundError:  # no bucket: nothing listed, as list
+                return
+            keys = [c["Key"][cut:] for c in page.get("Contents", ()) if not c["Key"].endswith("/")]
+            if keys:
+                yield keys
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
 
     def open_output(self, key: str, *, part_size: int = PART_SIZE) -> Output:
         """Streamed to S3 (a multipart upload) and GCS (a resumable upload); held for one PUT elsewhere."""

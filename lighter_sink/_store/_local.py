@@ -8,6 +8,7 @@ files in the system temp directory, which may be another device, so local paths 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import ctypes
 import functools
@@ -17,14 +18,15 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
 from lighter_sink._errors import ConfigurationError
-from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
+from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store
+from lighter_sink._store._deadline import bounded
 from lighter_sink._store._files import FileOutput, create_file, fsync_path, libc_syncfs, write_all
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, Output
@@ -462,3 +464,41 @@ class LocalStore(Store):
             return sorted(keys)
 
         return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
+
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> AsyncIterator[builtins.list[str]]:
+        """Directories are read entry by entry (``os.scandir``): a folder of ten million files is never held."""
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        pages = self._pages(os.path.join(self._root, prefix), page_size)
+        timeout = self.retry.timeout
+        while True:
+            # (not retried: a generator that raised is finished, and a retry would end the listing early)
+            step = functools.partial(self._thread, next, pages, None, limiter=self._limiter)
+            page = await (step() if timeout is None else bounded(step, timeout))
+            if page is None:
+                return
+            yield page
+
+    def _pages(self, base: str, page_size: int) -> Iterator[builtins.list[str]]:
+        """The keys below ``base``, ``page_size`` at a time (a generator stepped in worker threads, one at a time)."""
+        if os.path.isfile(base):
+            yield [os.path.relpath(base, self._root).replace(os.sep, "/")]
+            return
+        page: list[str] = []
+        folders = [base]
+        while folders:
+            try:
+                entries = os.scandir(folders.pop())
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # (removed meanwhile, or nothing there)
+            with entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif not self._is_temporary(entry.name):  # (an unfinished atomic write)
+                        page.append(os.path.relpath(entry.path, self._root).replace(os.sep, "/"))
+                        if len(page) == page_size:
+                            yield page
+                            page = []
+        if page:
+            yield page
