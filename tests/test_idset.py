@@ -53,7 +53,7 @@ def test_text_ids_are_digests_of_sixteen_bytes() -> None:
     ids = IdSet()
     ids.add(added)
     assert ids.nbytes <= 16 * len(added)
-    _check(added, added[::97] + ["scan-050000/slice-0", "07", "7", "1", "ünïcöde", " "])
+    _check(added, [*added[::97], "scan-050000/slice-0", "07", "7", "1", "ünïcöde", " "])
 
 
 def test_numbers_and_text_mixed_as_one_set_of_strings() -> None:

@@ -91,8 +91,7 @@ def test_resume_overwrite_and_remaining_list_thousands_of_objects_in_pages(
 
     assert list(remaining(url, list(range(2600)), storage_options=options).indices) == list(range(2500, 2600))
     with pytest.raises(DestinationError, match="already holds objects"):
-        with Sink(url, storage_options=options, backend=backend, mode="error") as sink:  # type: ignore[arg-type]
-            pass
+        Sink(url, storage_options=options, backend=backend, mode="error").open()  # type: ignore[arg-type]
 
     with Sink(url, storage_options=options, backend=backend, mode="resume") as sink:  # type: ignore[arg-type]
         sink.put_batch(range(2600), torch.full((2600, 2), 3.0))
