@@ -7,6 +7,7 @@ output, merges the manifest parts and writes ``_SUCCESS`` last. Only the sink wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -113,11 +114,12 @@ class Ownership:
             await anyio.to_thread.run_sync(check_local_destination, local_path(self.url))
         keys = self.keys
         if self.mode == "error":
-            async for existing in store.iter_list(page_size=1):  # (one object says enough: one request)
-                raise DestinationError(
-                    f"{self.url} already holds objects (for example {existing[0]!r}) and "
-                    "mode='error' refuses a non-empty url; use mode='overwrite' or mode='resume'"
-                )
+            async with contextlib.aclosing(store.iter_list(page_size=1)) as pages:
+                async for existing in pages:  # (one object says enough: one request)
+                    raise DestinationError(
+                        f"{self.url} already holds objects (for example {existing[0]!r}) and "
+                        "mode='error' refuses a non-empty url; use mode='overwrite' or mode='resume'"
+                    )
         lease, previous = await acquire_lease(store, keys, self.run)
         self.lease = lease  # (held from here on: an abort releases it)
         # How the output is written, before anything of it is: what a killed or aborted run leaves tells a reader

@@ -11,16 +11,17 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 import json.encoder
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
 __all__ = [
     "CHECKSUM",
     "Buffer",
+    "KeyPage",
+    "KeyPages",
     "ObjectStore",
     "Output",
     "Problem",
@@ -37,6 +38,9 @@ _json_str = json.encoder.encode_basestring_ascii  # json.dumps(text), as json.du
 
 #: The manifest's name of a record's checksum field.
 CHECKSUM = "crc32"
+#: Keys of one page of a listing (``Store.iter_list``), and the listing itself.
+KeyPage = list[str]
+KeyPages = AsyncGenerator[KeyPage, None]
 
 
 def is_numeric_id(identifier: str) -> bool:
@@ -154,7 +158,7 @@ class ObjectStore(Protocol):
         """Keys of every object below ``prefix`` (recursively)."""
         ...
 
-    def iter_list(self, prefix: str = "", *, page_size: int = ...) -> AsyncIterator[builtins.list[str]]:
+    def iter_list(self, prefix: str = "", *, page_size: int = ...) -> KeyPages:
         """:meth:`list` in pages of at most ``page_size`` keys, in no particular order."""
         ...
 

@@ -8,12 +8,11 @@ object is put, read, listed and deleted. Capabilities are class flags the sink r
 from __future__ import annotations
 
 import asyncio
-import builtins
 import functools
 import logging
 import random
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -23,7 +22,7 @@ import anyio.to_thread
 from lighter_sink._errors import ConfigurationError, SinkStateError
 from lighter_sink._store._deadline import bounded
 from lighter_sink._store._retry import is_transient
-from lighter_sink._types import Buffer, Output
+from lighter_sink._types import Buffer, KeyPages, Output
 
 __all__ = ["PART_SIZE", "RetryPolicy", "Store"]
 
@@ -260,7 +259,7 @@ class Store(ABC):
     async def list(self, prefix: str = "") -> list[str]:
         """Keys of every object below ``prefix`` (recursively), relative to the url."""
 
-    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> AsyncIterator[builtins.list[str]]:
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
         """:meth:`list` a page at a time (at most ``page_size`` keys each, in no particular order), below the folder
         ``prefix``: a url of ten million objects is listed without holding its keys. Stores that cannot page list
         whole, then hand the keys out in pages."""

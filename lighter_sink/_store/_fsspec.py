@@ -8,11 +8,10 @@ backends) block: their calls run in worker threads, abandoned (never awaited) on
 from __future__ import annotations
 
 import base64
-import builtins
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -22,7 +21,7 @@ from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store
 from lighter_sink._store._multipart import GcsOutput, S3Output, abort_s3_uploads
 from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, delete_objects
 from lighter_sink._store._urls import protocol_of
-from lighter_sink._types import Buffer, Output
+from lighter_sink._types import Buffer, KeyPages, Output
 
 __all__ = ["AsyncFsStore", "ThreadFsStore"]
 
@@ -140,7 +139,7 @@ class AsyncFsStore(Store):
             return []
         return sorted(_relative(self._root, p) for p in found)
 
-    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> AsyncIterator[builtins.list[str]]:
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
         """S3: one ``ListObjectsV2`` request a page, each retried on its own; other filesystems list whole."""
         if not self._s3:
             async for keys in super().iter_list(prefix, page_size=page_size):

@@ -8,7 +8,6 @@ files in the system temp directory, which may be another device, so local paths 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
 import ctypes
 import functools
@@ -18,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -27,9 +26,9 @@ import anyio.to_thread
 from lighter_sink._errors import ConfigurationError
 from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store
 from lighter_sink._store._deadline import bounded
-from lighter_sink._store._files import FileOutput, create_file, fsync_path, libc_syncfs, write_all
+from lighter_sink._store._files import FileOutput, create_file, fsync_path, key_pages, libc_syncfs, write_all
 from lighter_sink._store._retry import is_transient
-from lighter_sink._types import Buffer, Output
+from lighter_sink._types import Buffer, KeyPages, Output
 
 __all__ = ["TEMP_PREFIX", "LocalStore"]
 
@@ -465,11 +464,11 @@ class LocalStore(Store):
 
         return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
 
-    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> AsyncIterator[builtins.list[str]]:
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
         """Directories are read entry by entry (``os.scandir``): a folder of ten million files is never held."""
         if page_size < 1:
             raise ValueError(f"page_size must be at least 1, got {page_size}")
-        pages = self._pages(os.path.join(self._root, prefix), page_size)
+        pages = key_pages(self._root, os.path.join(self._root, prefix), page_size, self._is_temporary)
         timeout = self.retry.timeout
         while True:
             # (not retried: a generator that raised is finished, and a retry would end the listing early)
@@ -477,28 +476,4 @@ class LocalStore(Store):
             page = await (step() if timeout is None else bounded(step, timeout))
             if page is None:
                 return
-            yield page
-
-    def _pages(self, base: str, page_size: int) -> Iterator[builtins.list[str]]:
-        """The keys below ``base``, ``page_size`` at a time (a generator stepped in worker threads, one at a time)."""
-        if os.path.isfile(base):
-            yield [os.path.relpath(base, self._root).replace(os.sep, "/")]
-            return
-        page: list[str] = []
-        folders = [base]
-        while folders:
-            try:
-                entries = os.scandir(folders.pop())
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # (removed meanwhile, or nothing there)
-            with entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        folders.append(entry.path)
-                    elif not self._is_temporary(entry.name):  # (an unfinished atomic write)
-                        page.append(os.path.relpath(entry.path, self._root).replace(os.sep, "/"))
-                        if len(page) == page_size:
-                            yield page
-                            page = []
-        if page:
             yield page

@@ -12,17 +12,16 @@ sink's own wait only bounds the whole retry loop, as a backstop.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from lighter_sink._errors import ConfigurationError, MissingDependencyError
 from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store
 from lighter_sink._store._multipart import ObstoreOutput
-from lighter_sink._types import Buffer, Output
+from lighter_sink._types import Buffer, KeyPages, Output
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
@@ -111,7 +110,7 @@ class ObstoreStore(Store):
             return []
         return sorted(found)
 
-    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> AsyncIterator[builtins.list[str]]:
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
         """obstore's own listing stream, requested a page at a time (up to 1,000 keys a request on S3)."""
         import obstore
 
