@@ -166,7 +166,10 @@ class Handoff:
         stored = self.stored
         if stored is None:
             return list(range(len(keys)))
-        write = np.flatnonzero(~stored.contains(keys)).tolist()
+        if len(keys) == 1:  # (a single put: no arrays)
+            write = [] if keys[0] in stored else [0]
+        else:
+            write = np.flatnonzero(~stored.contains(keys)).tolist()
         with self.cond:
             self.skipped += len(keys) - len(write)
         return write

@@ -114,8 +114,8 @@ class _DigestLevel:
 
     @classmethod
     def of(cls, digests: bytes) -> _DigestLevel:
-        words = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
-        return cls(words[:, 0].copy(), words[:, 1].copy())
+        high, low = _words(digests)
+        return cls(high.copy(), low.copy())
 
     def merged(self, other: _DigestLevel) -> _DigestLevel:
         return _DigestLevel(np.concatenate((self.high, other.high)), np.concatenate((self.low, other.low)))
@@ -203,8 +203,7 @@ class IdSet:
             text = np.ones(len(items), dtype=bool)
             text[numeric] = False
             positions = np.flatnonzero(text)
-            words = np.frombuffer(b"".join(_digest(items[i]) for i in positions.tolist()), dtype="<u8").reshape(-1, 2)
-            high, low = words[:, 0], words[:, 1]
+            high, low = _words(b"".join(_digest(items[i]) for i in positions.tolist()))
             hits = np.zeros(len(positions), dtype=bool)
             for level in self._digests.levels:
                 hits |= level.contains(high, low)
@@ -220,7 +219,22 @@ class IdSet:
         return self._contains_ints(array)
 
     def __contains__(self, item: object) -> bool:
-        return isinstance(item, str) and bool(self.contains([item])[0])
+        """One string (a single ``put`` of a resumed run): scalar searches, without the arrays of a batch."""
+        if not isinstance(item, str):
+            return False
+        self._flush()
+        if len(item) <= _INT_DIGITS and is_numeric_id(item):
+            value = int(item)
+            for level in self._ints.levels:
+                singles, starts = level.singles, level.starts
+                at = int(np.searchsorted(singles, value))
+                if at < len(singles) and singles[at] == value:
+                    return True
+                at = int(np.searchsorted(starts, value, side="right")) - 1
+                if at >= 0 and value <= level.ends[at]:
+                    return True
+            return False
+        return any(level.contains(*_words(_digest(item))).any() for level in self._digests.levels)
 
     def __len__(self) -> int:
         """The number of distinct strings added (merges the levels into one of each kind)."""
@@ -264,3 +278,9 @@ class IdSet:
 
 def _digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _words(digests: bytes) -> tuple[Words, Words]:
+    """The first and second 64-bit words of each of the 16-byte ``digests`` (views of the bytes)."""
+    words = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+    return words[:, 0], words[:, 1]

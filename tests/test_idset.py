@@ -89,3 +89,11 @@ def test_adding_the_same_ids_again_changes_nothing(kind: str) -> None:
     ids.add(added[::-1])
     assert len(ids) == 1000
     assert ids.contains(added).all()
+
+
+def test_one_string_at_a_time_answers_as_a_batch() -> None:
+    ids = IdSet()
+    ids.add([str(i) for i in range(0, 100, 2)] + [str(i) for i in range(1000, 1100)] + ["x", "y"])
+    asked = [str(i) for i in range(1200)] + ["x", "z", "", "01"]
+    assert [a in ids for a in asked] == ids.contains(asked).tolist()
+    assert 7 not in ids  # (only strings are ids)
