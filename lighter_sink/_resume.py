@@ -25,6 +25,7 @@ from lighter_sink.formats import Format, get_format
 __all__ = ["RemainingSubset", "remaining"]
 
 T = TypeVar("T")
+_BLOCK = 2**20  # indices tested at a time
 
 
 class RemainingSubset(Subset[T]):
@@ -96,9 +97,10 @@ def remaining(
         return ids
 
     done = anyio.run(stored, backend="asyncio")
-    indices = np.arange(total, dtype=np.int64)
     left = array.array("q")  # (8 bytes an index: a list of ten million ints holds 360 MB)
-    left.frombytes(indices[~done.contains_ints(indices)].tobytes())
+    for start in range(0, total, _BLOCK):  # (a block at a time: a search's positions cost 8 bytes an index)
+        indices = np.arange(start, min(total, start + _BLOCK), dtype=np.int64)
+        left.frombytes(indices[~done.contains_ints(indices)].tobytes())
     return RemainingSubset(dataset, left)
 
 
