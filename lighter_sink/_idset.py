@@ -25,7 +25,7 @@ from lighter_sink._types import is_numeric_id
 __all__ = ["IdSet"]
 
 #: Values gathered before they are sorted into a level.
-BUFFER = 2**20
+BUFFER = 2**18
 # Numbers of more digits are kept as text (an interval's end plus one must not overflow int64).
 _INT_DIGITS = 18
 _INT_LIMIT = 10**_INT_DIGITS
