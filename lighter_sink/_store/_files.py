@@ -184,6 +184,8 @@ def key_pages(root: str, base: str, page_size: int, temporary: Callable[[str], b
     if os.path.isfile(base):
         yield [os.path.relpath(base, root).replace(os.sep, "/")]
         return
+    cut = len(os.path.join(root, ""))  # (paths below base start with root and a separator: os.path.relpath,
+    # which normalises both paths, cost seconds a million files)
     page: KeyPage = []
     folders = [base]
     while folders:
@@ -196,7 +198,7 @@ def key_pages(root: str, base: str, page_size: int, temporary: Callable[[str], b
                 if entry.is_dir(follow_symlinks=False):
                     folders.append(entry.path)
                 elif not temporary(entry.name):
-                    page.append(os.path.relpath(entry.path, root).replace(os.sep, "/"))
+                    page.append(entry.path[cut:] if os.sep == "/" else entry.path[cut:].replace(os.sep, "/"))
                     if len(page) == page_size:
                         yield page
                         page = []
