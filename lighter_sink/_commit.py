@@ -7,9 +7,10 @@ output, merges the manifest parts and writes ``_SUCCESS`` last. Only the sink wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ from lighter_sink._checksum import crc32
 from lighter_sink._errors import CommitError, ConfigurationError, DestinationError
 from lighter_sink._handoff import Handoff
 from lighter_sink._ids import KeyTemplate
+from lighter_sink._idset import IdSet
 from lighter_sink._layout import ControlKeys, OutputInfo
 from lighter_sink._lease import (
     LEASE_SECONDS,
@@ -30,7 +32,7 @@ from lighter_sink._lease import (
     renew_lease,
     stored_generation,
 )
-from lighter_sink._manifest import read_records, write_success
+from lighter_sink._manifest import path_keys, recorded_ids, recorded_sets, write_success
 from lighter_sink._merge import manifest_records, write_manifest
 from lighter_sink._store import Store, check_local_destination, local_path
 from lighter_sink._types import Record, encode_records
@@ -113,12 +115,12 @@ class Ownership:
             await anyio.to_thread.run_sync(check_local_destination, local_path(self.url))
         keys = self.keys
         if self.mode == "error":
-            existing = await store.list()
-            if existing:
-                raise DestinationError(
-                    f"{self.url} already holds {len(existing)} objects (for example {existing[0]!r}) and "
-                    "mode='error' refuses a non-empty url; use mode='overwrite' or mode='resume'"
-                )
+            async with contextlib.aclosing(store.iter_list(page_size=1)) as pages:
+                async for existing in pages:  # (one object says enough: one request)
+                    raise DestinationError(
+                        f"{self.url} already holds objects (for example {existing[0]!r}) and "
+                        "mode='error' refuses a non-empty url; use mode='overwrite' or mode='resume'"
+                    )
         lease, previous = await acquire_lease(store, keys, self.run)
         self.lease = lease  # (held from here on: an abort releases it)
         # How the output is written, before anything of it is: what a killed or aborted run leaves tells a reader
@@ -158,19 +160,25 @@ class Ownership:
         assert store is not None
         keys = self.keys
         await store.delete([keys.success])
-        recorded = {record.path for record in (await read_records(store, keys, None)).values()}
+        suffix = self.format.extension if self.format.per_item_objects else ""
+        recorded, _ = await recorded_sets(store, keys, None, suffix=suffix)
         control = (keys.parts + "/", keys.scratch + "/")
-        doomed = [
-            key
-            for key in await store.list()
-            if key == keys.manifest
-            or key.startswith(control)
-            or key in recorded
-            or owned_key(key, self.format, self.key)
-        ]
-        if doomed:
-            logger.info("overwrite: removing %d objects of an earlier run under %s", len(doomed), self.url)
-        await store.delete(doomed)
+        removed = 0
+        records: list[str] = []  # the manifest and parts go last: an interrupted clear leaves what they record known
+        async for page in store.iter_list():  # a page at a time; the listing goes on past what was removed
+            found = recorded.contains(path_keys(page, suffix)).tolist()
+            doomed = []
+            for key, listed in zip(page, found, strict=True):
+                if key == keys.manifest or key.startswith(control):
+                    records.append(key)
+                elif listed or owned_key(key, self.format, self.key):
+                    doomed.append(key)
+            await store.delete(doomed)
+            removed += len(doomed)
+        await store.delete(records)
+        removed += len(records)
+        if removed:
+            logger.info("overwrite: removed %d objects of an earlier run under %s", removed, self.url)
         await store.remove_incomplete()
 
     async def _adopt_orphans(self, generation: str) -> None:
@@ -190,11 +198,16 @@ class Ownership:
                 raise DestinationError(f"rank 0's lease of {self.url} is missing; another run removed it")
             self.generation = lease.generation
         if self.mode == "resume":
-            recorded = await read_records(store, self.keys, self.generation)
+            # The keys whose object is recorded: each recorded path less the format's extension (a key is stored
+            # when its path is recorded), or for rows of an array or a table the key of each recorded id.
             if self.format.per_item_objects:
-                self.handoff.stored = {record.path for record in recorded.values()}
-            else:  # rows of an array or a table
-                self.handoff.stored = {self.key.render(i) for i in recorded}
+                stored, _ = await recorded_sets(store, self.keys, self.generation, suffix=self.format.extension)
+            else:
+                stored = IdSet()
+                render = self.key.render
+                async for ids, _paths in recorded_ids(store, self.keys, self.generation):
+                    stored.add(ids if self.key.template == "{id}" else [render(i) for i in ids])
+            self.handoff.stored = stored
 
     async def keep_lease(self) -> None:
         """Rank 0: renew the lease while the run lives; losing it fails the run (another run took the output)."""
@@ -297,34 +310,39 @@ async def orphan_records(
     fmt: Format,
     template: KeyTemplate,
     *,
-    listing: Sequence[str] | None = None,
+    recorded: IdSet | None = None,
 ) -> list[Record]:
     """Records of the objects ``generation`` stored but never recorded (a killed run's), from their bytes.
 
     Orphans are the objects this output could have written that no record mentions (an overwrite removes the
     earlier output before its generation writes anything, so they are this generation's). One whose id cannot
     be read back from its key, or whose format cannot describe it, gets no record: resume writes it again when
-    its id is put, and :func:`~lighter_sink.remaining` counts it as missing. ``listing``: the url's keys, when
-    the caller listed them already.
+    its id is put, and :func:`~lighter_sink.remaining` counts it as missing. ``recorded``: ``generation``'s
+    recorded paths as :func:`~lighter_sink._manifest.recorded_sets` gives them with the format's extension, when
+    the caller read them already. The url is listed a page at a time; only the orphans are read.
     """
     if not fmt.per_item_objects:
         return []
     extension = fmt.extension
-    recorded = {record.path for record in (await read_records(store, keys, generation)).values()}
+    if recorded is None:
+        recorded, _ = await recorded_sets(store, keys, generation, suffix=extension)
     records: list[Record] = []
-    for path in await store.list() if listing is None else listing:
-        if path in recorded or not owned_key(path, fmt, template):
-            continue
-        identifier = template.parse(path[: len(path) - len(extension)] if extension else path)
-        if identifier is None:
-            continue
-        data = await store.get(path)
-        try:
-            shape, dtype = await anyio.to_thread.run_sync(fmt.describe, data)
-        except NotImplementedError:
-            continue  # (png, txt, writer functions)
-        except Exception as exc:
-            logger.warning("%s/%s cannot be read back (%r); it is written again if put", store.url, path, exc)
-            continue
-        records.append(Record(identifier, path, len(data), f"{crc32(data, 0):08x}", shape, dtype))
+    async for page in store.iter_list():
+        candidates = [path for path in page if owned_key(path, fmt, template)]
+        found = recorded.contains(path_keys(candidates, extension)).tolist()
+        for path, listed in zip(candidates, found, strict=True):
+            if listed:
+                continue
+            identifier = template.parse(path[: len(path) - len(extension)] if extension else path)
+            if identifier is None:
+                continue
+            data = await store.get(path)
+            try:
+                shape, dtype = await anyio.to_thread.run_sync(fmt.describe, data)
+            except NotImplementedError:
+                continue  # (png, txt, writer functions)
+            except Exception as exc:
+                logger.warning("%s/%s cannot be read back (%r); it is written again if put", store.url, path, exc)
+                continue
+            records.append(Record(identifier, path, len(data), f"{crc32(data, 0):08x}", shape, dtype))
     return records

@@ -24,6 +24,7 @@ import torch
 
 from lighter_sink._errors import IdentifierError, SinkStateError, WriteError
 from lighter_sink._ids import KeyTemplate
+from lighter_sink._idset import IdSet
 from lighter_sink._staging import BufferPool, HostBatch
 
 __all__ = ["ROW_FROM", "WAKE_EVERY", "Batch", "Handoff", "wait_for"]
@@ -114,7 +115,7 @@ class Handoff:
         self._failed_ids: list[str] = []
         self._stopping = ""  # why put refuses batches from now on: "aborted" or "committing"
         self._seen: dict[str, str] = {}  # key -> the id put under it in this run, for ids that are checked
-        self.stored: set[str] | None = None  # resume: object paths already in storage
+        self.stored: IdSet | None = None  # resume: the keys whose object is recorded already
         # Batches put but not yet on the event loop. While a hand-over is scheduled and the loop is busy, puts
         # only append here, so one loop wake-up carries many batches and put never waits for the loop.
         self._outbox: list[Batch] = []
@@ -165,8 +166,10 @@ class Handoff:
         stored = self.stored
         if stored is None:
             return list(range(len(keys)))
-        suffix = self.suffix
-        write = [position for position, key in enumerate(keys) if key + suffix not in stored]
+        if len(keys) == 1:  # (a single put: no arrays)
+            write = [] if keys[0] in stored else [0]
+        else:
+            write = np.flatnonzero(~stored.contains(keys)).tolist()
         with self.cond:
             self.skipped += len(keys) - len(write)
         return write

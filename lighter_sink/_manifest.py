@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 from lighter_sink._ids import is_numeric_id
+from lighter_sink._idset import IdSet
 from lighter_sink._layout import ControlKeys
 from lighter_sink._store import Store
 from lighter_sink._types import Record, decode_records
@@ -25,7 +26,10 @@ __all__ = [
     "line_id_and_size",
     "object_lines",
     "part_keys",
+    "path_keys",
     "read_records",
+    "recorded_ids",
+    "recorded_sets",
     "sorted_ids",
     "write_success",
 ]
@@ -103,6 +107,89 @@ async def read_records(store: Store, keys: ControlKeys, generation: str | None) 
         for record in decode_records(data):
             records[record.id] = record
     return records
+
+
+async def recorded_ids(
+    store: Store, keys: ControlKeys, generation: str | None, *, chunk_bytes: int = READ_BYTES
+) -> AsyncIterator[tuple[list[str], list[str]]]:
+    """The ids and paths of the records :func:`read_records` reads, a chunk of lines at a time (ranged reads of
+    ``chunk_bytes``): a manifest of ten million records is never held whole, nor a record object made of a line.
+
+    An id recorded twice (in the manifest and a part) comes twice, with each path its records have.
+    """
+    for key in [keys.manifest, *await part_keys(store, keys, generation)]:
+        lines = object_lines(store, key, chunk_bytes=chunk_bytes)
+        try:
+            first = await anext(lines)
+        except StopAsyncIteration:
+            continue
+        except FileNotFoundError:
+            if key == keys.manifest:
+                continue  # (none merged yet)
+            raise
+        yield _ids_and_paths(first)
+        async for chunk in lines:
+            yield _ids_and_paths(chunk)
+
+
+async def recorded_sets(
+    store: Store, keys: ControlKeys, generation: str | None, *, suffix: str = "", ids: bool = False
+) -> tuple[IdSet, IdSet]:
+    """The paths recorded (as :func:`path_keys` with ``suffix`` gives them) and, with ``ids``, the ids, read a
+    chunk at a time (:func:`recorded_ids`) into compact sets: ten million counter ids cost bytes, not a gigabyte."""
+    recorded_paths = IdSet()
+    recorded = IdSet()
+    async for chunk_ids, paths in recorded_ids(store, keys, generation):
+        recorded_paths.add(path_keys(paths, suffix))
+        if ids:
+            recorded.add(chunk_ids)
+    return recorded_paths, recorded
+
+
+def path_keys(paths: Sequence[str], suffix: str) -> Sequence[str]:
+    """``paths`` as a set of recorded paths keeps them: each less ``suffix`` (a format's extension: then an object
+    whose key is a number's costs a few bits), one without it marked (it is no key's object, and two paths never
+    become one). A key is stored exactly when ``path_keys([key + suffix])`` is in such a set, that is ``key``."""
+    if not suffix:
+        return paths
+    cut = len(suffix)
+    return [path[:-cut] if path.endswith(suffix) else "\0" + path for path in paths]
+
+
+def _ids_and_paths(lines: list[str]) -> tuple[list[str], list[str]]:
+    ids: list[str] = []
+    paths: list[str] = []
+    for line in lines:
+        identifier, path = _line_id_and_path(line)
+        ids.append(identifier)
+        paths.append(path)
+    return ids, paths
+
+
+def _line_id_and_path(line: str) -> tuple[str, str]:
+    """The id and path of a record line as :meth:`Record.to_json` writes it, without decoding the rest (see
+    :func:`line_id_and_size`: a quote inside a JSON string is escaped, so the first one after ``"path":"`` ends
+    a path without a backslash). Lines in any other layout are decoded whole."""
+    end = line.find(',"path":"', 6)
+    if end < 0 or not line.startswith('{"id":'):
+        return _decoded_id_and_path(line)
+    start = end + 9
+    stop = line.find('"', start)
+    path = line[start:stop]
+    if stop < 0 or "\\" in path:
+        return _decoded_id_and_path(line)
+    if line[6] == '"':  # a string
+        if end < 8 or line[end - 1] != '"':
+            return _decoded_id_and_path(line)
+        identifier = line[7 : end - 1]
+        return (json.loads(line[6:end]) if "\\" in identifier else identifier), path
+    identifier = line[6:end]
+    return (identifier, path) if is_numeric_id(identifier) else _decoded_id_and_path(line)
+
+
+def _decoded_id_and_path(line: str) -> tuple[str, str]:
+    record = Record.from_json(line)
+    return record.id, record.path
 
 
 def line_id_and_size(line: str) -> tuple[str, int, str]:

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
+import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from lighter_sink._commit import orphan_records
 from lighter_sink._errors import ConfigurationError
 from lighter_sink._ids import KeyTemplate
+from lighter_sink._idset import IdSet
 from lighter_sink._layout import ControlKeys, OutputInfo
 from lighter_sink._lease import read_lease, stored_generation
-from lighter_sink._manifest import read_records
+from lighter_sink._manifest import recorded_sets
 from lighter_sink._store import Store, open_store
 from lighter_sink.formats import Format, get_format
 
 __all__ = ["RemainingSubset", "remaining"]
 
 T = TypeVar("T")
+_BLOCK = 2**20  # indices tested at a time
 
 
 class RemainingSubset(Subset[T]):
@@ -68,34 +72,42 @@ def remaining(
     """
     total = len(dataset)  # type: ignore[arg-type]
 
-    async def stored() -> set[str]:
+    async def stored() -> IdSet:
         store = await open_store(url, dict(storage_options or {}))
+        ids = IdSet()
         try:
-            listing = await store.list()
-            keys = _output_keys(url, listing, format)
+            outputs: set[ControlKeys] = set()
+            async for page in store.iter_list():  # (what outputs the url holds: their control objects say)
+                outputs.update(k for k in map(ControlKeys.owning, page) if k is not None)
+            keys = _output_keys(url, outputs, format)
             if keys is None:
-                return set()  # nothing was written here yet
+                return ids  # nothing was written here yet
             lease = await read_lease(store, keys)
             if lease is not None and lease.state != "running":
-                return set()  # the run died before it wrote (removing an earlier output, say): resume starts over
+                return ids  # the run died before it wrote (removing an earlier output, say): resume starts over
             fmt, template = await _written_with(store, keys, format, key)
             generation = lease.generation if lease is not None else await stored_generation(store, keys)
-            ids = set(await read_records(store, keys, generation))
+            extension = fmt.extension if fmt.per_item_objects else ""
+            recorded, ids = await recorded_sets(store, keys, generation, suffix=extension, ids=True)
             # what a killed run stored without recording it counts when the resumed sink can record it
-            orphans = await orphan_records(store, keys, generation, fmt, template, listing=listing)
-            ids.update(r.id for r in orphans)
+            orphans = await orphan_records(store, keys, generation, fmt, template, recorded=recorded)
+            ids.add(r.id for r in orphans)
         finally:
             await store.aclose()
         return ids
 
     done = anyio.run(stored, backend="asyncio")
-    return RemainingSubset(dataset, [i for i in range(total) if str(i) not in done])
+    left = array.array("q")  # (8 bytes an index: a list of ten million ints holds 360 MB)
+    for start in range(0, total, _BLOCK):  # (a block at a time: a search's positions cost 8 bytes an index)
+        indices = np.arange(start, min(total, start + _BLOCK), dtype=np.int64)
+        left.frombytes(indices[~done.contains_ints(indices)].tobytes())
+    return RemainingSubset(dataset, left)
 
 
-def _output_keys(url: str, listing: list[str], format: str | Format | None) -> ControlKeys | None:
+def _output_keys(url: str, found: set[ControlKeys], format: str | Format | None) -> ControlKeys | None:
     """The control keys of the output ``remaining`` counts: ``format``'s, else the url's only output's; None when
-    the url holds no output at all."""
-    outputs = sorted({k for k in map(ControlKeys.owning, listing) if k is not None}, key=lambda k: k.name)
+    the url holds no output at all (``found``: the outputs whose control objects the url holds)."""
+    outputs = sorted(found, key=lambda k: k.name)
     names = ", ".join(f"{k.name!r} (under {k.base})" if k.name else "the url's own" for k in outputs)
     if format is not None:
         fmt = get_format(format)

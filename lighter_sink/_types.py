@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import json.encoder
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
 __all__ = [
     "CHECKSUM",
     "Buffer",
+    "KeyPage",
+    "KeyPages",
     "ObjectStore",
     "Output",
     "Problem",
@@ -38,6 +40,9 @@ _json_str = json.encoder.encode_basestring_ascii  # json.dumps(text), as json.du
 
 #: The manifest's name of a record's checksum field.
 CHECKSUM = "crc32"
+#: Keys of one page of a listing (``Store.iter_list``), and the listing itself.
+KeyPage = list[str]
+KeyPages = AsyncGenerator[KeyPage, None]
 
 
 def is_numeric_id(identifier: str) -> bool:
@@ -192,6 +197,10 @@ class ObjectStore(Protocol):
 
     async def list(self, prefix: str = "") -> list[str]:
         """Keys of every object below ``prefix`` (recursively)."""
+        ...
+
+    def iter_list(self, prefix: str = "", *, page_size: int = ...) -> KeyPages:
+        """:meth:`list` in pages of at most ``page_size`` keys, in no particular order."""
         ...
 
     def open_output(self, key: str, *, part_size: int = ...) -> Output:

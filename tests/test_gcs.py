@@ -212,3 +212,26 @@ def test_shards_stream_to_gs_and_google_reads_them_whole_and_by_ranges(gcs_endpo
     flags = ["--storage-option", "token=anon", "--storage-option", f"endpoint_url={gcs_endpoint}"]
     checked = _cli("verify", url, *flags)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_gs_listing_comes_in_pages(gcs_endpoint: str) -> None:
+    """One ``objects.list`` request a page: a url of millions of objects is never listed whole."""
+    bucket = f"pages-{uuid.uuid4().hex[:8]}"
+    writer = gcsfs.core.GCSFileSystem(skip_instance_cache=True, **_options(gcs_endpoint))
+    writer.mkdir(bucket)
+    names = [f"{i}.npy" for i in range(7)] + ["_parts/g/r/0.jsonl"]
+    for name in names:
+        writer.pipe(f"{bucket}/run/{name}", b"x")
+    writer.pipe(f"{bucket}/run-other/0.npy", b"x")  # (beside the url, not below it)
+
+    async def listed(prefix: str) -> list[list[str]]:
+        store = await open_store(f"gs://{bucket}/run", _options(gcs_endpoint))
+        try:
+            return [page async for page in store.iter_list(prefix, page_size=3)]
+        finally:
+            await store.aclose()
+
+    pages, parts = anyio.run(listed, ""), anyio.run(listed, "_parts")
+    assert [len(page) for page in pages] == [3, 3, 2]
+    assert sorted(key for page in pages for key in page) == sorted(names)
+    assert parts == [["_parts/g/r/0.jsonl"]]

@@ -6,7 +6,15 @@ import pytest
 
 from lighter_sink._errors import CommitError
 from lighter_sink._layout import ControlKeys
-from lighter_sink._manifest import MANIFEST, id_order, object_lines, sorted_ids
+from lighter_sink._manifest import (
+    MANIFEST,
+    id_order,
+    object_lines,
+    read_records,
+    recorded_ids,
+    recorded_sets,
+    sorted_ids,
+)
 from lighter_sink._merge import merge_parts
 from lighter_sink._store import open_store
 from lighter_sink._types import Record, encode_records
@@ -132,3 +140,29 @@ async def test_object_lines_reads_every_line_in_bounded_chunks(
                 _ = [chunk async for chunk in object_lines(store, "absent.jsonl")]
         finally:
             await store.aclose()
+
+
+@pytest.mark.anyio
+async def test_recorded_ids_streams_what_read_records_reads(tmp_path: os.PathLike[str]) -> None:
+    store = await open_store(str(tmp_path))
+    awkward = ['say "hi", ok', 'x,"path":"y"', "back\\slash", "ünï/cødé", "10", "007", "b"]
+    manifest = [Record(i, f'dir "{n}"/{i}.npy', 1, "0", (1,), "float32") for n, i in enumerate(awkward)]
+    await store.put(MANIFEST, [encode_records(manifest)])
+    # a part of another layout (fields reordered) and an older one (a number's id as a string)
+    older = '{"id":"12","path":"12.npy","nbytes":1,"crc32":"0","shape":[1],"dtype":"float32"}\n'
+    reordered = '{"path":"13.npy","id":13,"nbytes":1,"crc32":"0","shape":[1],"dtype":"float32"}\n'
+    await store.put(part_key(0, "t", 1), [(older + reordered).encode()])
+    await store.put(part_key(0, "t", 2), [encode_records([_record(str(i), 1) for i in range(100, 400)])])
+    expected = {r.id: r.path for r in (await read_records(store, KEYS, "g")).values()}
+    streamed = [chunk async for chunk in recorded_ids(store, KEYS, "g", chunk_bytes=64)]
+    assert len(streamed) > 10  # (a chunk of a few lines at a time)
+    assert dict(pair for ids, paths in streamed for pair in zip(ids, paths, strict=True)) == expected
+    paths, ids = await recorded_sets(store, KEYS, "g", suffix=".npy", ids=True)
+    assert ids.contains([*expected, "11", "99", "400"]).tolist() == [True] * len(expected) + [False] * 3
+    # each path less the extension; one without it is no key's object
+    assert paths.contains(["100", "399", "12", "13", "400", f'dir "0"/{awkward[0]}']).tolist() == [
+        True, True, True, True, False, True
+    ]  # fmt: skip
+    assert not paths.contains([f'dir "0"/{awkward[0]}.npy'])[0]
+    await store.delete([MANIFEST])  # no manifest merged yet: the parts alone
+    assert sum(len(ids) for ids, _ in [c async for c in recorded_ids(store, KEYS, "g")]) == 302

@@ -22,7 +22,7 @@ import anyio.to_thread
 from lighter_sink._errors import ConfigurationError, SinkStateError
 from lighter_sink._store._deadline import bounded
 from lighter_sink._store._retry import is_transient
-from lighter_sink._types import Buffer, Output
+from lighter_sink._types import Buffer, KeyPages, Output
 
 __all__ = ["PART_SIZE", "RetryPolicy", "Store"]
 
@@ -31,6 +31,8 @@ T = TypeVar("T")
 
 #: The parts an object store's streamed output uploads (S3 takes 5 MiB at least, all parts but the last).
 PART_SIZE = 8 * 2**20
+#: Keys in one page of :meth:`Store.iter_list` (what one S3 listing request returns at most).
+LIST_PAGE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +258,16 @@ class Store(ABC):
     @abstractmethod
     async def list(self, prefix: str = "") -> list[str]:
         """Keys of every object below ``prefix`` (recursively), relative to the url."""
+
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
+        """:meth:`list` a page at a time (at most ``page_size`` keys each, in no particular order), below the folder
+        ``prefix``: a url of ten million objects is listed without holding its keys. Stores that cannot page list
+        whole, then hand the keys out in pages."""
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        keys = await self.list(prefix)
+        for start in range(0, len(keys), page_size):
+            yield keys[start : start + page_size]
 
     async def remove_incomplete(self) -> int:
         """Remove what interrupted writes left behind; return how many. Object stores leave nothing."""

@@ -14,15 +14,15 @@ import functools
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
 
-from lighter_sink._types import Buffer
+from lighter_sink._types import Buffer, KeyPage
 
-__all__ = ["FileOutput", "Renaming", "create_file", "fsync_path", "libc_syncfs", "write_all"]
+__all__ = ["FileOutput", "Renaming", "create_file", "fsync_path", "key_pages", "libc_syncfs", "write_all"]
 
 _SMALL = 64 * 2**10  # below this, one joined write beats a gathered one
 
@@ -175,3 +175,32 @@ class FileOutput:
                 os.unlink(self._temp)
 
         await anyio.to_thread.run_sync(remove)
+
+
+def key_pages(root: str, base: str, page_size: int, temporary: Callable[[str], bool]) -> Iterator[KeyPage]:
+    """The keys (relative to ``root``, with ``/``) of the files below ``base``, ``page_size`` at a time, read
+    entry by entry (``os.scandir``): a folder of ten million files is never held. A generator stepped in worker
+    threads, one step at a time; files whose name ``temporary`` accepts (unfinished atomic writes) are left out."""
+    if os.path.isfile(base):
+        yield [os.path.relpath(base, root).replace(os.sep, "/")]
+        return
+    cut = len(os.path.join(root, ""))  # (paths below base start with root and a separator: os.path.relpath,
+    # which normalises both paths, cost seconds a million files)
+    page: KeyPage = []
+    folders = [base]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # (removed meanwhile, or nothing there)
+        with entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif not temporary(entry.name):
+                    page.append(entry.path[cut:] if os.sep == "/" else entry.path[cut:].replace(os.sep, "/"))
+                    if len(page) == page_size:
+                        yield page
+                        page = []
+    if page:
+        yield page

@@ -17,11 +17,11 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
+from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store
 from lighter_sink._store._multipart import GcsOutput, S3Output, abort_s3_uploads
 from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, delete_objects
 from lighter_sink._store._urls import protocol_of
-from lighter_sink._types import Buffer, Output
+from lighter_sink._types import Buffer, KeyPages, Output
 
 __all__ = ["AsyncFsStore", "ThreadFsStore"]
 
@@ -139,6 +139,45 @@ class AsyncFsStore(Store):
         except FileNotFoundError:
             return []
         return sorted(_relative(self._root, p) for p in found)
+
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
+        """One listing request a page (``ListObjectsV2`` on S3, ``objects.list`` on GCS), each retried on its own;
+        other filesystems list whole."""
+        if not (self._s3 or self._gcs):
+            async for keys in super().iter_list(prefix, page_size=page_size):
+                yield keys
+            return
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        fs = self._fs
+        bucket, folder, _ = fs.split_path(_join(self._root, prefix.rstrip("/")))
+        below = folder + "/" if folder else ""
+        cut = len(fs.split_path(self._root)[1].rstrip("/") + "/") if "/" in self._root else 0
+        token: str | None = None
+        while True:
+            if self._s3:
+                more = {"ContinuationToken": token} if token else {}
+                call = functools.partial(
+                    fs._call_s3, "list_objects_v2", Bucket=bucket, Prefix=below, MaxKeys=page_size, **more
+                )
+            else:
+                more = {"pageToken": token} if token else {}
+                call = functools.partial(
+                    fs._call, "GET", "b/{}/o", bucket, json_out=True, prefix=below, maxResults=page_size, **more
+                )
+            try:
+                page = await self._retrying("list", call)
+            except FileNotFoundError:  # no bucket: nothing listed, as list
+                return
+            names = (
+                [c["Key"] for c in page.get("Contents", ())] if self._s3 else [i["name"] for i in page.get("items", ())]
+            )
+            keys = [name[cut:] for name in names if not name.endswith("/")]
+            if keys:
+                yield keys
+            token = page.get("NextContinuationToken") if self._s3 else page.get("nextPageToken")
+            if not token or (self._s3 and not page.get("IsTruncated")):
+                return
 
     def open_output(self, key: str, *, part_size: int = PART_SIZE) -> Output:
         """Streamed to S3 (a multipart upload) and GCS (a resumable upload); held for one PUT elsewhere."""

@@ -25,13 +25,16 @@ import anyio.to_thread
 
 from lighter_sink._errors import ConfigurationError
 from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
-from lighter_sink._store._files import FileOutput, create_file, fsync_path, libc_syncfs, write_all
+from lighter_sink._store._deadline import bounded
+from lighter_sink._store._files import FileOutput, create_file, fsync_path, key_pages, libc_syncfs, write_all
 from lighter_sink._store._retry import is_transient
-from lighter_sink._types import Buffer, Output
+from lighter_sink._types import Buffer, KeyPages, Output
 
 __all__ = ["TEMP_PREFIX", "LocalStore"]
 
 logger = logging.getLogger(__name__)
+#: Keys in one page of a local listing (about a megabyte of names).
+LOCAL_PAGE = 10_000
 T = TypeVar("T")
 
 _temp_counter = itertools.count()
@@ -462,3 +465,18 @@ class LocalStore(Store):
             return sorted(keys)
 
         return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
+
+    async def iter_list(self, prefix: str = "", *, page_size: int = LOCAL_PAGE) -> KeyPages:
+        """Directories are read entry by entry (``os.scandir``): a folder of ten million files is never held. Pages
+        are larger than an object store's (a thread's round trip each, not a request)."""
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        pages = key_pages(self._root, os.path.join(self._root, prefix), page_size, self._is_temporary)
+        timeout = self.retry.timeout
+        while True:
+            # (not retried: a generator that raised is finished, and a retry would end the listing early)
+            step = functools.partial(self._thread, next, pages, None, limiter=self._limiter)
+            page = await (step() if timeout is None else bounded(step, timeout))
+            if page is None:
+                return
+            yield page

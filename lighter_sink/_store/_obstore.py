@@ -19,9 +19,9 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from lighter_sink._errors import ConfigurationError, MissingDependencyError
-from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
+from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store
 from lighter_sink._store._multipart import ObstoreOutput
-from lighter_sink._types import Buffer, Output
+from lighter_sink._types import Buffer, KeyPages, Output
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig
@@ -109,6 +109,18 @@ class ObstoreStore(Store):
         except FileNotFoundError:  # no bucket: nothing listed, as with s3fs; the first write reports it
             return []
         return sorted(found)
+
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
+        """obstore's own listing stream, requested a page at a time (up to 1,000 keys a request on S3)."""
+        import obstore
+
+        if page_size < 1:
+            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        try:
+            async for batch in obstore.list(self._store, prefix=prefix.rstrip("/") or None, chunk_size=page_size):
+                yield [str(item["path"]) for item in batch]
+        except FileNotFoundError:  # no bucket: nothing listed (as list)
+            return
 
     def open_output(self, key: str, *, part_size: int = PART_SIZE) -> Output:
         """Streamed by obstore's multipart writer. (obstore cannot list incomplete uploads: what a killed run left
