@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 # interpreter raise KeyboardInterrupt promptly.
 WAKE_EVERY = 0.25
 _FAILED_IDS_KEPT = 100
+# Keys of checked ids kept with their ids (about 100 bytes each) before they move into the run's IdSet.
+_RECENT_KEYS = 2**16
 #: Single predictions of at most this many bytes are copied into an array shared with the others of their kind.
 ROW_FROM = 4096
 ROWS_BYTES = 64 * 2**10  # of one such array (at most ROWS_MAX rows)
@@ -114,7 +116,11 @@ class Handoff:
         self._error_count = 0
         self._failed_ids: list[str] = []
         self._stopping = ""  # why put refuses batches from now on: "aborted" or "committing"
-        self._seen: dict[str, str] = {}  # key -> the id put under it in this run, for ids that are checked
+        # The keys put in this run, for ids that are checked: the latest with their ids (a dict, a lookup in C),
+        # older ones moved into a compact set once there are _RECENT_KEYS of them, so that a run of ten million
+        # checked ids holds megabytes, not a gigabyte, until its commit.
+        self._seen: dict[str, str] = {}  # key -> the id put under it
+        self._older: IdSet | None = None
         self.stored: IdSet | None = None  # resume: the keys whose object is recorded already
         # Batches put but not yet on the event loop. While a hand-over is scheduled and the loop is busy, puts
         # only append here, so one loop wake-up carries many batches and put never waits for the loop.
@@ -143,6 +149,15 @@ class Handoff:
                 owner = seen.get(key)
                 if owner is not None:
                     raise self._collision(owner, identifier, key)
+        older = self._older
+        if older is not None:
+            if len(keys) == 1:  # (a single put: no arrays)
+                taken = [0] if keys[0] in older else []
+            else:
+                taken = np.flatnonzero(older.contains(keys)).tolist()
+            if taken:
+                identifier, key = ids[taken[0]], keys[taken[0]]
+                raise self._collision(identifier if self.key.injective else None, identifier, key)
         if not self.key.injective and len(set(keys)) != len(keys):
             first: dict[str, str] = {}
             for identifier, key in zip(ids, keys, strict=True):
@@ -150,16 +165,28 @@ class Handoff:
                 if owner != identifier:
                     raise self._collision(owner, identifier, key)
 
-    def _collision(self, owner: str, identifier: str, key: str) -> IdentifierError:
+    def _collision(self, owner: str | None, identifier: str, key: str) -> IdentifierError:
+        """``owner``: the id put earlier under ``key``, None when only the key is remembered."""
         if owner == identifier:
             return IdentifierError(f"identifier {identifier!r} was already put in this run; ids must be unique")
+        if owner is None:
+            return IdentifierError(
+                f"identifier {identifier!r} gives the key {key!r}, which an id put earlier in this run has (key "
+                f"template {self.key.template!r}); each id needs a key of its own"
+            )
         return IdentifierError(
             f"identifiers {owner!r} and {identifier!r} both give the key {key!r} (key template "
             f"{self.key.template!r}); each id needs a key of its own"
         )
 
     def claim(self, ids: Sequence[str], keys: Sequence[str]) -> None:
-        self._seen.update(zip(keys, ids, strict=True))
+        seen = self._seen
+        seen.update(zip(keys, ids, strict=True))
+        if len(seen) >= _RECENT_KEYS:
+            if self._older is None:
+                self._older = IdSet()
+            self._older.add(list(seen))
+            seen.clear()
 
     def split_stored(self, keys: Sequence[str]) -> list[int]:
         """Resume: the positions whose object is not stored yet (all of them in the other modes)."""

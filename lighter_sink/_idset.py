@@ -231,17 +231,20 @@ class IdSet:
         """One string (a single ``put`` of a resumed run): scalar searches, without the arrays of a batch."""
         if not isinstance(item, str):
             return False
-        self._flush()
+        if self._int_buffer or self._digest_buffer:
+            self._flush()
         if len(item) <= _INT_DIGITS and is_numeric_id(item):
             value = int(item)
-            for level in self._ints.levels:
+            for level in self._ints.levels:  # (an empty array skipped: a search costs a microsecond)
                 singles, starts = level.singles, level.starts
-                at = int(np.searchsorted(singles, value))
-                if at < len(singles) and singles[at] == value:
-                    return True
-                at = int(np.searchsorted(starts, value, side="right")) - 1
-                if at >= 0 and value <= level.ends[at]:
-                    return True
+                if len(singles):
+                    at = singles.searchsorted(value)
+                    if at < len(singles) and singles[at] == value:
+                        return True
+                if len(starts):
+                    at = starts.searchsorted(value, side="right") - 1
+                    if at >= 0 and value <= level.ends[at]:
+                        return True
             return False
         return any(level.contains(*_words(_digest(item))).any() for level in self._digests.levels)
 

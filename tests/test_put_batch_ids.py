@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,45 @@ def test_the_callback_refuses_bool_tensor_ids(tmp_path: Path) -> None:
     with pytest.raises(PredictionError, match="id_key 'name' must hold a 1-d integer tensor or a list, got torch.bool"):
         quiet_trainer(sink).predict(_BoolIds(), DataLoader(SyntheticImages(4, size=8), batch_size=2))
     assert not (tmp_path / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize(
+    ("make_id", "template", "again", "message"),
+    [
+        (int, "{id}", 5, "identifier '5' was already put in this run"),
+        (lambda i: f"scan-{i}", "{id}", "scan-5", "identifier 'scan-5' was already put in this run"),
+    ],
+)
+def test_an_id_put_long_before_is_still_refused(
+    tmp_path: Path, make_id: Callable[[int], object], template: str, again: object, message: str
+) -> None:
+    """A run remembers every key it put, not only the latest (a long run keeps its older keys compactly)."""
+    with Sink(tmp_path / "preds", format="parquet", key=template) as sink:
+        sink.put_batch([make_id(0), make_id(5)], torch.zeros(2, 1))
+        for start in range(1000, 201_000, 20_000):
+            sink.put_batch([make_id(i) for i in range(start, start + 20_000)], torch.zeros(20_000, 1))
+        with pytest.raises(IdentifierError, match=re.escape(message)):
+            sink.put(again, torch.zeros(1))
+        with pytest.raises(IdentifierError, match=re.escape(message)):
+            sink.put_batch([make_id(3), again], torch.zeros(2, 1))
+        sink.put(make_id(3), torch.zeros(1))  # (a refused batch stored nothing: its other ids may come again)
+    assert (tmp_path / "preds" / "_SUCCESS").exists()
+
+
+def test_a_key_put_long_before_is_still_refused_to_another_id() -> None:
+    """A key template that gives two ids one key: the key of an id put long before is refused to a later id."""
+    from lighter_sink._handoff import Handoff
+    from lighter_sink._ids import KeyTemplate
+
+    template = KeyTemplate("{id:1>3}")  # pads with the digit 1: the ids 0 and 10 give '110'
+    handoff = Handoff("memory://x", 2**20, template, ".npy")
+    handoff.claim(["0"], [template.render("0")])
+    for start in range(1000, 201_000, 20_000):
+        ids = [str(i) for i in range(start, start + 20_000)]
+        keys = [template.render(i) for i in ids]
+        handoff.check_unique(ids, keys)
+        handoff.claim(ids, keys)
+    message = "identifier '10' gives the key '110', which an id put earlier in this run has"
+    for batch in (["10"], ["3", "10"]):
+        with pytest.raises(IdentifierError, match=re.escape(message)):
+            handoff.check_unique(batch, [template.render(i) for i in batch])
