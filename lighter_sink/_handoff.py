@@ -151,10 +151,7 @@ class Handoff:
                     raise self._collision(owner, identifier, key)
         older = self._older
         if older is not None:
-            if len(keys) == 1:  # (a single put: no arrays)
-                taken = [0] if keys[0] in older else []
-            else:
-                taken = np.flatnonzero(older.contains(keys)).tolist()
+            taken = older.positions(keys)
             if taken:
                 identifier, key = ids[taken[0]], keys[taken[0]]
                 raise self._collision(identifier if self.key.injective else None, identifier, key)
@@ -193,10 +190,7 @@ class Handoff:
         stored = self.stored
         if stored is None:
             return list(range(len(keys)))
-        if len(keys) == 1:  # (a single put: no arrays)
-            write = [] if keys[0] in stored else [0]
-        else:
-            write = np.flatnonzero(~stored.contains(keys)).tolist()
+        write = stored.positions(keys, added=False)
         with self.cond:
             self.skipped += len(keys) - len(write)
         return write

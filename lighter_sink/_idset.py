@@ -219,6 +219,14 @@ class IdSet:
             found[positions] = hits
         return found
 
+    def positions(self, items: Sequence[str], *, added: bool = True) -> list[int]:
+        """The positions of ``items`` that were added (with ``added=False``: that were not); one item alone (a
+        single ``put``) by scalar searches, a batch by :meth:`contains`."""
+        if len(items) == 1:
+            return [0] if (items[0] in self) is added else []
+        found = self.contains(items)
+        return np.flatnonzero(found if added else ~found).tolist()
+
     def contains_ints(self, values: npt.ArrayLike) -> Bools:
         """Whether the decimal text of each of the numbers ``values`` (ints from 0 on) was added."""
         array = np.asarray(values, dtype=np.int64).reshape(-1)

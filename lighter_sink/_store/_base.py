@@ -24,7 +24,7 @@ from lighter_sink._store._deadline import bounded
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, KeyPages, Output
 
-__all__ = ["PART_SIZE", "RetryPolicy", "Store"]
+__all__ = ["LIST_PAGE", "PART_SIZE", "RetryPolicy", "Store", "check_page_size"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,6 +33,12 @@ T = TypeVar("T")
 PART_SIZE = 8 * 2**20
 #: Keys in one page of :meth:`Store.iter_list` (what one S3 listing request returns at most).
 LIST_PAGE = 1000
+
+
+def check_page_size(page_size: int) -> None:
+    """Raises ValueError unless ``page_size`` (keys in a page of :meth:`Store.iter_list`) is at least 1."""
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,8 +269,7 @@ class Store(ABC):
         """:meth:`list` a page at a time (at most ``page_size`` keys each, in no particular order), below the folder
         ``prefix``: a url of ten million objects is listed without holding its keys. Stores that cannot page list
         whole, then hand the keys out in pages."""
-        if page_size < 1:
-            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        check_page_size(page_size)
         keys = await self.list(prefix)
         for start in range(0, len(keys), page_size):
             yield keys[start : start + page_size]

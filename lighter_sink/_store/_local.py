@@ -24,7 +24,7 @@ import anyio
 import anyio.to_thread
 
 from lighter_sink._errors import ConfigurationError
-from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store
+from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store, check_page_size
 from lighter_sink._store._deadline import bounded
 from lighter_sink._store._files import FileOutput, create_file, fsync_path, key_pages, libc_syncfs, write_all
 from lighter_sink._store._retry import is_transient
@@ -469,8 +469,7 @@ class LocalStore(Store):
     async def iter_list(self, prefix: str = "", *, page_size: int = LOCAL_PAGE) -> KeyPages:
         """Directories are read entry by entry (``os.scandir``): a folder of ten million files is never held. Pages
         are larger than an object store's (a thread's round trip each, not a request)."""
-        if page_size < 1:
-            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        check_page_size(page_size)
         pages = key_pages(self._root, os.path.join(self._root, prefix), page_size, self._is_temporary)
         timeout = self.retry.timeout
         while True:

@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from lighter_sink._errors import ConfigurationError, MissingDependencyError
-from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store
+from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_page_size
 from lighter_sink._store._multipart import ObstoreOutput
 from lighter_sink._types import Buffer, KeyPages, Output
 
@@ -114,8 +114,7 @@ class ObstoreStore(Store):
         """obstore's own listing stream, requested a page at a time (up to 1,000 keys a request on S3)."""
         import obstore
 
-        if page_size < 1:
-            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        check_page_size(page_size)
         try:
             async for batch in obstore.list(self._store, prefix=prefix.rstrip("/") or None, chunk_size=page_size):
                 yield [str(item["path"]) for item in batch]
