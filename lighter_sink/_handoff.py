@@ -97,11 +97,10 @@ class Handoff:
     workers all take it, briefly.
     """
 
-    def __init__(self, url: str, max_queue_bytes: int, key: KeyTemplate, suffix: str) -> None:
+    def __init__(self, url: str, max_queue_bytes: int, key: KeyTemplate) -> None:
         self.url = url
         self.max_queue_bytes = max_queue_bytes
         self.key = key
-        self.suffix = suffix  # what a key needs to be an object path (the extension of per-item formats)
         self.cond = threading.Condition()
         self.pool = BufferPool()  # staging buffers of stored batches, for later puts to copy into
         self.held_bytes = 0

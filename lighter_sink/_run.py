@@ -75,7 +75,7 @@ class Run:
         key = config.key_template
         self.keys = ControlKeys(fmt.namespace)
         self.token = new_token()  # this run's name
-        self.handoff = Handoff(url, config.max_queue_bytes, key, fmt.extension if fmt.per_item_objects else "")
+        self.handoff = Handoff(url, config.max_queue_bytes, key)
         self.engine = Engine(self.handoff, fmt, config.concurrency, keys=self.keys, run=self.token, rank=rank)
         self.ownership = Ownership(
             url, fmt, key, config.mode, keys=self.keys, run=self.token, rank=rank, handoff=self.handoff

@@ -157,7 +157,7 @@ def test_a_key_put_long_before_is_still_refused_to_another_id() -> None:
     from lighter_sink._ids import KeyTemplate
 
     template = KeyTemplate("{id:1>3}")  # pads with the digit 1: the ids 0 and 10 give '110'
-    handoff = Handoff("memory://x", 2**20, template, ".npy")
+    handoff = Handoff("memory://x", 2**20, template)
     handoff.claim(["0"], [template.render("0")])
     for start in range(1000, 201_000, 20_000):
         ids = [str(i) for i in range(start, start + 20_000)]
