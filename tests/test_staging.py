@@ -305,9 +305,15 @@ def test_staging_into_pooled_buffers_copies_every_kind_as_it_was() -> None:
 _SHAPES = [(8, 32), (8, 2048), (6, 8192), (8, 32768), (3, 2048)]  # 1 KiB to 1 MiB a batch
 
 
-def _put_reused(put_batch: Callable[[list[int], object], None], batches: int) -> dict[int, np.ndarray]:
+def _put_reused(
+    put_batch: Callable[[list[int], object], None], batches: int, settle: Callable[[], None] | None = None
+) -> dict[int, np.ndarray]:
     """Put ``batches`` batches of several sizes, each from one reused buffer per size changed right after put, and
-    a list of large samples every fifth batch; returns what each id was put with."""
+    a list of large samples every fifth batch; returns what each id was put with.
+
+    ``settle`` (a flush) is called after every tenth batch: the stored batches' buffers are back in the pool then,
+    so that the next round takes them whatever the speed of the writes (without it, recycling depends on timing).
+    """
     buffers = [torch.empty(shape) for shape in _SHAPES]
     put: dict[int, np.ndarray] = {}
     next_id = 0
@@ -326,13 +332,15 @@ def _put_reused(put_batch: Callable[[list[int], object], None], batches: int) ->
         put |= {i: buffer[i - next_id].numpy().copy() for i in ids}
         buffer.fill_(-1.0)  # the model's next step overwrites its output
         next_id += rows
+        if settle is not None and step % 10 == 9:
+            settle()
     return put
 
 
 def test_recycled_staging_buffers_never_change_what_is_stored(tmp_path: Path) -> None:
     # A small queue: buffers go round the pool many times, and the queue is often full.
     with Sink(tmp_path, max_queue_bytes=3 * 2**20, concurrency=4) as sink:
-        put = _put_reused(sink.put_batch, 150)
+        put = _put_reused(sink.put_batch, 150, settle=sink.flush)
         sink.flush()
         pool = sink._run.handoff.pool
         assert pool.reused > 50, "the test must exercise recycling"
@@ -345,7 +353,7 @@ def test_recycled_staging_buffers_never_change_what_is_stored(tmp_path: Path) ->
 def test_recycling_survives_retried_writes_on_an_object_store() -> None:
     plan = _faulty.Plan(fail=ConnectionError("connection reset"), fail_first=12)
     with Sink("faulty://pool/run", storage_options=_faulty.options(plan), max_queue_bytes=3 * 2**20) as sink:
-        put = _put_reused(sink.put_batch, 150)
+        put = _put_reused(sink.put_batch, 150, settle=sink.flush)
         sink.flush()
         assert sink._run.handoff.pool.reused > 20
     assert plan.failures == 12
