@@ -21,7 +21,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["ControlKeys", "OutputInfo", "new_token"]
+__all__ = ["CONTROL_BEGINS", "ControlKeys", "OutputInfo", "new_token"]
 
 
 def new_token() -> str:
@@ -89,6 +89,9 @@ class ControlKeys:
 
 _ROOT = ControlKeys()
 _TOP_LEVEL = frozenset((_ROOT.manifest, _ROOT.success, _ROOT.lease, _ROOT.description, _ROOT.parts, _ROOT.scratch))
+#: How the key of every output's control objects begins (a named output's folder, the url's own objects): a
+#: listing of the names that begin so finds a url's outputs without walking its predictions.
+CONTROL_BEGINS = "_"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from lighter_sink._commit import orphan_records
 from lighter_sink._errors import ConfigurationError
 from lighter_sink._ids import KeyTemplate
 from lighter_sink._idset import IdSet
-from lighter_sink._layout import ControlKeys, OutputInfo
+from lighter_sink._layout import CONTROL_BEGINS, ControlKeys, OutputInfo
 from lighter_sink._lease import read_lease, stored_generation
 from lighter_sink._manifest import recorded_sets
 from lighter_sink._store import Store, open_store
@@ -77,7 +77,7 @@ def remaining(
         ids = IdSet()
         try:
             outputs: set[ControlKeys] = set()
-            async for page in store.iter_list():  # (what outputs the url holds: their control objects say)
+            async for page in store.iter_list(begins=CONTROL_BEGINS):  # (what outputs the url holds)
                 outputs.update(k for k in map(ControlKeys.owning, page) if k is not None)
             keys = _output_keys(url, outputs, format)
             if keys is None:

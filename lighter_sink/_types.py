@@ -199,8 +199,9 @@ class ObjectStore(Protocol):
         """Keys of every object below ``prefix`` (recursively)."""
         ...
 
-    def iter_list(self, prefix: str = "", *, page_size: int = ...) -> KeyPages:
-        """:meth:`list` in pages of at most ``page_size`` keys, in no particular order."""
+    def iter_list(self, prefix: str = "", *, page_size: int = ..., begins: str = "") -> KeyPages:
+        """:meth:`list` in pages of at most ``page_size`` keys, in no particular order; with ``begins``, only the
+        names below ``prefix`` that begin so."""
         ...
 
     def open_output(self, key: str, *, part_size: int = ...) -> Output:

@@ -224,10 +224,10 @@ def test_gs_listing_comes_in_pages(gcs_endpoint: str) -> None:
         writer.pipe(f"{bucket}/run/{name}", b"x")
     writer.pipe(f"{bucket}/run-other/0.npy", b"x")  # (beside the url, not below it)
 
-    async def listed(prefix: str) -> list[list[str]]:
+    async def listed(prefix: str, begins: str = "") -> list[list[str]]:
         store = await open_store(f"gs://{bucket}/run", _options(gcs_endpoint))
         try:
-            return [page async for page in store.iter_list(prefix, page_size=3)]
+            return [page async for page in store.iter_list(prefix, page_size=3, begins=begins)]
         finally:
             await store.aclose()
 
@@ -235,3 +235,4 @@ def test_gs_listing_comes_in_pages(gcs_endpoint: str) -> None:
     assert [len(page) for page in pages] == [3, 3, 2]
     assert sorted(key for page in pages for key in page) == sorted(names)
     assert parts == [["_parts/g/r/0.jsonl"]]
+    assert anyio.run(listed, "", "_") == [["_parts/g/r/0.jsonl"]]  # (names that begin so: one request)

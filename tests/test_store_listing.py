@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,10 +24,10 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def _pages(url: str, page_size: int, prefix: str = "", **options: object) -> list[list[str]]:
+async def _pages(url: str, page_size: int, prefix: str = "", begins: str = "", **options: object) -> list[list[str]]:
     store = await open_store(url, options, backend=str(options.pop("backend", "fsspec")))  # type: ignore[arg-type]
     try:
-        return [page async for page in store.iter_list(prefix, page_size=page_size)]
+        return [page async for page in store.iter_list(prefix, page_size=page_size, begins=begins)]
     finally:
         await store.aclose()
 
@@ -45,6 +47,18 @@ async def test_local_listing_comes_in_pages_of_every_folder(tmp_path: Path) -> N
     assert await _pages(str(tmp_path / "nothing-here"), 10) == []
     with pytest.raises(ValueError, match="page_size"):
         await _pages(str(tmp_path), 0)
+    # names that begin so, in the folder listed: a file, a folder walked whole, nothing deeper that merely matches
+    for name in ["_SUCCESS", "_parts/g/0.jsonl", "_parts/g/_x.jsonl", "sub/_hidden.npy", "^caret.npy", "a_b.npy"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(k for page in await _pages(str(tmp_path), 2, begins="_") for k in page) == [
+        "_SUCCESS",
+        "_parts/g/0.jsonl",
+        "_parts/g/_x.jsonl",
+    ]
+    assert [k for page in await _pages(str(tmp_path), 10, "sub", begins="_") for k in page] == ["sub/_hidden.npy"]
+    with pytest.raises(ValueError, match="without '/'"):
+        await _pages(str(tmp_path), 10, begins="_parts/")
 
 
 @pytest.mark.s3
@@ -65,6 +79,16 @@ async def test_s3_listing_comes_in_pages(s3_server: S3Server, s3_bucket: str, ba
     ]
     whole = [k for page in await _pages(f"s3://{s3_bucket}", 5, **options) for k in page]
     assert sorted(whole) == sorted([f"run/{name}" for name in names] + ["run-other/0.npy"])
+    # names that begin so: a folder's keys and a file's, whether other names sort before them or after
+    for name in ["_SUCCESS", "^caret.npy", "a_b.npy", "a/_deep.npy"]:
+        client.put_object(Bucket=s3_bucket, Key=f"run/{name}", Body=b"x")
+    control = [k for page in await _pages(f"s3://{s3_bucket}/run", 1, begins="_", **options) for k in page]
+    assert sorted(control) == ["_SUCCESS", "_parts/g/r/0.jsonl"]
+    assert [k for page in await _pages(f"s3://{s3_bucket}/run", 9, "a", begins="_", **options) for k in page] == [
+        "a/_deep.npy"
+    ]
+    top = [k for page in await _pages(f"s3://{s3_bucket}", 3, begins="run-", **options) for k in page]
+    assert top == ["run-other/0.npy"]
 
 
 def _npy(value: float) -> bytes:
@@ -106,3 +130,45 @@ def test_resume_overwrite_and_remaining_list_thousands_of_objects_in_pages(
     listed = client.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="run/")
     keys = sorted(o["Key"] for page in listed for o in page.get("Contents", ()))
     assert keys == sorted([f"run/{i}.npy" for i in range(5)] + ["run/_SUCCESS", "run/_manifest.jsonl"])
+
+
+def _recorded_listings(s3_server: S3Server) -> list[str]:
+    """The ``prefix`` of each ListObjectsV2 request moto recorded since the recording started."""
+    with urllib.request.urlopen(f"{s3_server.endpoint}/moto-api/recorder/download-recording") as response:
+        requests = [json.loads(line) for line in response.read().decode().splitlines() if line.strip()]
+    prefixes = []
+    for request in requests:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request["url"]).query, keep_blank_values=True)
+        if request["method"] == "GET" and query.get("list-type") == ["2"]:
+            prefixes.append(query.get("prefix", [""])[0])
+    return prefixes
+
+
+def _recorder(s3_server: S3Server, action: str) -> None:
+    request = urllib.request.Request(f"{s3_server.endpoint}/moto-api/recorder/{action}", method="POST")
+    urllib.request.urlopen(request).close()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("backend", ["fsspec", "obstore"])
+def test_remaining_walks_a_url_of_per_object_predictions_once(
+    s3_server: S3Server, s3_bucket: str, backend: str
+) -> None:
+    """Finding the url's outputs reads only the keys that begin with ``_`` (every control object's); the one walk
+    of the whole url is the search for objects a killed run stored without recording them (moto's recorder counts
+    the real listing requests)."""
+    url = f"s3://{s3_bucket}/run"
+    options = s3_server.storage_options
+    with Sink(url, storage_options=options, backend=backend) as sink:  # type: ignore[arg-type]
+        sink.put_batch(range(2100), torch.ones(2100, 2))
+    _recorder(s3_server, "reset-recording")
+    _recorder(s3_server, "start-recording")
+    try:
+        left = remaining(url, list(range(2200)), storage_options=options)
+    finally:
+        _recorder(s3_server, "stop-recording")
+    assert list(left.indices) == list(range(2100, 2200))
+    prefixes = _recorded_listings(s3_server)
+    walks = [p for p in prefixes if p == "run/"]
+    assert len(walks) == 3, repr(prefixes)  # (2,100 objects and the control objects: three pages of 1,000)
+    assert all(p == "run/" or p.startswith("run/_") for p in prefixes), prefixes

@@ -24,7 +24,7 @@ from lighter_sink._store._deadline import bounded
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, KeyPages, Output
 
-__all__ = ["LIST_PAGE", "PART_SIZE", "RetryPolicy", "Store", "check_page_size"]
+__all__ = ["LIST_PAGE", "PART_SIZE", "RetryPolicy", "Store", "check_begins", "check_page_size", "name_begins"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,6 +39,18 @@ def check_page_size(page_size: int) -> None:
     """Raises ValueError unless ``page_size`` (keys in a page of :meth:`Store.iter_list`) is at least 1."""
     if page_size < 1:
         raise ValueError(f"page_size must be at least 1, got {page_size}")
+
+
+def check_begins(begins: str) -> None:
+    """Raises ValueError unless ``begins`` (how the names :meth:`Store.iter_list` lists begin) names no folder."""
+    if "/" in begins:
+        raise ValueError(f"begins is the start of a name in the folder listed, without '/', got {begins!r}")
+
+
+def name_begins(key: str, base: str, begins: str) -> bool:
+    """Whether ``key`` (relative to the url) lies below the folder ``base`` through a name that begins with
+    ``begins``."""
+    return key[len(base) :].startswith(begins) if key.startswith(base) else False
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,12 +277,21 @@ class Store(ABC):
     async def list(self, prefix: str = "") -> list[str]:
         """Keys of every object below ``prefix`` (recursively), relative to the url."""
 
-    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE, begins: str = "") -> KeyPages:
         """:meth:`list` a page at a time (at most ``page_size`` keys each, in no particular order), below the folder
         ``prefix``: a url of ten million objects is listed without holding its keys. Stores that cannot page list
-        whole, then hand the keys out in pages."""
+        whole, then hand the keys out in pages.
+
+        ``begins``: only the keys below ``prefix`` whose name there (a file's or a folder's) begins so; object
+        stores ask the server for just those (every control object's key begins with ``_``: finding them costs a
+        request, not a walk of the url).
+        """
         check_page_size(page_size)
+        check_begins(begins)
         keys = await self.list(prefix)
+        if begins:
+            base = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+            keys = [key for key in keys if name_begins(key, base, begins)]
         for start in range(0, len(keys), page_size):
             yield keys[start : start + page_size]
 

@@ -177,10 +177,13 @@ class FileOutput:
         await anyio.to_thread.run_sync(remove)
 
 
-def key_pages(root: str, base: str, page_size: int, temporary: Callable[[str], bool]) -> Iterator[KeyPage]:
+def key_pages(
+    root: str, base: str, page_size: int, temporary: Callable[[str], bool], begins: str = ""
+) -> Iterator[KeyPage]:
     """The keys (relative to ``root``, with ``/``) of the files below ``base``, ``page_size`` at a time, read
     entry by entry (``os.scandir``): a folder of ten million files is never held. A generator stepped in worker
-    threads, one step at a time; files whose name ``temporary`` accepts (unfinished atomic writes) are left out."""
+    threads, one step at a time; files whose name ``temporary`` accepts (unfinished atomic writes) are left out,
+    and in ``base`` itself the entries whose name does not begin with ``begins``."""
     if os.path.isfile(base):
         yield [os.path.relpath(base, root).replace(os.sep, "/")]
         return
@@ -189,12 +192,16 @@ def key_pages(root: str, base: str, page_size: int, temporary: Callable[[str], b
     page: KeyPage = []
     folders = [base]
     while folders:
+        folder = folders.pop()
         try:
-            entries = os.scandir(folders.pop())
+            entries = os.scandir(folder)
         except (FileNotFoundError, NotADirectoryError):
             continue  # (removed meanwhile, or nothing there)
+        wanted = begins if folder is base else ""
         with entries:
             for entry in entries:
+                if wanted and not entry.name.startswith(wanted):
+                    continue
                 if entry.is_dir(follow_symlinks=False):
                     folders.append(entry.path)
                 elif not temporary(entry.name):

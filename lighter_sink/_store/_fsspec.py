@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_page_size
+from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_begins, check_page_size
 from lighter_sink._store._multipart import GcsOutput, S3Output, abort_s3_uploads
 from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, delete_objects
 from lighter_sink._store._urls import protocol_of
@@ -140,17 +140,18 @@ class AsyncFsStore(Store):
             return []
         return sorted(_relative(self._root, p) for p in found)
 
-    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
-        """One listing request a page (``ListObjectsV2`` on S3, ``objects.list`` on GCS), each retried on its own;
-        other filesystems list whole."""
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE, begins: str = "") -> KeyPages:
+        """One listing request a page (``ListObjectsV2`` on S3, ``objects.list`` on GCS), each retried on its own,
+        ``begins`` part of the request's prefix; other filesystems list whole."""
         if not (self._s3 or self._gcs):
-            async for keys in super().iter_list(prefix, page_size=page_size):
+            async for keys in super().iter_list(prefix, page_size=page_size, begins=begins):
                 yield keys
             return
         check_page_size(page_size)
+        check_begins(begins)
         fs = self._fs
         bucket, folder, _ = fs.split_path(_join(self._root, prefix.rstrip("/")))
-        below = folder + "/" if folder else ""
+        below = (folder + "/" if folder else "") + begins
         cut = len(fs.split_path(self._root)[1].rstrip("/") + "/") if "/" in self._root else 0
         token: str | None = None
         while True:

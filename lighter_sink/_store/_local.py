@@ -24,7 +24,7 @@ import anyio
 import anyio.to_thread
 
 from lighter_sink._errors import ConfigurationError
-from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store, check_page_size
+from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store, check_begins, check_page_size
 from lighter_sink._store._deadline import bounded
 from lighter_sink._store._files import FileOutput, create_file, fsync_path, key_pages, libc_syncfs, write_all
 from lighter_sink._store._retry import is_transient
@@ -466,11 +466,13 @@ class LocalStore(Store):
 
         return await self._retrying("list", lambda: self._thread(walk, limiter=self._limiter))
 
-    async def iter_list(self, prefix: str = "", *, page_size: int = LOCAL_PAGE) -> KeyPages:
+    async def iter_list(self, prefix: str = "", *, page_size: int = LOCAL_PAGE, begins: str = "") -> KeyPages:
         """Directories are read entry by entry (``os.scandir``): a folder of ten million files is never held. Pages
-        are larger than an object store's (a thread's round trip each, not a request)."""
+        are larger than an object store's (a thread's round trip each, not a request). With ``begins``, the folder
+        ``prefix`` is read once, and only its entries of such names walked."""
         check_page_size(page_size)
-        pages = key_pages(self._root, os.path.join(self._root, prefix), page_size, self._is_temporary)
+        check_begins(begins)
+        pages = key_pages(self._root, os.path.join(self._root, prefix), page_size, self._is_temporary, begins)
         timeout = self.retry.timeout
         while True:
             # (not retried: a generator that raised is finished, and a retry would end the listing early)

@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from lighter_sink._errors import ConfigurationError, MissingDependencyError
-from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_page_size
+from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_begins, check_page_size
 from lighter_sink._store._multipart import ObstoreOutput
 from lighter_sink._types import Buffer, KeyPages, Output
 
@@ -110,14 +110,31 @@ class ObstoreStore(Store):
             return []
         return sorted(found)
 
-    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE) -> KeyPages:
-        """obstore's own listing stream, requested a page at a time (up to 1,000 keys a request on S3)."""
+    async def iter_list(self, prefix: str = "", *, page_size: int = LIST_PAGE, begins: str = "") -> KeyPages:
+        """obstore's own listing stream, requested a page at a time (up to 1,000 keys a request on S3). obstore's
+        prefix is a whole folder: ``begins`` starts the listing just before such names (the keys come in order)
+        and ends it at the first key past them."""
         import obstore
 
         check_page_size(page_size)
+        check_begins(begins)
+        folder = prefix.strip("/")
+        base = folder + "/" if folder else ""
+        start = base + begins
+        # (listed from past ``begins`` with its last character one lower: before every name that begins so)
+        offset = base + begins[:-1] + chr(ord(begins[-1]) - 1) if begins else None
         try:
-            async for batch in obstore.list(self._store, prefix=prefix.rstrip("/") or None, chunk_size=page_size):
-                yield [str(item["path"]) for item in batch]
+            stream = obstore.list(self._store, prefix=folder or None, offset=offset, chunk_size=page_size)
+            async for batch in stream:
+                keys = [str(item["path"]) for item in batch]
+                if begins:
+                    inside = [key for key in keys if key.startswith(start)]
+                    if inside:
+                        yield inside
+                    if keys and keys[-1] > start and not keys[-1].startswith(start):
+                        return  # (in order: every later key is past them too)
+                    continue
+                yield keys
         except FileNotFoundError:  # no bucket: nothing listed (as list)
             return
 
