@@ -166,25 +166,38 @@ def _ids_and_paths(lines: list[str]) -> tuple[list[str], list[str]]:
     return ids, paths
 
 
-def _line_id_and_path(line: str) -> tuple[str, str]:
-    """The id and path of a record line as :meth:`Record.to_json` writes it, without decoding the rest (see
-    :func:`line_id_and_size`: a quote inside a JSON string is escaped, so the first one after ``"path":"`` ends
-    a path without a backslash). Lines in any other layout are decoded whole."""
+def _leading_id(line: str) -> tuple[str, int] | None:
+    """The id of a record line as :meth:`Record.to_json` writes it, without decoding the rest, and where its
+    ``,"path":"`` begins; None for a line in any other layout (decode it whole).
+
+    In ``{"id":<json number or string>,"path":"...",...}`` the first ``,"path":"`` ends the id: a quote inside a
+    JSON string is always escaped.
+    """
     end = line.find(',"path":"', 6)
     if end < 0 or not line.startswith('{"id":'):
+        return None
+    if line[6] == '"':  # a string
+        if end < 8 or line[end - 1] != '"':
+            return None
+        identifier = line[7 : end - 1]
+        return (json.loads(line[6:end]) if "\\" in identifier else identifier), end
+    identifier = line[6:end]
+    return (identifier, end) if is_numeric_id(identifier) else None
+
+
+def _line_id_and_path(line: str) -> tuple[str, str]:
+    """The id and path of a record line, without decoding the rest (:func:`_leading_id`; the path, a JSON string,
+    ends at the first quote when it holds no backslash)."""
+    leading = _leading_id(line)
+    if leading is None:
         return _decoded_id_and_path(line)
+    identifier, end = leading
     start = end + 9
     stop = line.find('"', start)
     path = line[start:stop]
     if stop < 0 or "\\" in path:
         return _decoded_id_and_path(line)
-    if line[6] == '"':  # a string
-        if end < 8 or line[end - 1] != '"':
-            return _decoded_id_and_path(line)
-        identifier = line[7 : end - 1]
-        return (json.loads(line[6:end]) if "\\" in identifier else identifier), path
-    identifier = line[6:end]
-    return (identifier, path) if is_numeric_id(identifier) else _decoded_id_and_path(line)
+    return identifier, path
 
 
 def _decoded_id_and_path(line: str) -> tuple[str, str]:
@@ -196,31 +209,21 @@ def line_id_and_size(line: str) -> tuple[str, int, str]:
     """The id and nbytes of a record line as :meth:`Record.to_json` writes it, without decoding the rest, and the
     line as the manifest keeps it: a number's id as a JSON number (older versions wrote every id as a string).
 
-    In ``{"id":<json number or string>,"path":...,"nbytes":N,...}`` the first ``,"path":`` ends the id (a quote
-    inside a JSON string is always escaped), and the first ``"nbytes":`` after the path starts the size (a path is
-    a JSON string too). Lines in any other layout are decoded whole.
+    The id as :func:`_leading_id` reads it; the first ``"nbytes":`` after the path starts the size (a path is a
+    JSON string too). Lines in any other layout are decoded whole.
     """
-    end = line.find(',"path":', 6)
-    start = line.find('"nbytes":', end)
-    if end < 0 or start < 0 or not line.startswith('{"id":'):
+    leading = _leading_id(line)
+    start = -1 if leading is None else line.find('"nbytes":', leading[1])
+    if leading is None or start < 0:
         return _decoded_id_and_size(line)
+    identifier, end = leading
     start += 9
     try:
         nbytes = int(line[start : line.index(",", start)])
     except ValueError:  # (the size last, say)
         return _decoded_id_and_size(line)
-    if line[6] == '"':  # a string
-        if end < 8 or line[end - 1] != '"':
-            return _decoded_id_and_size(line)
-        identifier = line[7 : end - 1]
-        if "\\" in identifier:
-            identifier = json.loads(line[6:end])
-        if "0" <= identifier[:1] <= "9" and is_numeric_id(identifier):  # written before ids kept their type
-            line = '{"id":' + identifier + line[end:]
-        return identifier, nbytes, line
-    identifier = line[6:end]
-    if not is_numeric_id(identifier):
-        return _decoded_id_and_size(line)
+    if line[6] == '"' and "0" <= identifier[:1] <= "9" and is_numeric_id(identifier):
+        line = '{"id":' + identifier + line[end:]  # written before ids kept their type
     return identifier, nbytes, line
 
 
