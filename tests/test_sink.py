@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -378,6 +379,49 @@ def test_object_store_writes_in_flight_are_bounded_by_concurrency() -> None:
     assert plan.most_in_flight == 3
     assert sink.stats.items == 12
     np.testing.assert_array_equal(np.load(io.BytesIO(_faulty.read(plan, "/flight/11.npy"))), [11.0] * 4)
+
+
+@dataclass
+class _HeldWrites(_faulty.Plan):
+    """Writes of the paths in ``holds`` wait for their event; ``reached`` is set when one of them begins."""
+
+    holds: dict[str, threading.Event] = field(default_factory=dict)
+    reached: threading.Event = field(default_factory=threading.Event)
+
+    def _write(self, path: str) -> None:
+        hold = self.holds.get(path)
+        if hold is not None:
+            self.reached.set()
+            if not hold.wait(timeout=60):
+                raise TimeoutError("the test never released the write")
+        super()._write(path)
+
+
+def test_an_object_stores_backlog_is_encoded_and_its_room_freed_in_small_groups() -> None:
+    """The uploaders wait until a whole group is encoded, and a group's room in the queue comes back once every
+    object of it is stored: a backlog of 504 small predictions goes in groups of a few dozen, not all in one."""
+    holds = {"/groups/0.npy": threading.Event(), "/groups/400.npy": threading.Event()}
+    plan = _HeldWrites(holds=holds)
+    batch = torch.zeros(8, 4)  # 16 bytes a prediction
+    sink = Sink("faulty://groups", storage_options=_faulty.options(plan), concurrency=1).open()
+    try:
+        sink.put_batch(range(8), batch)
+        assert plan.reached.wait(timeout=30)  # the only uploader holds object 0: the rest queues behind it
+        plan.reached.clear()
+        for start in range(8, 512, 8):
+            sink.put_batch(range(start, start + 8), batch)
+        holds["/groups/0.npy"].set()
+        assert plan.reached.wait(timeout=30)  # objects 0-399 are stored, in order (one encoder, one uploader)
+        # (one group of the whole backlog would still hold 504 * 16 bytes)
+        assert sink.stats.queue_bytes <= (512 - 400 + 128) * 16
+        holds["/groups/400.npy"].set()
+        sink.close()
+    finally:
+        for hold in holds.values():
+            hold.set()
+        sink.abort()
+    assert sink.stats.items == 512
+    np.testing.assert_array_equal(np.load(io.BytesIO(_faulty.read(plan, "/groups/511.npy"))), [0.0] * 4)
 
 
 def test_a_failed_write_is_raised_on_flush_put_and_close() -> None:
