@@ -27,6 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from lighter_sink._checksum import crc32
 from lighter_sink._handoff import Batch, Handoff
 from lighter_sink._layout import ControlKeys
+from lighter_sink._stats import Samples
 from lighter_sink._store import Store
 from lighter_sink._types import Buffer, Record, RecordColumns, encode_sorted
 from lighter_sink.formats import Format, FormatWriter
@@ -124,7 +125,7 @@ class Engine:
         self.generation: str | None = None  # known once the output is prepared (rank 0) or joined (the others)
         self.items = 0
         self.bytes = 0
-        self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self.latencies = Samples(_LATENCY_SAMPLES)
         # records not yet in a part: lists of records, and columns of a format writer's (a shard's)
         self._records: list[Sequence[Record]] = []
         self._pending = 0
