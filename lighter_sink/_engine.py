@@ -405,7 +405,8 @@ def _gathered(receive: MemoryObjectReceiveStream[list[Batch]], group: list[Batch
 def _release(handoff: Handoff, group: Sequence[Batch], stored: bool) -> None:
     """Free a group's place in the queue in one call (one lock, one wake-up), recycling its buffers if ``stored``."""
     pooled = [buffer for batch in group if batch.host.pooled for buffer in batch.host.pooled] if stored else []
-    handoff.release(sum(batch.host.nbytes for batch in group), pooled or None, len(group))
+    nbytes = sum(batch.host.nbytes for batch in group)
+    handoff.release(nbytes, sum(len(batch.ids) for batch in group), pooled or None, len(group))
 
 
 def _joined(buffers: Sequence[Buffer], nbytes: int) -> Buffer:
