@@ -74,8 +74,8 @@ class Samples:
 
     A ``deque(maxlen=size)`` of floats held one float object per value, each allocated among the objects of
     whatever was being written when its time was taken and kept for the next ``size`` writes: thousands of small
-    objects, each keeping its block of the allocator's memory from being given back, a few more with every write
-    (a run of ten million tiny predictions grew by about a gigabyte). An array holds the values, no objects.
+    objects, each able to keep its pool of the allocator's memory (and the arena around it) from being given
+    back. An array holds the values, no objects.
     """
 
     __slots__ = ("_added", "_counter", "_values")

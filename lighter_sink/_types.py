@@ -164,11 +164,10 @@ class RecordColumns(Sequence[Record]):
     one at a time when asked for.
 
     A shard holds hundreds of thousands of predictions. As objects, their records (with their ids and numbers)
-    took about 200 bytes each, allocated a few at a time while the shard filled, among the run's short-lived
-    objects; kept until the shard was stored, they held on to memory the allocator could then not give back, a
-    little more with every shard (a run of ten million tiny predictions grew by gigabytes). Here they take about
-    30 bytes and the id's characters, in a few large arrays; :func:`encode_sorted` writes them to a manifest part
-    without making a record object.
+    took about 220 bytes each, allocated a few at a time while the shard filled, among the run's short-lived
+    objects; kept until the shard was stored, they held on to memory the allocator could then not give back
+    (pymalloc arenas with a few live objects each). Here they take about 40 bytes with the id's characters, in a
+    few large arrays; :func:`encode_sorted` writes them to a manifest part without making a record object.
 
     Args:
         path: the object every record's prediction is in (a shard's key; ``""`` until it is known: :meth:`at`).
