@@ -60,7 +60,8 @@ class SinkConfig:
         format: a registered format name (``"npy"``, ``"pt"``, ...) or a :class:`~lighter_sink.formats.Format`;
             held as the format itself.
         storage_options: passed to fsspec (credentials, ``endpoint_url``); never logged nor shown in reprs.
-        max_queue_bytes: host bytes queued before ``put`` blocks (a single larger batch is still accepted).
+        max_queue_bytes: host bytes queued before ``put`` blocks (a single larger batch is still accepted); ``put``
+            also blocks while 131,072 predictions are queued, whatever their bytes (their ids are not counted).
         concurrency: writes in flight at once.
         retries: attempts per object for transient errors (throttling, 5xx, resets, timeouts), the first included.
         timeout: seconds one write attempt may take; with ``retries`` it bounds how long a dead store stalls.

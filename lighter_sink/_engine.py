@@ -27,9 +27,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from lighter_sink._checksum import crc32
 from lighter_sink._handoff import Batch, Handoff
 from lighter_sink._layout import ControlKeys
-from lighter_sink._manifest import id_order
+from lighter_sink._stats import Samples
 from lighter_sink._store import Store
-from lighter_sink._types import Buffer, Record, encode_records
+from lighter_sink._types import Buffer, Record, RecordColumns, encode_sorted
 from lighter_sink.formats import Format, FormatWriter
 
 __all__ = ["PART_RECORDS", "Engine"]
@@ -129,8 +129,10 @@ class Engine:
         self.generation: str | None = None  # known once the output is prepared (rank 0) or joined (the others)
         self.items = 0
         self.bytes = 0
-        self.latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
-        self._records: list[Record] = []
+        self.latencies = Samples(_LATENCY_SAMPLES)
+        # records not yet in a part: lists of records, and columns of a format writer's (a shard's)
+        self._records: list[Sequence[Record]] = []
+        self._pending = 0
         self._part_seq = 0
         self._part_lock: anyio.Lock | None = None  # made on the loop, at the first part
         self._send: MemoryObjectSendStream[list[Batch]] | None = None
@@ -286,13 +288,13 @@ class Engine:
         stored = [record for (_, record, _), error in zip(encoded, errors, strict=True) if error is None]
         self.items += len(stored)
         self.bytes += sum(r.nbytes for r in stored)
-        self._records.extend(stored)
+        self._add_records(stored)
         failed = [
             (record.id, e) for (_, record, _), e in zip(encoded, errors, strict=True) if e not in (None, _NOT_WRITTEN)
         ]
         if failed:
             self.handoff.fail(failed[0][1], [i for i, _ in failed])
-        elif len(self._records) >= PART_RECORDS:
+        elif self._pending >= PART_RECORDS:
             await self.write_part()
 
     def _encode(self, group: Sequence[Batch], contiguous: bool = False) -> list[_Encoded]:
@@ -324,9 +326,12 @@ class Engine:
             records = await writer.write_batch(batch.ids, batch.host.ready())
             self.latencies.append(time.perf_counter() - started)  # one batch's rows
             self.items += len(records)
-            self.bytes += sum(r.nbytes for r in records)
-            self._records.extend(records)
-        if len(self._records) >= PART_RECORDS:
+            if isinstance(records, RecordColumns):
+                self.bytes += records.total_bytes()
+            else:
+                self.bytes += sum(r.nbytes for r in records)
+            self._add_records(records)
+        if self._pending >= PART_RECORDS:
             await self.write_part()
 
     async def _write_group(self, group: Sequence[Batch]) -> None:
@@ -358,7 +363,7 @@ class Engine:
     async def flush(self, durable: bool) -> None:
         """Record everything stored so far: the format writer's rows, then a part of the records not in one."""
         if self.writer is not None:
-            self._records.extend(await self.writer.flush())
+            self._add_records(await self.writer.flush())
         await self.write_part()
         if durable:  # what the parts record is on disk before anything can vouch for it
             assert self.store is not None
@@ -375,12 +380,18 @@ class Engine:
                 return
             assert self.generation is not None
             count = len(self._records)  # (workers only append: the first `count` are this part's)
+            chunks = self._records[:count]
             key = self.keys.part(self.generation, self.run, self.rank, self._part_seq + 1)
             # sorted by id: the commit merges the parts as sorted streams, a chunk of each at a time
-            part = sorted(self._records[:count], key=lambda record: id_order(record.id))
-            await self.store.put(key, [encode_records(part)])
+            await self.store.put(key, encode_sorted(chunks))
             del self._records[:count]
+            self._pending -= sum(map(len, chunks))
             self._part_seq += 1
+
+    def _add_records(self, records: Sequence[Record]) -> None:
+        if records:
+            self._records.append(records)
+            self._pending += len(records)
 
 
 def _retries(store: Store | None) -> int:
@@ -406,7 +417,8 @@ def _gathered(receive: MemoryObjectReceiveStream[list[Batch]], group: list[Batch
 def _release(handoff: Handoff, group: Sequence[Batch], stored: bool) -> None:
     """Free a group's place in the queue in one call (one lock, one wake-up), recycling its buffers if ``stored``."""
     pooled = [buffer for batch in group if batch.host.pooled for buffer in batch.host.pooled] if stored else []
-    handoff.release(sum(batch.host.nbytes for batch in group), pooled or None, len(group))
+    nbytes = sum(batch.host.nbytes for batch in group)
+    handoff.release(nbytes, sum(len(batch.ids) for batch in group), pooled or None, len(group))
 
 
 def _joined(buffers: Sequence[Buffer], nbytes: int) -> Buffer:

@@ -169,7 +169,7 @@ class Sink:
     def put(self, identifier: int | str, value: object) -> None:
         """Queue one prediction (one sample) under ``identifier``.
 
-        Blocks only while the queue holds ``max_queue_bytes``.
+        Blocks only while the queue holds ``max_queue_bytes`` (or 131,072 predictions, whatever their bytes).
 
         Raises:
             WriteError: an earlier background write failed (chained to the storage error).

@@ -1,8 +1,9 @@
 """The ground floor: the types every room shares. It imports nothing of the package.
 
 * :data:`Buffer`: bytes as the formats make them and the stores send them (never joined without need).
-* :class:`Record`: what the manifest says of one stored prediction; :class:`RecordStream`: the records of an output
-  in id order, as a format's commit reads them (a chunk at a time: never all at once).
+* :class:`Record`: what the manifest says of one stored prediction; :class:`RecordColumns`: the records of many
+  predictions of one object (a shard's) as columns; :class:`RecordStream`: the records of an output in id order, as
+  a format's commit reads them (a chunk at a time: never all at once).
 * :class:`ObjectStore` and :class:`Output`: the narrow interface a format that streams or updates in place (tables,
   zarr) gets to the sink's store. It has no url and no credentials: the sink opened the store, with its retries,
   timeouts and statistics, and every byte a format stores goes through it.
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import json
 import json.encoder
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from array import array
+from bisect import bisect_right
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, overload
 
 __all__ = [
     "CHECKSUM",
@@ -28,9 +31,11 @@ __all__ = [
     "Problem",
     "ProblemKind",
     "Record",
+    "RecordColumns",
     "RecordStream",
     "decode_records",
     "encode_records",
+    "encode_sorted",
     "is_numeric_id",
 ]
 
@@ -116,6 +121,199 @@ def encode_records(records: Iterable[Record]) -> bytes:
 
 def decode_records(data: bytes) -> list[Record]:
     return [Record.from_json(line) for line in data.decode().splitlines() if line.strip()]
+
+
+# Lines of a part encoded at a time by encode_sorted: its text is never one string.
+_ENCODE_LINES = 8192
+
+
+def encode_sorted(chunks: Sequence[Sequence[Record]]) -> list[bytes]:
+    """The records of every chunk sorted by id (numbers by value, then text by code point), as JSON lines in a few
+    buffers: :func:`encode_records` of them, sorted stably. Columns are encoded without a :class:`Record` object."""
+    ids: list[str] = []
+    for chunk in chunks:
+        ids += chunk.ids() if isinstance(chunk, RecordColumns) else [record.id for record in chunk]
+    numeric: list[int] = []
+    text: list[int] = []
+    for index, identifier in enumerate(ids):
+        (numeric if is_numeric_id(identifier) else text).append(index)
+    numeric.sort(key=lambda index: int(ids[index]))
+    text.sort(key=ids.__getitem__)
+    starts = [0]
+    for chunk in chunks:
+        starts.append(starts[-1] + len(chunk))
+    out: list[bytes] = []
+    lines: list[str] = []
+    for index in numeric + text:
+        which = bisect_right(starts, index) - 1
+        chunk = chunks[which]
+        if isinstance(chunk, RecordColumns):
+            lines.append(chunk.line(index - starts[which], ids[index]))
+        else:
+            lines.append(chunk[index - starts[which]].to_json())
+        if len(lines) == _ENCODE_LINES:
+            out.append(("\n".join(lines) + "\n").encode())
+            lines = []
+    if lines:
+        out.append(("\n".join(lines) + "\n").encode())
+    return out
+
+
+class RecordColumns(Sequence[Record]):
+    """Records of predictions stored in one object (a shard), held as columns: a sequence of :class:`Record`, made
+    one at a time when asked for.
+
+    A shard holds hundreds of thousands of predictions. As objects, their records (with their ids and numbers)
+    took about 220 bytes each, allocated a few at a time while the shard filled, among the run's short-lived
+    objects; kept until the shard was stored, they held on to memory the allocator could then not give back
+    (pymalloc arenas with a few live objects each). Here they take about 40 bytes with the id's characters, in a
+    few large arrays; :func:`encode_sorted` writes them to a manifest part without making a record object.
+
+    Args:
+        path: the object every record's prediction is in (a shard's key; ``""`` until it is known: :meth:`at`).
+    """
+
+    __slots__ = (
+        "_crc32",
+        "_ends",
+        "_firsts",
+        "_kind_list",
+        "_kind_of",
+        "_kinds",
+        "_lines",
+        "_nbytes",
+        "_offsets",
+        "_path_json",
+        "_texts",
+        "path",
+    )
+
+    #: ids of one chunk of text joined onto the previous one below this many characters (few, small objects)
+    _TEXT_CHARS = 4096
+
+    def __init__(self, path: str = "") -> None:
+        self.path = path
+        self._path_json = _json_str(path)
+        self._texts: list[str] = []  # ids, joined, in chunks
+        self._firsts = array("q")  # each chunk's first record
+        self._ends = array("q")  # where each record's id ends in its chunk's text
+        self._offsets = array("q")  # -1: none
+        self._nbytes = array("q")
+        self._crc32 = array("I")
+        self._kind_of = array("I")  # an index into _kinds
+        self._kinds: dict[tuple[tuple[int, ...], str], int] = {}
+        self._kind_list: list[tuple[tuple[int, ...], str]] = []
+        self._lines: list[str] = []  # each kind's end of a JSON line
+
+    def at(self, path: str) -> RecordColumns:
+        """These records, in the object ``path`` (the columns are shared, not copied)."""
+        other = RecordColumns(path)
+        for name in RecordColumns.__slots__:
+            if name not in ("path", "_path_json"):
+                setattr(other, name, getattr(self, name))
+        return other
+
+    def extend(
+        self,
+        ids: Sequence[str],
+        offsets: Iterable[int | None],
+        nbytes: Iterable[int],
+        crc32: Iterable[int],
+        kinds: Iterable[tuple[tuple[int, ...], str]],
+    ) -> None:
+        """Append the records of ``ids``: each one's offset, size, CRC-32 (an int) and ``(shape, dtype)``."""
+        if not ids:
+            return
+        ends = self._ends
+        text = "".join(ids)
+        if self._texts and len(self._texts[-1]) < self._TEXT_CHARS:
+            position = len(self._texts[-1])
+            self._texts[-1] += text
+        else:
+            position = 0
+            self._firsts.append(len(ends))
+            self._texts.append(text)
+        for identifier in ids:
+            position += len(identifier)
+            ends.append(position)
+        self._offsets.extend(-1 if offset is None else offset for offset in offsets)
+        self._nbytes.extend(nbytes)
+        self._crc32.extend(crc32)
+        known = self._kinds
+        kind_of = self._kind_of
+        for kind in kinds:
+            index = known.get(kind)
+            if index is None:
+                index = known[kind] = len(known)
+                self._kind_list.append(kind)
+                shape, dtype = kind
+                self._lines.append(f',"shape":[{",".join(map(str, shape))}],"dtype":{_json_str(dtype)}')
+            kind_of.append(index)
+        if not len(self._offsets) == len(self._nbytes) == len(self._crc32) == len(kind_of) == len(ends):
+            raise ValueError("RecordColumns.extend needs one offset, size, checksum and kind per id")
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def ids(self) -> list[str]:
+        """Every record's id, in order."""
+        out: list[str] = []
+        ends = self._ends
+        for chunk, text in enumerate(self._texts):
+            first = self._firsts[chunk]
+            stop = self._firsts[chunk + 1] if chunk + 1 < len(self._firsts) else len(ends)
+            start = 0
+            for end in ends[first:stop]:
+                out.append(text[start:end])
+                start = end
+        return out
+
+    def _id(self, index: int) -> str:
+        chunk = bisect_right(self._firsts, index) - 1
+        start = 0 if index == self._firsts[chunk] else self._ends[index - 1]
+        return self._texts[chunk][start : self._ends[index]]
+
+    @overload
+    def __getitem__(self, index: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Record]: ...
+
+    def __getitem__(self, index: int | slice) -> Record | list[Record]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("record index out of range")
+        shape, dtype = self._kind_list[self._kind_of[index]]
+        offset = self._offsets[index]
+        return Record(
+            self._id(index),
+            self.path,
+            self._nbytes[index],
+            f"{self._crc32[index]:08x}",
+            shape,
+            dtype,
+            None if offset < 0 else offset,
+        )
+
+    def __iter__(self) -> Iterator[Record]:
+        for index in range(len(self)):
+            yield self[index]
+
+    def total_bytes(self) -> int:
+        """The records' ``nbytes``, summed."""
+        return sum(self._nbytes)
+
+    def line(self, index: int, identifier: str) -> str:
+        """:meth:`Record.to_json` of the record at ``index``, whose id is ``identifier`` (as :meth:`ids` gives it)."""
+        offset = self._offsets[index]
+        return (
+            f'{{"id":{identifier if is_numeric_id(identifier) else _json_str(identifier)},"path":{self._path_json},'
+            f'"nbytes":{self._nbytes[index]},"{CHECKSUM}":"{self._crc32[index]:08x}"{self._lines[self._kind_of[index]]}'
+            + ("}" if offset < 0 else f',"offset":{offset}}}')
+        )
 
 
 class RecordStream:

@@ -25,6 +25,7 @@ from lighter_sink import (
     SinkStateError,
     WriteError,
 )
+from lighter_sink._handoff import MAX_QUEUED_ITEMS
 from lighter_sink.formats import NpyFormat
 from tests import _faulty
 
@@ -239,6 +240,37 @@ def test_backpressure_blocks_put_until_a_write_completes() -> None:
     assert stats.queue_high_water_bytes <= 1000
     assert stats.items == 3
     assert sink.state is SinkState.COMMITTED
+
+
+def test_put_blocks_while_the_queue_holds_its_most_predictions_whatever_their_bytes() -> None:
+    """Tiny predictions: their ids and keys (Python strings) outweigh their bytes, which max_queue_bytes counts;
+    put waits once MAX_QUEUED_ITEMS of them are queued, far below max_queue_bytes."""
+    gate = threading.Event()
+    plan = _faulty.Plan(gate=gate)
+    values = torch.zeros(1024, 1)  # 4 bytes a prediction
+    sink = Sink("faulty://items", storage_options=_faulty.options(plan), concurrency=1).open()
+    try:
+        sink.put_batch(range(1024), values)
+        plan.started.acquire(timeout=30)  # the only worker is now inside the first write, held by the gate
+        for start in range(1024, MAX_QUEUED_ITEMS, 1024):
+            sink.put_batch(range(start, start + 1024), values)
+        returned = threading.Event()
+
+        def one_more() -> None:
+            sink.put(MAX_QUEUED_ITEMS, torch.zeros(1))
+            returned.set()
+
+        producer = threading.Thread(target=one_more)
+        producer.start()
+        assert not returned.wait(timeout=0.5), "put must block while the queue holds MAX_QUEUED_ITEMS predictions"
+        assert sink.stats.queue_bytes == 4 * MAX_QUEUED_ITEMS < sink.max_queue_bytes
+        gate.set()
+        assert returned.wait(timeout=60)
+        producer.join()
+    finally:
+        gate.set()
+        sink.abort()
+    assert sink.stats.stall_seconds > 0
 
 
 def test_a_put_waiting_for_room_stays_interruptible_when_the_signal_reaches_another_thread() -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 
 from lighter_sink import Sink
+from lighter_sink._stats import Samples
 from tests.conftest import S3Server
 
 
@@ -40,3 +43,41 @@ def test_write_latency_of_an_s3_burst_is_that_of_one_write(s3_server: S3Server, 
     # 16 PUTs in flight: one PUT waits for at most the 15 others, the burst for all 1,024.
     assert p50 < wall / 10, (p50, wall)
     assert p50 <= p99 < wall
+
+
+def test_samples_keep_the_last_values_appended() -> None:
+    samples = Samples(4)
+    assert len(samples) == 0 and list(samples) == []
+    for value in (1.0, 2.0, 3.0):
+        samples.append(value)
+    assert sorted(samples) == [1.0, 2.0, 3.0]
+    for value in (4.0, 5.0, 6.0):
+        samples.append(value)
+    assert len(samples) == 4 and sorted(samples) == [3.0, 4.0, 5.0, 6.0]
+    with pytest.raises(ValueError, match="at least 1"):
+        Samples(0)
+
+
+def test_samples_hold_no_object_per_value() -> None:
+    """Write times are taken for every batch of a run: a deque of float objects held thousands of small objects,
+    scattered through the allocator's memory (which then could not give it back)."""
+    samples = Samples(4096)
+    tracemalloc.start()
+    try:
+        for value in range(20_000):
+            samples.append(value / 7)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 1024, held
+    assert len(samples) == 4096 and max(samples) == 19_999 / 7
+
+
+def test_samples_appended_from_several_threads_are_all_kept() -> None:
+    samples = Samples(10_000)
+    threads = [threading.Thread(target=lambda k=k: [samples.append(k) for _ in range(2000)]) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(samples) == sorted([float(k) for k in range(4) for _ in range(2000)])

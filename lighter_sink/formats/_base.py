@@ -74,20 +74,21 @@ class FormatWriter:
     """Stores predictions of formats that are not one object per prediction (arrays, tables).
 
     Lives on the sink's event loop; :meth:`write` may be called by several workers at once. Records returned
-    by :meth:`write` go to the manifest (their ``path`` says where the row lives, e.g. ``"predictions.csv"``).
+    by :meth:`write` go to the manifest (their ``path`` says where the row lives, e.g. ``"predictions.csv"``): a
+    list, or a :class:`~lighter_sink._types.RecordColumns` of many records at once (a shard's).
     """
 
-    async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> list[Record]:
+    async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> Sequence[Record]:
         raise NotImplementedError
 
-    async def write_batch(self, ids: Sequence[str], values: torch.Tensor | Sequence[torch.Tensor]) -> list[Record]:
+    async def write_batch(self, ids: Sequence[str], values: torch.Tensor | Sequence[torch.Tensor]) -> Sequence[Record]:
         """:meth:`write` of a batch as it was put: one tensor whose rows are the samples, or a list of them.
 
         What the sink calls; writers that encode a batch at once override it to save splitting it.
         """
         return await self.write(ids, values.unbind(0) if isinstance(values, torch.Tensor) else values)
 
-    async def flush(self) -> list[Record]:
+    async def flush(self) -> Sequence[Record]:
         """Store everything written so far and return the records of what this call stored.
 
         Called before the ranks agree to commit, and again if it failed: what it could not store stays pending

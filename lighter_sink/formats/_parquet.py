@@ -28,7 +28,7 @@ from lighter_sink._checksum import crc32
 from lighter_sink._errors import ConfigurationError, MissingDependencyError, PredictionError
 from lighter_sink._types import Buffer, Record, is_numeric_id
 from lighter_sink.formats._base import require_numpy_dtype
-from lighter_sink.formats._shards import Member, Packer, ShardFormat
+from lighter_sink.formats._shards import Packer, ShardFormat
 
 __all__ = ["ParquetFormat"]
 
@@ -237,11 +237,13 @@ class _ParquetPacker(Packer):
             )
         row_bytes = region // count
         start = self.size + written - region
-        item_shape = tuple(int(n) for n in shape)
-        for index, identifier in enumerate(ids):
-            row = stored[index]
-            self.members.append(
-                Member(identifier, start + index * row_bytes, row_bytes, crc32(row, 0), item_shape, str(dtype))
-            )
+        kind = (tuple(int(n) for n in shape), str(dtype))
+        self.members.extend(
+            ids,
+            range(start, start + count * row_bytes, row_bytes),
+            [row_bytes] * count,
+            [crc32(row, 0) for row in stored],
+            [kind] * count,
+        )
         self.size += written
         return [data]

@@ -26,7 +26,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import anyio
 import anyio.to_thread
@@ -34,10 +34,10 @@ import torch
 
 from lighter_sink._checksum import crc32
 from lighter_sink._errors import ConfigurationError
-from lighter_sink._types import Buffer, ObjectStore, Output, Problem, Record, RecordStream
+from lighter_sink._types import Buffer, ObjectStore, Output, Problem, Record, RecordColumns, RecordStream
 from lighter_sink.formats._base import CheckContext, Format, FormatWriter, RecordCheck, WriterContext, record_problem
 
-__all__ = ["DEFAULT_SHARD_BYTES", "SHARDS_DIR", "Member", "Packer", "ShardCheck", "ShardFormat", "ShardWriter"]
+__all__ = ["DEFAULT_SHARD_BYTES", "SHARDS_DIR", "Packer", "ShardCheck", "ShardFormat", "ShardWriter"]
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 SHARDS_DIR = "shards/"
@@ -47,27 +47,18 @@ _SPAN_BYTES = 16 * 2**20
 _SPAN_GAP = 64 * 2**10
 
 
-class Member(NamedTuple):
-    """Where one prediction's bytes lie in its shard."""
-
-    id: str
-    offset: int
-    nbytes: int
-    crc32: int
-    shape: tuple[int, ...]
-    dtype: str
-
-
 class Packer:
     """Lays out one shard: turns encoded predictions into the shard's bytes, in order.
 
     Called on worker threads, one call at a time. :attr:`size` is the number of bytes returned so far (where the
-    next bytes start); :attr:`members` the predictions whose place is known.
+    next bytes start); :attr:`members` the records of the predictions whose place is known (their ``path`` is
+    the shard's key once it is stored), as columns: a shard's hundreds of thousands of predictions are then a few
+    arrays, not as many objects.
     """
 
     def __init__(self) -> None:
         self.size = 0
-        self.members: list[Member] = []
+        self.members = RecordColumns()
 
     @property
     def filled(self) -> int:
@@ -165,10 +156,10 @@ class ShardWriter(FormatWriter):
         self._lock = anyio.Lock()
         self._closing: set[_Shard] = set()  # full shards being finished while the next one fills
 
-    async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> list[Record]:
+    async def write(self, ids: Sequence[str], samples: Sequence[torch.Tensor]) -> Sequence[Record]:
         return await self.write_batch(ids, samples)
 
-    async def write_batch(self, ids: Sequence[str], samples: torch.Tensor | Sequence[torch.Tensor]) -> list[Record]:
+    async def write_batch(self, ids: Sequence[str], samples: torch.Tensor | Sequence[torch.Tensor]) -> Sequence[Record]:
         encoded = await anyio.to_thread.run_sync(self._format.prepare, ids, samples)
         full = None
         async with self._lock:
@@ -190,7 +181,7 @@ class ShardWriter(FormatWriter):
                 full, self._open = shard, None
         return [] if full is None else await self._finish(full)
 
-    async def _finish(self, shard: _Shard) -> list[Record]:
+    async def _finish(self, shard: _Shard) -> Sequence[Record]:
         """Store the shard's last bytes and make it visible whole; then, only then, its predictions are records."""
         self._closing.add(shard)
         try:
@@ -203,12 +194,11 @@ class ShardWriter(FormatWriter):
             raise
         finally:
             self._closing.discard(shard)
-        return [
-            Record(m.id, shard.key, m.nbytes, f"{m.crc32:08x}", m.shape, m.dtype, m.offset)
-            for m in shard.packer.members
-        ]
+        records = shard.packer.members.at(shard.key)
+        shard.packer.members = RecordColumns()  # (the packer stays, as the next one's previous: not its records)
+        return records
 
-    async def flush(self) -> list[Record]:
+    async def flush(self) -> Sequence[Record]:
         async with self._lock:
             shard, self._open = self._open, None
         return [] if shard is None else await self._finish(shard)

@@ -24,7 +24,7 @@ from lighter_sink._errors import ConfigurationError, PredictionError
 from lighter_sink._types import Buffer
 from lighter_sink.formats._base import NON_NUMPY_DTYPES, EncodedItem
 from lighter_sink.formats._npy import NpyFormat
-from lighter_sink.formats._shards import Member, Packer, ShardFormat
+from lighter_sink.formats._shards import Packer, ShardFormat
 from lighter_sink.formats._torch import TorchFormat
 
 __all__ = ["TarFormat"]
@@ -142,11 +142,12 @@ class _TarPacker(Packer):
         out: list[Buffer] = []
         small = bytearray()
         position = self.size
-        for identifier, item, extension, crc in zip(ids, items, extensions, crcs, strict=True):
+        offsets: list[int] = []
+        for identifier, item, extension in zip(ids, items, extensions, strict=True):
             header = _header(identifier + extension, item.nbytes, self._mtime)
             small += header
             position += len(header)
-            self.members.append(Member(identifier, position, item.nbytes, crc, item.shape, item.dtype))
+            offsets.append(position)
             if item.nbytes < _COPY_BELOW:
                 for buffer in item.buffers:
                     small += buffer
@@ -159,6 +160,9 @@ class _TarPacker(Packer):
             position += item.nbytes + padding
         if small:
             out.append(small)
+        self.members.extend(
+            ids, offsets, [item.nbytes for item in items], crcs, [(item.shape, item.dtype) for item in items]
+        )
         self.size = position
         return out
 
