@@ -44,13 +44,16 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def running_process(command: list[str], ready: str) -> Iterator[subprocess.Popen[bytes]]:
+def running_process(
+    command: list[str], ready: str, cwd: str | os.PathLike[str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run a server in its own process until the block ends; yield once it printed ``ready``.
 
     Its output is read until that line (no polling, no sleeps) and then drained for the rest of its life, so
-    that a full pipe never blocks the server. The process is stopped however the block ends.
+    that a full pipe never blocks the server. The process is stopped however the block ends. ``cwd``: where it
+    runs (what it writes there, such as moto's request recording, stays out of the checkout).
     """
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
     drain: subprocess.Popen[bytes] | None = None
     try:
         assert process.stdout is not None
@@ -76,12 +79,12 @@ def running_process(command: list[str], ready: str) -> Iterator[subprocess.Popen
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """moto's S3 server on a free loopback port, in its own process; stopped when the session ends."""
     port = free_port()
     command = [sys.executable, "-u", "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     # Werkzeug announces the listening socket once it is bound.
-    with running_process(command, "Running on") as process:
+    with running_process(command, "Running on", cwd=tmp_path_factory.mktemp("moto")) as process:
         yield S3Server(f"http://127.0.0.1:{port}", process)
 
 
