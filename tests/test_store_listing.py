@@ -7,6 +7,7 @@ import io
 import json
 import urllib.parse
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -172,3 +173,17 @@ def test_remaining_walks_a_url_of_per_object_predictions_once(
     walks = [p for p in prefixes if p == "run/"]
     assert len(walks) == 3, repr(prefixes)  # (2,100 objects and the control objects: three pages of 1,000)
     assert all(p == "run/" or p.startswith("run/_") for p in prefixes), prefixes
+
+
+@pytest.mark.anyio
+async def test_a_store_that_lists_whole_keeps_only_the_names_that_begin_so() -> None:
+    url = f"memory://begins-{uuid.uuid4().hex[:8]}"
+    store = await open_store(url, {})
+    try:
+        for name in ["_SUCCESS", "_parts/g/0.jsonl", "0.npy", "a_b.npy", "sub/_x.npy"]:
+            await store.put(name, [b"x"])
+        pages = [page async for page in store.iter_list(page_size=1, begins="_")]
+        assert sorted(k for page in pages for k in page) == ["_SUCCESS", "_parts/g/0.jsonl"]
+        assert [k async for page in store.iter_list("sub", begins="_") for k in page] == ["sub/_x.npy"]
+    finally:
+        await store.aclose()

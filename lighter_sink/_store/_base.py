@@ -24,7 +24,7 @@ from lighter_sink._store._deadline import bounded
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, KeyPages, Output
 
-__all__ = ["LIST_PAGE", "PART_SIZE", "RetryPolicy", "Store", "check_begins", "check_page_size", "name_begins"]
+__all__ = ["LIST_PAGE", "PART_SIZE", "RetryPolicy", "Store", "check_listing"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,22 +35,13 @@ PART_SIZE = 8 * 2**20
 LIST_PAGE = 1000
 
 
-def check_page_size(page_size: int) -> None:
-    """Raises ValueError unless ``page_size`` (keys in a page of :meth:`Store.iter_list`) is at least 1."""
+def check_listing(page_size: int, begins: str) -> None:
+    """Raises ValueError unless :meth:`Store.iter_list`'s ``page_size`` (keys in a page) is at least 1 and its
+    ``begins`` (how the names listed begin) names no folder."""
     if page_size < 1:
         raise ValueError(f"page_size must be at least 1, got {page_size}")
-
-
-def check_begins(begins: str) -> None:
-    """Raises ValueError unless ``begins`` (how the names :meth:`Store.iter_list` lists begin) names no folder."""
     if "/" in begins:
         raise ValueError(f"begins is the start of a name in the folder listed, without '/', got {begins!r}")
-
-
-def name_begins(key: str, base: str, begins: str) -> bool:
-    """Whether ``key`` (relative to the url) lies below the folder ``base`` through a name that begins with
-    ``begins``."""
-    return key[len(base) :].startswith(begins) if key.startswith(base) else False
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,12 +277,12 @@ class Store(ABC):
         stores ask the server for just those (every control object's key begins with ``_``: finding them costs a
         request, not a walk of the url).
         """
-        check_page_size(page_size)
-        check_begins(begins)
+        check_listing(page_size, begins)
         keys = await self.list(prefix)
         if begins:
-            base = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-            keys = [key for key in keys if name_begins(key, base, begins)]
+            folder = prefix.strip("/")
+            wanted = (folder + "/" if folder else "") + begins
+            keys = [key for key in keys if key.startswith(wanted)]
         for start in range(0, len(keys), page_size):
             yield keys[start : start + page_size]
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 import anyio.to_thread
 
-from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_begins, check_page_size
+from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_listing
 from lighter_sink._store._multipart import GcsOutput, S3Output, abort_s3_uploads
 from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, delete_objects
 from lighter_sink._store._urls import protocol_of
@@ -147,8 +147,7 @@ class AsyncFsStore(Store):
             async for keys in super().iter_list(prefix, page_size=page_size, begins=begins):
                 yield keys
             return
-        check_page_size(page_size)
-        check_begins(begins)
+        check_listing(page_size, begins)
         fs = self._fs
         bucket, folder, _ = fs.split_path(_join(self._root, prefix.rstrip("/")))
         below = (folder + "/" if folder else "") + begins

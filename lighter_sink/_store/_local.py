@@ -24,7 +24,7 @@ import anyio
 import anyio.to_thread
 
 from lighter_sink._errors import ConfigurationError
-from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store, check_begins, check_page_size
+from lighter_sink._store._base import PART_SIZE, RetryPolicy, Store, check_listing
 from lighter_sink._store._deadline import bounded
 from lighter_sink._store._files import FileOutput, create_file, fsync_path, key_pages, libc_syncfs, write_all
 from lighter_sink._store._retry import is_transient
@@ -470,8 +470,7 @@ class LocalStore(Store):
         """Directories are read entry by entry (``os.scandir``): a folder of ten million files is never held. Pages
         are larger than an object store's (a thread's round trip each, not a request). With ``begins``, the folder
         ``prefix`` is read once, and only its entries of such names walked."""
-        check_page_size(page_size)
-        check_begins(begins)
+        check_listing(page_size, begins)
         pages = key_pages(self._root, os.path.join(self._root, prefix), page_size, self._is_temporary, begins)
         timeout = self.retry.timeout
         while True:

@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from lighter_sink._errors import ConfigurationError, MissingDependencyError
-from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_begins, check_page_size
+from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_listing
 from lighter_sink._store._multipart import ObstoreOutput
 from lighter_sink._types import Buffer, KeyPages, Output
 
@@ -116,8 +116,7 @@ class ObstoreStore(Store):
         and ends it at the first key past them."""
         import obstore
 
-        check_page_size(page_size)
-        check_begins(begins)
+        check_listing(page_size, begins)
         folder = prefix.strip("/")
         base = folder + "/" if folder else ""
         start = base + begins
