@@ -36,6 +36,7 @@ __all__ = [
     "decode_records",
     "encode_records",
     "encode_sorted",
+    "id_positions",
     "is_numeric_id",
 ]
 
@@ -123,6 +124,18 @@ def decode_records(data: bytes) -> list[Record]:
     return [Record.from_json(line) for line in data.decode().splitlines() if line.strip()]
 
 
+def id_positions(ids: Sequence[str]) -> list[int]:
+    """The positions of ``ids`` in id order (numbers by value, then text by code point), ties in place: sorted
+    without building a key tuple per id (a million ids at a part or a commit)."""
+    numeric: list[int] = []
+    text: list[int] = []
+    for index, identifier in enumerate(ids):
+        (numeric if is_numeric_id(identifier) else text).append(index)
+    numeric.sort(key=lambda index: int(ids[index]))
+    text.sort(key=ids.__getitem__)
+    return numeric + text
+
+
 # Lines of a part encoded at a time by encode_sorted: its text is never one string.
 _ENCODE_LINES = 8192
 
@@ -133,18 +146,12 @@ def encode_sorted(chunks: Sequence[Sequence[Record]]) -> list[bytes]:
     ids: list[str] = []
     for chunk in chunks:
         ids += chunk.ids() if isinstance(chunk, RecordColumns) else [record.id for record in chunk]
-    numeric: list[int] = []
-    text: list[int] = []
-    for index, identifier in enumerate(ids):
-        (numeric if is_numeric_id(identifier) else text).append(index)
-    numeric.sort(key=lambda index: int(ids[index]))
-    text.sort(key=ids.__getitem__)
     starts = [0]
     for chunk in chunks:
         starts.append(starts[-1] + len(chunk))
     out: list[bytes] = []
     lines: list[str] = []
-    for index in numeric + text:
+    for index in id_positions(ids):
         which = bisect_right(starts, index) - 1
         chunk = chunks[which]
         if isinstance(chunk, RecordColumns):
