@@ -251,7 +251,7 @@ class Handoff:
         while (
             self.error is None
             and not self._stopping
-            and (self.held_bytes > 0 or self.held_items > 0)
+            and self.held_items > 0  # (an empty queue takes any batch; bytes are queued only with predictions)
             and (self.held_bytes + nbytes > self.max_queue_bytes or self.held_items + items > MAX_QUEUED_ITEMS)
         ):
             if waited_from is None:
