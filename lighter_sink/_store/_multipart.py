@@ -4,8 +4,13 @@ A packed output (a shard of a few hundred MiB) must not wait whole in memory for
 cut what they are given into parts of ``part_size`` bytes and upload each full part while the caller keeps writing,
 at most :data:`PARTS_IN_FLIGHT` at once (GCS: one, as its chunks must arrive in order). A write waits while that
 many are in flight, so that an output holds at most ``in_flight + 1`` parts whatever the caller's pace (the caller's
-buffers are kept until their part is full, then joined into one body). An object smaller than one part is one plain
+buffers are kept until their part is full, then copied into one body). An object smaller than one part is one plain
 PUT at :meth:`~StreamedOutput.finish`, through the store's own ``put``.
+
+A part's body is memory of the output's own, mapped for it (:class:`PartBody`) and used again for its later parts,
+not a ``bytes`` object: glibc raises its mmap threshold to the size of each large block freed, after which blocks of
+a part's size come from the heaps of the threads that free them, and a long run of shards fragmented them (a
+million-prediction tar run to S3 grew rank 0 by 74 MiB; 19 with the threshold held).
 
 The object appears whole at ``finish``, and never after :meth:`~StreamedOutput.discard` or a failure: the upload is
 aborted then, since S3 keeps (and bills) the parts of an upload that is neither completed nor aborted. What a killed
@@ -20,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import logging
+import mmap
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, MutableSet
 from typing import Any, ClassVar, Literal
@@ -37,6 +44,7 @@ __all__ = [
     "S3_MIN_PART",
     "GcsOutput",
     "ObstoreOutput",
+    "PartBody",
     "S3Output",
     "StreamedOutput",
     "abort_s3_uploads",
@@ -60,6 +68,45 @@ Retrying = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 _State = Literal["open", "interrupted", "finished", "aborted"]
 
 
+class PartBody(io.RawIOBase):
+    """One part's bytes as a stream over memory the output owns, which botocore and gcsfs send as they send
+    ``io.BytesIO`` (read in chunks, rewound for each attempt); one body per attempt or, for gcsfs's own retries,
+    one that :meth:`close` rewinds instead of closing (aiohttp closes what it sent)."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._data = data
+        self._position = 0
+
+    def __len__(self) -> int:
+        return self._data.nbytes
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._data.nbytes if size is None or size < 0 else min(self._position + size, self._data.nbytes)
+        chunk = bytes(self._data[self._position : end])
+        self._position = max(self._position, end)
+        return chunk
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._data.nbytes}[whence]
+        if start + offset < 0:
+            raise ValueError(f"negative position {start + offset}")
+        self._position = start + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        self._position = 0
+
+
 class StreamedOutput(ABC):
     """One object uploaded in parts as it is written; a backend says how an upload starts, sends a part, completes
     and aborts."""
@@ -71,7 +118,8 @@ class StreamedOutput(ABC):
         self._store = store
         self._key = key
         self._part_size = part_size
-        self._pieces: list[memoryview] = []  # the part filling (the caller's buffers, joined once it is full)
+        self._pieces: list[memoryview] = []  # the part filling (the caller's buffers, copied once it is full)
+        self._spare: list[mmap.mmap] = []  # part buffers whose uploads ended, for the next parts
         self._filled = 0
         self._waiting = 0  # bytes of a full part waiting for its turn to upload
         self._offset = 0  # bytes of the object handed to uploads so far
@@ -130,18 +178,27 @@ class StreamedOutput(ABC):
         self._pieces, self._filled = [], 0
         await self._give_up()
 
-    def _take(self) -> bytes:
-        """The part filling, as one body: bytes, which botocore sends as a stream (it takes no memoryview, and
-        passes a bytearray to aiohttp raw, which warns that a large one blocks the loop)."""
-        part = b"".join(self._pieces)
+    def _take(self) -> memoryview:
+        """The part filling, copied into one part buffer (a spare one if an upload ended, else a new mapping)."""
+        buffer = self._spare.pop() if self._spare else mmap.mmap(-1, max(self._part_size, 1))
+        part = memoryview(buffer)[: self._filled]
+        position = 0
+        for piece in self._pieces:
+            part[position : position + piece.nbytes] = piece
+            position += piece.nbytes
         self._pieces, self._filled = [], 0
         return part
+
+    def _reuse(self, part: memoryview) -> None:
+        """``part`` was sent and nothing reads it any more: its buffer takes a later part."""
+        if isinstance(part.obj, mmap.mmap):
+            self._spare.append(part.obj)
 
     def _check_open(self) -> None:
         if self._state != "open":
             raise SinkStateError(f"{self._key} is {self._state}: it takes no more writes")
 
-    async def _hand_off(self, part: bytes) -> None:
+    async def _hand_off(self, part: memoryview) -> None:
         """Upload a full part in the background, once fewer than :attr:`in_flight` are uploading."""
         self._waiting = len(part)
         self._check_uploads()
@@ -152,11 +209,15 @@ class StreamedOutput(ABC):
             await self._start()
             self._started = True
         self._number += 1
-        upload = asyncio.ensure_future(self._upload(self._number, self._offset, part))
+        upload = asyncio.ensure_future(self._send_part(self._number, self._offset, part))
         self._offset += len(part)
         self._uploads[upload] = len(part)
         self._waiting = 0
         upload.add_done_callback(self._ended)
+
+    async def _send_part(self, number: int, offset: int, part: memoryview) -> None:
+        await self._upload(number, offset, part)
+        self._reuse(part)
 
     def _ended(self, upload: asyncio.Task[None]) -> None:
         # (runs before any wait on the upload returns: asyncio calls done callbacks in the order they were added)
@@ -197,7 +258,7 @@ class StreamedOutput(ABC):
         except Exception as exc:
             logger.warning("could not abort the upload of %s: %r; it stays incomplete, never visible", self._key, exc)
 
-    async def _put_whole(self, data: bytes) -> None:
+    async def _put_whole(self, data: memoryview) -> None:
         """Store an object smaller than one part: one PUT, through the store's own."""
         await self._store.put(self._key, [data])
 
@@ -206,11 +267,11 @@ class StreamedOutput(ABC):
         """Begin the upload (before the first part)."""
 
     @abstractmethod
-    async def _upload(self, number: int, offset: int, data: bytes) -> None:
+    async def _upload(self, number: int, offset: int, data: memoryview) -> None:
         """Send part ``number`` (1-based), the object's bytes from ``offset`` on."""
 
     @abstractmethod
-    async def _complete(self, last: bytes) -> None:
+    async def _complete(self, last: memoryview) -> None:
         """Send ``last`` (the rest of the object, maybe empty) and make the object visible."""
 
     @abstractmethod
@@ -261,10 +322,10 @@ class S3Output(StreamedOutput):
         self._upload_id = out["UploadId"]
         self._own.add(self._upload_id)
 
-    async def _upload(self, number: int, offset: int, data: bytes) -> None:
-        send = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=data, **self._checksum)
-
+    async def _upload(self, number: int, offset: int, data: memoryview) -> None:
         async def once() -> Any:
+            body = PartBody(data)  # (a new one each attempt: aiohttp closes the stream it sent)
+            send = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body, **self._checksum)
             async with self._limiter:  # parts count against the store's concurrency, as objects do
                 return await send()
 
@@ -274,7 +335,7 @@ class S3Output(StreamedOutput):
             part["ChecksumCRC32"] = out["ChecksumCRC32"]
         self._parts[number] = part
 
-    async def _complete(self, last: bytes) -> None:
+    async def _complete(self, last: memoryview) -> None:
         if last:
             self._number += 1
             await self._upload(self._number, self._offset, last)
@@ -312,20 +373,18 @@ class GcsOutput(StreamedOutput):
 
         self._location = await self._retrying(self._key, lambda: initiate_upload(self._fs, self._bucket, self._object))
 
-    async def _upload(self, number: int, offset: int, data: bytes) -> None:
+    async def _upload(self, number: int, offset: int, data: memoryview) -> None:
         await self._retrying(f"{self._key} (chunk {number})", lambda: self._send(data, offset, None))
 
-    async def _send(self, data: bytes, offset: int, total: int | None) -> None:
+    async def _send(self, data: memoryview, offset: int, total: int | None) -> None:
         """Send the object's bytes from ``offset`` on; ``total`` (the object's size) on the last request only."""
-        from gcsfs.core import UnclosableBytesIO
-
         while True:
             size = "*" if total is None else str(total)
             span = f"bytes {offset}-{offset + len(data) - 1}/{size}" if data else f"bytes */{size}"
             headers = {"Content-Range": span, "Content-Type": "application/octet-stream"}
             # (a stream: aiohttp sends large raw bytes in one write, and warns that it blocks the loop; gcsfs
             # rewinds the stream for each of its attempts, which aiohttp would otherwise close after the first)
-            body = UnclosableBytesIO(data) if data else None
+            body = PartBody(data) if data else None
             answer, _ = await self._fs._call("POST", self._location, headers=headers, data=body)
             # The server says which bytes it kept ("bytes=0-N"); it may keep fewer than were sent.
             kept = answer.get("Range")
@@ -340,13 +399,13 @@ class GcsOutput(StreamedOutput):
                 raise ConnectionError(f"{self._key}: GCS kept none of bytes {span} of its resumable upload")
             data, offset = data[end - offset :], end
 
-    async def _complete(self, last: bytes) -> None:
+    async def _complete(self, last: memoryview) -> None:
         total = self._offset + len(last)
         await self._retrying(self._key, lambda: self._send(last, self._offset, total))
         self._offset = total
         self._fs.invalidate_cache(self._path)
 
-    async def _put_whole(self, data: bytes) -> None:
+    async def _put_whole(self, data: memoryview) -> None:
         if len(data) <= _ONE_REQUEST:
             await super()._put_whole(data)
             return
