@@ -305,6 +305,8 @@ class Run:
             run=self.token,
             temp_prefix=self.keys.temp_prefix,
             durable=config.durable,
+            # (one object per prediction: requests by the thousand, whose client must not hold the predict loop)
+            upload_process=config.format.per_item_objects,
         )
         self.engine.store = self.ownership.store = store
         if not config.format.per_item_objects:

@@ -6,6 +6,7 @@ import only downwards::
     _open       open_store: url -> backend, the only module that knows them all
      ├── _local      a local directory: atomic, fenced, durable writes   (-> _files: system calls)
      ├── _fsspec     async fsspec (s3fs, gcsfs) on the loop, others in threads   (-> _s3: client options, delete)
+     │    └── _uploader   S3 puts made by an upload process (-> _upload_process: that process's side)
      └── _obstore    S3 through obstore (Rust)
     _multipart  open_output streamed in parts: S3 multipart and GCS resumable uploads, obstore's writer
     _base       Store (the contract, its capability flags) and RetryPolicy   (-> _retry: what is transient;

@@ -18,8 +18,8 @@ import anyio
 import anyio.to_thread
 
 from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_listing
-from lighter_sink._store._multipart import GcsOutput, S3Output, abort_s3_uploads
-from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, delete_objects
+from lighter_sink._store._multipart import GcsOutput, S3Output
+from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, abort_s3_uploads, delete_objects
 from lighter_sink._store._urls import protocol_of
 from lighter_sink._types import Buffer, KeyPages, Output
 

@@ -14,8 +14,9 @@ million-prediction tar run to S3 grew rank 0 by 74 MiB; 19 with the threshold he
 
 The object appears whole at ``finish``, and never after :meth:`~StreamedOutput.discard` or a failure: the upload is
 aborted then, since S3 keeps (and bills) the parts of an upload that is neither completed nor aborted. What a killed
-process leaves is aborted by :func:`abort_s3_uploads` when the next run prepares the url. Every request goes through
-the store's own retry loop, as its ``put`` does: each attempt bounded in time, transient errors retried and counted.
+process leaves is aborted by :func:`._s3.abort_s3_uploads` when the next run prepares the url. Every request goes
+through the store's own retry loop, as its ``put`` does: each attempt bounded in time, transient errors retried and
+counted.
 
 obstore (Rust) streams with its own multipart writer: :class:`ObstoreOutput` bounds and aborts it the same way.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import io
 import logging
 import mmap
@@ -47,7 +47,6 @@ __all__ = [
     "PartBody",
     "S3Output",
     "StreamedOutput",
-    "abort_s3_uploads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -473,35 +472,3 @@ class ObstoreOutput:
             await self._retrying(self._key, lambda: self._writer.__aexit__(SinkStateError, reason, None))
         except Exception as exc:
             logger.warning("could not abort the upload of %s: %r; it stays incomplete, never visible", self._key, exc)
-
-
-async def abort_s3_uploads(fs: Any, root: str, retrying: Retrying, keep: MutableSet[str]) -> int:
-    """Abort the multipart uploads under ``root`` (``bucket/prefix``) but those in ``keep``; return how many.
-
-    What a killed run left: parts S3 stores and bills until the upload is aborted, and never shows. Best effort:
-    they are never read, so a store that cannot list them (rclone answers ``NoSuchUpload`` when there is none, a
-    policy may not grant ``s3:ListBucketMultipartUploads``) leaves them to the bucket's lifecycle rule rather than
-    failing the run.
-    """
-    bucket, prefix, _ = fs.split_path(root)
-    prefix = f"{prefix.rstrip('/')}/" if prefix else ""
-    markers: dict[str, str] = {}
-    found: list[tuple[str, str]] = []
-    while True:
-        try:
-            page = await retrying(
-                "listing incomplete uploads",
-                functools.partial(fs._call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers),
-            )
-        except OSError as exc:
-            logger.info("cannot list the incomplete uploads under s3://%s/%s (%r); leaving them", bucket, prefix, exc)
-            break
-        found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", []) if u["UploadId"] not in keep]
-        if not page.get("IsTruncated"):
-            break
-        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
-    for key, upload_id in found:
-        abort = functools.partial(fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-        with contextlib.suppress(FileNotFoundError):  # (aborted meanwhile)
-            await retrying(key, abort)
-    return len(found)

@@ -23,6 +23,7 @@ from lighter_sink._store._fsspec import AsyncFsStore, ThreadFsStore
 from lighter_sink._store._local import TEMP_PREFIX, LocalStore
 from lighter_sink._store._obstore import open_obstore
 from lighter_sink._store._s3 import s3_options
+from lighter_sink._store._uploader import UploadingStore, usable
 from lighter_sink._store._urls import is_local_url, local_path, protocol_of
 
 __all__ = ["open_store"]
@@ -60,6 +61,7 @@ async def open_store(
     temp_prefix: str = TEMP_PREFIX,
     run: str | None = None,
     durable: bool = True,
+    upload_process: bool = False,
 ) -> Store:
     """Open the store for ``url``. Must run inside the event loop that will use the store.
 
@@ -68,7 +70,8 @@ async def open_store(
     passes to :meth:`Store.put` (botocore computes its own CRC32 for bodies that come without one).
     Local directories only: temporary files are named ``{temp_prefix}{run}.{n}.tmp`` (``run``: unique per
     process; a fresh one when None), and ``durable`` fsyncs control objects and lets :meth:`Store.sync` make
-    the rest durable.
+    the rest durable. ``upload_process``: on S3 through s3fs, :meth:`Store.put` is made by a process of its own
+    (see :mod:`._uploader`), where the storage options can be passed to one.
     """
     retry = retry or RetryPolicy()
     options = dict(storage_options or {})
@@ -96,7 +99,19 @@ async def open_store(
         s3 = protocol in ("s3", "s3a")
         if s3:
             fs.retries = 1  # s3fs's own retry loop; ours decides
-        store = AsyncFsStore(url, retry, fs, root, limiter, s3_crc32=s3 and upload_checksums, s3=s3)
+        if s3 and upload_process and usable(dict(storage_options or {})):
+            config = {
+                "url": url,
+                "storage_options": dict(storage_options or {}),
+                "concurrency": concurrency,
+                "retry": retry,
+                "upload_checksums": upload_checksums,
+            }
+            store: AsyncFsStore = UploadingStore(
+                url, retry, fs, root, limiter, s3_crc32=upload_checksums, s3=True, config=config
+            )
+        else:
+            store = AsyncFsStore(url, retry, fs, root, limiter, s3_crc32=s3 and upload_checksums, s3=s3)
         try:
             await store.connect()
         except BaseException:

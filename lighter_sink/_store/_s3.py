@@ -7,13 +7,18 @@ key by key (S3 answers 200 even when keys were refused).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Mapping, MutableSet, Sequence
 from typing import Any
 
 from lighter_sink._store._base import RetryPolicy
 from lighter_sink._store._retry import DeleteError
 
-__all__ = ["S3_DELETE_BATCH", "S3_SINGLE_PUT", "delete_objects", "s3_options"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["S3_DELETE_BATCH", "S3_SINGLE_PUT", "abort_s3_uploads", "delete_objects", "s3_options"]
 
 # DeleteObjects takes at most 1,000 keys per request.
 S3_DELETE_BATCH = 1000
@@ -79,3 +84,37 @@ async def delete_objects(fs: Any, paths: Sequence[str], url: str) -> None:
             f"{first.get('Key')!r}: {first.get('Code')}: {first.get('Message', '')}",
             code=str(first.get("Code")),
         )
+
+
+async def abort_s3_uploads(
+    fs: Any, root: str, retrying: Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]], keep: MutableSet[str]
+) -> int:
+    """Abort the multipart uploads under ``root`` (``bucket/prefix``) but those in ``keep``; return how many.
+
+    What a killed run left: parts S3 stores and bills until the upload is aborted, and never shows. Best effort:
+    they are never read, so a store that cannot list them (rclone answers ``NoSuchUpload`` when there is none, a
+    policy may not grant ``s3:ListBucketMultipartUploads``) leaves them to the bucket's lifecycle rule rather than
+    failing the run.
+    """
+    bucket, prefix, _ = fs.split_path(root)
+    prefix = f"{prefix.rstrip('/')}/" if prefix else ""
+    markers: dict[str, str] = {}
+    found: list[tuple[str, str]] = []
+    while True:
+        try:
+            page = await retrying(
+                "listing incomplete uploads",
+                functools.partial(fs._call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers),
+            )
+        except OSError as exc:
+            logger.info("cannot list the incomplete uploads under s3://%s/%s (%r); leaving them", bucket, prefix, exc)
+            break
+        found += [(u["Key"], u["UploadId"]) for u in page.get("Uploads", []) if u["UploadId"] not in keep]
+        if not page.get("IsTruncated"):
+            break
+        markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+    for key, upload_id in found:
+        abort = functools.partial(fs._call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+        with contextlib.suppress(FileNotFoundError):  # (aborted meanwhile)
+            await retrying(key, abort)
+    return len(found)

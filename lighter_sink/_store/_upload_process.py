@@ -1,0 +1,103 @@
+"""The upload process of :mod:`._uploader`: it opens the sink's store for itself and puts what it is sent.
+
+Requests come on one socket (read by a thread, each started as a task on this process's loop), answers go back on
+another, one per request once its object was stored or failed after its retries; the process ends when the
+requests' socket closes, once the puts it began ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import socket
+import threading
+from typing import Any
+
+from lighter_sink._store._open import open_store
+from lighter_sink._store._uploader import ANSWER, CONFIG, REQUEST, dumped
+
+__all__ = ["serve"]
+
+
+def serve(requests_fd: int, answers_fd: int) -> None:
+    """The upload process: store what the requests ask until their socket closes."""
+    logging.basicConfig(level=logging.WARNING, format="lighter-sink upload process: %(levelname)s %(message)s")
+    requests = socket.socket(fileno=requests_fd)
+    answers = socket.socket(fileno=answers_fd)
+    (size,) = CONFIG.unpack(_receive(requests, CONFIG.size))
+    config = pickle.loads(_receive(requests, size))
+    asyncio.run(_serve(requests, answers, config))
+
+
+async def _serve(requests: socket.socket, answers: socket.socket, config: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    lock = threading.Lock()
+
+    def answer(number: int, retries: int, error: BaseException | None) -> None:
+        data = b"" if error is None else dumped(error)
+        with lock:
+            answers.sendall(ANSWER.pack(number, retries, len(data)) + data)
+
+    try:
+        store = await open_store(**config)
+    except Exception as exc:
+        answer(0, 0, exc)
+        return
+    tasks: set[asyncio.Task[None]] = set()
+    ended = asyncio.Event()
+
+    async def one(number: int, key: str, body: bytes, crc32: int | None) -> None:
+        try:
+            await store.put(key, [body], crc32)
+        except Exception as exc:
+            answer(number, store.retries, exc)
+        else:
+            answer(number, store.retries, None)
+
+    def start(number: int, key: str, body: bytes, crc32: int | None) -> None:
+        task = loop.create_task(one(number, key, body, crc32))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def read() -> None:
+        try:
+            while head := _receive(requests, REQUEST.size, eof_ok=True):
+                number, crc32, key_size, body_size = REQUEST.unpack(head)
+                key = _receive(requests, key_size).decode()
+                body = _receive(requests, body_size)
+                loop.call_soon_threadsafe(start, number, key, body, None if crc32 < 0 else crc32)
+        except OSError:
+            pass
+        finally:
+            loop.call_soon_threadsafe(ended.set)
+
+    reader = threading.Thread(target=read, name="lighter-sink-requests", daemon=True)
+    reader.start()
+    try:
+        await ended.wait()
+        while tasks:
+            await asyncio.wait(list(tasks))
+    finally:
+        await store.aclose()
+        answers.close()
+
+
+def _receive(sock: socket.socket, size: int, *, eof_ok: bool = False) -> bytes:
+    """Exactly ``size`` bytes from ``sock`` (b"" at its end where ``eof_ok``)."""
+    if size == 0:
+        return b""
+    data = sock.recv(size, socket.MSG_WAITALL)
+    if len(data) == size:
+        return data
+    chunks = [data]
+    got = len(data)
+    while got < size:
+        if not data:
+            if eof_ok and got == 0:
+                return b""
+            raise ConnectionError(f"the sink's process closed the connection ({got} of {size} bytes)")
+        data = sock.recv(size - got)
+        chunks.append(data)
+        got += len(data)
+    return b"".join(chunks)
