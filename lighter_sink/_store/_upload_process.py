@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -28,6 +30,11 @@ def serve(requests_fd: int, answers_fd: int) -> None:
     (size,) = CONFIG.unpack(_receive(requests, CONFIG.size))
     config = pickle.loads(_receive(requests, size))
     asyncio.run(_serve(requests, answers, config))
+    # Every request was answered and the store closed: the interpreter's own teardown (a sixth of a second here)
+    # would only hold the sink's close up.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 async def _serve(requests: socket.socket, answers: socket.socket, config: dict[str, Any]) -> None:
