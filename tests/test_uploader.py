@@ -91,3 +91,16 @@ def test_a_killed_upload_process_fails_the_run_and_no_success_is_written(s3_serv
     keys = _keys(s3_server, s3_bucket, "killed/")
     assert "killed/_SUCCESS" not in keys
     assert sum(key.endswith(".npy") for key in keys) >= 100  # what it stored before stays stored
+
+
+def test_an_abort_stops_the_upload_process(s3_server: S3Server, s3_bucket: str) -> None:
+    sink = Sink(f"s3://{s3_bucket}/aborted", storage_options=s3_server.storage_options).open()
+    try:
+        sink.put_batch(range(200), torch.ones(200, 4))
+        sink.flush()
+        assert len(_upload_processes()) == 1
+        sink.put_batch(range(200, 400), torch.ones(200, 4))
+    finally:
+        sink.abort()
+    assert _upload_processes() == []
+    assert "aborted/_SUCCESS" not in _keys(s3_server, s3_bucket, "aborted/")

@@ -163,8 +163,12 @@ class UploadingStore(AsyncFsStore):
             self._pending.pop(number, None)
 
     def fence(self) -> None:
+        # (any thread: the pending puts fail on the loop, once the killed process's socket reports its end)
         super().fence()
-        self._fail(SinkStateError(f"the sink writing to {self.url} was aborted: its upload process was stopped"))
+        if self._failure is None:
+            self._failure = SinkStateError(
+                f"the sink writing to {self.url} was aborted: its upload process was stopped"
+            )
         if self._process is not None and self._process.poll() is None:
             self._process.kill()
 
