@@ -6,10 +6,12 @@ what a run does when that process is killed under it.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +106,16 @@ def test_an_abort_stops_the_upload_process(s3_server: S3Server, s3_bucket: str) 
         sink.abort()
     assert _upload_processes() == []
     assert "aborted/_SUCCESS" not in _keys(s3_server, s3_bucket, "aborted/")
+
+
+def test_large_objects_are_put_from_the_sinks_process_beside_small_ones(s3_server: S3Server, s3_bucket: str) -> None:
+    url = f"s3://{s3_bucket}/mixed"
+    large = torch.arange(2 * 1_400_000, dtype=torch.float32).reshape(2, 1_400_000)  # 5.3 MiB each, over the bound
+    with Sink(url, storage_options=s3_server.storage_options) as sink:
+        sink.put_batch(["big-0", "big-1"], large)
+        sink.put_batch([f"small-{i}" for i in range(20)], torch.ones(20, 4))
+    client = s3_server.client()
+    stored = np.load(io.BytesIO(client.get_object(Bucket=s3_bucket, Key="mixed/big-1.npy")["Body"].read()))
+    assert np.array_equal(stored, large[1].numpy())
+    assert len([k for k in _keys(s3_server, s3_bucket, "mixed/") if k.endswith(".npy")]) == 22
+    assert "mixed/_SUCCESS" in _keys(s3_server, s3_bucket, "mixed/")

@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 
 from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_listing
-from lighter_sink._store._multipart import GcsOutput, S3Output
+from lighter_sink._store._multipart import GcsOutput, PartBody, S3Output
 from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, abort_s3_uploads, delete_objects
 from lighter_sink._store._urls import protocol_of
 from lighter_sink._types import Buffer, KeyPages, Output
@@ -26,6 +26,8 @@ from lighter_sink._types import Buffer, KeyPages, Output
 __all__ = ["AsyncFsStore", "ThreadFsStore"]
 
 T = TypeVar("T")
+#: The largest body aiohttp sends as raw bytes without its warning.
+_RAW_BODY = 2**20
 logger = logging.getLogger(__name__)
 
 
@@ -83,9 +85,14 @@ class AsyncFsStore(Store):
         if crc32 is not None and self._s3_crc32 and memoryview(data).nbytes < S3_SINGLE_PUT:
             extra["ChecksumAlgorithm"] = "CRC32"
             extra["ChecksumCRC32"] = base64.b64encode(crc32.to_bytes(4, "big")).decode("ascii")
+        body: bytes | bytearray | PartBody = data
+        if self._s3 and _RAW_BODY < memoryview(data).nbytes < S3_SINGLE_PUT:
+            # aiohttp writes a larger bytearray in one call, warning that it blocks the loop (a ResourceWarning):
+            # a stream is sent a chunk at a time, as botocore sends bytes (s3fs slices what it sends in parts)
+            body = PartBody(memoryview(data))
         # One PUT of the whole encoded object: much faster than file-object writes, and atomic on S3/GCS.
         async with self._limiter:
-            await self._fs._pipe_file(_join(self._root, key), data, **extra)
+            await self._fs._pipe_file(_join(self._root, key), body, **extra)
 
     async def get(self, key: str) -> bytes:
         async with self._limiter:
