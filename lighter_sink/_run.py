@@ -374,8 +374,10 @@ class Run:
 
     async def _aclose_store(self) -> None:
         with anyio.CancelScope(shield=True):
-            await self.ownership.release_briefly(self.config.timeout)
-            if self.engine.writer is not None:
-                await self.engine.writer.aclose()
-            if self.engine.store is not None:
-                await self.engine.store.aclose()
+            try:
+                await self.ownership.release_briefly(self.config.timeout)
+                if self.engine.writer is not None:
+                    await self.engine.writer.aclose()
+            finally:  # (its connections and its upload process, whatever failed before)
+                if self.engine.store is not None:
+                    await self.engine.store.aclose()

@@ -13,7 +13,6 @@ import os
 import pickle
 import socket
 import sys
-import threading
 from typing import Any
 
 from lighter_sink._store._open import open_store
@@ -39,20 +38,32 @@ def serve(requests_fd: int, answers_fd: int) -> None:
 
 async def _serve(requests: socket.socket, answers: socket.socket, config: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
-    lock = threading.Lock()
+    # Streams on the loop, not a thread per socket: a thread handing each request to the loop woke it once per
+    # object, and with the answers' system calls cost this process more than the client itself.
+    # (both ends of each kept: a stream's writer closes its socket when it is collected)
+    reader, requests_writer = await asyncio.open_connection(sock=requests)
+    answers_reader, writer = await asyncio.open_connection(sock=answers)
+    outgoing: list[bytes] = []  # answers not yet written: one write for all those of a loop iteration
+
+    def send() -> None:
+        writer.write(b"".join(outgoing))
+        outgoing.clear()
 
     def answer(number: int, retries: int, error: BaseException | None) -> None:
         data = b"" if error is None else dumped(error)
-        with lock:
-            answers.sendall(ANSWER.pack(number, retries, len(data)) + data)
+        if not outgoing:
+            loop.call_soon(send)
+        outgoing.append(ANSWER.pack(number, retries, len(data)) + data)
 
     try:
         store = await open_store(**config)
     except Exception as exc:
         answer(0, 0, exc)
+        await asyncio.sleep(0)  # (the answer's write)
+        await writer.drain()
+        writer.close()
         return
     tasks: set[asyncio.Task[None]] = set()
-    ended = asyncio.Event()
 
     async def one(number: int, key: str, body: bytes, crc32: int | None) -> None:
         try:
@@ -62,32 +73,29 @@ async def _serve(requests: socket.socket, answers: socket.socket, config: dict[s
         else:
             answer(number, store.retries, None)
 
-    def start(number: int, key: str, body: bytes, crc32: int | None) -> None:
-        task = loop.create_task(one(number, key, body, crc32))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    def read() -> None:
-        try:
-            while head := _receive(requests, REQUEST.size, eof_ok=True):
-                number, crc32, key_size, body_size = REQUEST.unpack(head)
-                key = _receive(requests, key_size).decode()
-                body = _receive(requests, body_size)
-                loop.call_soon_threadsafe(start, number, key, body, None if crc32 < 0 else crc32)
-        except OSError:
-            pass
-        finally:
-            loop.call_soon_threadsafe(ended.set)
-
-    reader = threading.Thread(target=read, name="lighter-sink-requests", daemon=True)
-    reader.start()
     try:
-        await ended.wait()
+        while True:
+            try:
+                head = await reader.readexactly(REQUEST.size)
+            except asyncio.IncompleteReadError as end:
+                if end.partial:
+                    raise ConnectionError("the sink's process closed the connection within a request") from None
+                break  # the sink closed its store (or its process ended): no more requests
+            number, crc32, key_size, body_size = REQUEST.unpack(head)
+            key = (await reader.readexactly(key_size)).decode()
+            body = await reader.readexactly(body_size) if body_size else b""
+            task = loop.create_task(one(number, key, body, None if crc32 < 0 else crc32))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
         while tasks:
             await asyncio.wait(list(tasks))
+        await asyncio.sleep(0)  # (the last answers' write)
+        await writer.drain()
     finally:
         await store.aclose()
-        answers.close()
+        writer.close()
+        requests_writer.close()
+        del answers_reader
 
 
 def _receive(sock: socket.socket, size: int, *, eof_ok: bool = False) -> bytes:

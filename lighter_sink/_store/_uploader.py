@@ -101,6 +101,7 @@ class UploadingStore(AsyncFsStore):
         self._requests: socket.socket | None = None  # blocking, written by the sender thread
         self._answers: socket.socket | None = None  # non-blocking, read on the loop
         self._outbox: queue.SimpleQueue[list[Buffer] | None] = queue.SimpleQueue()
+        self._batch: list[Buffer] = []  # requests put in this loop iteration, for the sender thread
         self._sender: threading.Thread | None = None
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._numbers = itertools.count(1)
@@ -160,7 +161,9 @@ class UploadingStore(AsyncFsStore):
         name = key.encode()
         head = REQUEST.pack(number, -1 if crc32 is None else crc32, len(name), size)
         answer = self._pending[number] = self._loop.create_future()
-        self._outbox.put([head, name, *views])
+        if not self._batch:
+            self._loop.call_soon(self._hand_over)
+        self._batch += [head, name, *views]
         try:
             if self._wait is None:
                 await answer
@@ -191,6 +194,8 @@ class UploadingStore(AsyncFsStore):
         if self._process is None:
             return
         self._fail(SinkStateError(f"the store of {self.url} is closed"))
+        if self._batch:
+            self._hand_over()
         self._outbox.put(None)  # the sender closes the socket once the rest is sent; the process then ends
         process = self._process
         try:
@@ -205,6 +210,12 @@ class UploadingStore(AsyncFsStore):
                 await anyio.to_thread.run_sync(self._sender.join, _EXIT_WAIT, abandon_on_cancel=True)
             if self._requests is not None:
                 self._requests.close()
+
+    def _hand_over(self) -> None:
+        """The requests put since the last loop iteration, to the sender thread at once: one wake-up of that thread
+        (and one hand-over of the interpreter lock) per iteration, not one per object."""
+        batch, self._batch = self._batch, []
+        self._outbox.put(batch)
 
     def _send(self) -> None:
         """The sender thread: requests in the order they were put, several to a system call."""
