@@ -13,6 +13,7 @@ import os
 import pickle
 import socket
 import sys
+import threading
 from typing import Any
 
 from lighter_sink._store._open import open_store
@@ -38,12 +39,13 @@ def serve(requests_fd: int, answers_fd: int) -> None:
 
 async def _serve(requests: socket.socket, answers: socket.socket, config: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
-    # Streams on the loop, not a thread per socket: a thread handing each request to the loop woke it once per
-    # object, and with the answers' system calls cost this process more than the client itself.
-    # (both ends of each kept: a stream's writer closes its socket when it is collected)
-    reader, requests_writer = await asyncio.open_connection(sock=requests)
+    # Requests are read by a thread (``recv`` straight into each body, the lock released), handed to the loop a
+    # burst at a time; answers are written on the loop, those of one iteration in one write. (One wake-up of the
+    # loop and one write per object cost this process more than the client; streams on the loop instead copied
+    # each body twice more, holding the lock.)
+    # (both ends kept: a stream's writer closes its socket when it is collected)
     answers_reader, writer = await asyncio.open_connection(sock=answers)
-    outgoing: list[bytes] = []  # answers not yet written: one write for all those of a loop iteration
+    outgoing: list[bytes] = []  # answers not yet written
 
     def send() -> None:
         writer.write(b"".join(outgoing))
@@ -64,6 +66,9 @@ async def _serve(requests: socket.socket, answers: socket.socket, config: dict[s
         writer.close()
         return
     tasks: set[asyncio.Task[None]] = set()
+    arrived: list[tuple[int, str, bytes, int | None]] = []  # read, not yet on the loop
+    lock = threading.Lock()
+    ended = asyncio.Event()
 
     async def one(number: int, key: str, body: bytes, crc32: int | None) -> None:
         try:
@@ -73,20 +78,35 @@ async def _serve(requests: socket.socket, answers: socket.socket, config: dict[s
         else:
             answer(number, store.retries, None)
 
-    try:
-        while True:
-            try:
-                head = await reader.readexactly(REQUEST.size)
-            except asyncio.IncompleteReadError as end:
-                if end.partial:
-                    raise ConnectionError("the sink's process closed the connection within a request") from None
-                break  # the sink closed its store (or its process ended): no more requests
-            number, crc32, key_size, body_size = REQUEST.unpack(head)
-            key = (await reader.readexactly(key_size)).decode()
-            body = await reader.readexactly(body_size) if body_size else b""
-            task = loop.create_task(one(number, key, body, None if crc32 < 0 else crc32))
+    def start() -> None:
+        with lock:
+            burst = arrived[:]
+            arrived.clear()
+        for request in burst:
+            task = loop.create_task(one(*request))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+
+    def read() -> None:
+        try:
+            while head := _receive(requests, REQUEST.size, eof_ok=True):
+                number, crc32, key_size, body_size = REQUEST.unpack(head)
+                key = _receive(requests, key_size).decode()
+                body = _receive(requests, body_size)
+                with lock:
+                    first = not arrived
+                    arrived.append((number, key, body, None if crc32 < 0 else crc32))
+                if first:
+                    loop.call_soon_threadsafe(start)
+        except OSError as exc:
+            logging.getLogger(__name__).warning("the sink's requests ended within a request: %r", exc)
+        finally:
+            loop.call_soon_threadsafe(ended.set)  # (after the last start: the loop runs them in order)
+
+    reader = threading.Thread(target=read, name="lighter-sink-requests", daemon=True)
+    reader.start()
+    try:
+        await ended.wait()
         while tasks:
             await asyncio.wait(list(tasks))
         await asyncio.sleep(0)  # (the last answers' write)
@@ -94,7 +114,6 @@ async def _serve(requests: socket.socket, answers: socket.socket, config: dict[s
     finally:
         await store.aclose()
         writer.close()
-        requests_writer.close()
         del answers_reader
 
 
