@@ -24,7 +24,7 @@ from lighter_sink._store._deadline import bounded
 from lighter_sink._store._retry import is_transient
 from lighter_sink._types import Buffer, KeyPages, Output
 
-__all__ = ["LIST_PAGE", "PART_SIZE", "RetryPolicy", "Store", "check_listing"]
+__all__ = ["LIST_PAGE", "PART_SIZE", "RetryPolicy", "Retrying", "Store", "check_listing"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,6 +33,8 @@ T = TypeVar("T")
 PART_SIZE = 8 * 2**20
 #: Keys in one page of :meth:`Store.iter_list` (what one S3 listing request returns at most).
 LIST_PAGE = 1000
+#: A store's retry loop: ``retrying(what, call)`` awaits ``call()`` under its policy and counts its retries.
+Retrying = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 
 def check_listing(page_size: int, begins: str) -> None:

@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 
 from lighter_sink._store._base import LIST_PAGE, PART_SIZE, RetryPolicy, Store, check_listing
-from lighter_sink._store._multipart import GcsOutput, PartBody, S3Output
+from lighter_sink._store._multipart import RAW_BODY, GcsOutput, PartBody, S3Output
 from lighter_sink._store._s3 import S3_DELETE_BATCH, S3_SINGLE_PUT, abort_s3_uploads, delete_objects
 from lighter_sink._store._urls import protocol_of
 from lighter_sink._types import Buffer, KeyPages, Output
@@ -26,8 +26,6 @@ from lighter_sink._types import Buffer, KeyPages, Output
 __all__ = ["AsyncFsStore", "ThreadFsStore"]
 
 T = TypeVar("T")
-#: The largest body aiohttp sends as raw bytes without its warning.
-_RAW_BODY = 2**20
 logger = logging.getLogger(__name__)
 
 
@@ -80,13 +78,14 @@ class AsyncFsStore(Store):
         # (no fence: an asyncio request is cancelled with its task, and nothing of it wakes up later)
         # botocore takes bytes, bytearray or a file, not a memoryview (a format's single buffer, as torch.save's)
         data = buffers[0] if len(buffers) == 1 and isinstance(buffers[0], bytes | bytearray) else b"".join(buffers)
+        size = memoryview(data).nbytes
         extra: dict[str, str] = {}
         # (s3fs switches to a multipart upload from 100 MiB, whose parts each carry their own checksum)
-        if crc32 is not None and self._s3_crc32 and memoryview(data).nbytes < S3_SINGLE_PUT:
+        if crc32 is not None and self._s3_crc32 and size < S3_SINGLE_PUT:
             extra["ChecksumAlgorithm"] = "CRC32"
             extra["ChecksumCRC32"] = base64.b64encode(crc32.to_bytes(4, "big")).decode("ascii")
         body: bytes | bytearray | PartBody = data
-        if self._s3 and _RAW_BODY < memoryview(data).nbytes < S3_SINGLE_PUT:
+        if self._s3 and RAW_BODY < size < S3_SINGLE_PUT:
             # aiohttp writes a larger bytearray in one call, warning that it blocks the loop (a ResourceWarning):
             # a stream is sent a chunk at a time, as botocore sends bytes (s3fs slices what it sends in parts)
             body = PartBody(memoryview(data))

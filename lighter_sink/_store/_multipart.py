@@ -35,12 +35,13 @@ from typing import Any, ClassVar, Literal
 import anyio
 
 from lighter_sink._errors import ConfigurationError, SinkStateError
-from lighter_sink._store._base import Store
+from lighter_sink._store._base import Retrying, Store
 from lighter_sink._types import Buffer
 
 __all__ = [
     "GCS_CHUNK",
     "PARTS_IN_FLIGHT",
+    "RAW_BODY",
     "S3_MIN_PART",
     "GcsOutput",
     "ObstoreOutput",
@@ -58,11 +59,9 @@ S3_MIN_PART = 5 * 2**20
 S3_MAX_PART = 5 * 2**30
 #: GCS takes the chunks of a resumable upload in multiples of 256 KiB (all but the last).
 GCS_CHUNK = 256 * 2**10
-#: The largest body gcsfs's one-request upload sends without aiohttp's warning that it blocks the loop.
-_ONE_REQUEST = 2**20
-
-#: The store's retry loop: ``retrying(what, call)`` awaits ``call()`` under its policy and counts its retries.
-Retrying = Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+#: The largest body aiohttp sends as raw bytes (in one write) without its warning that it blocks the loop; larger
+#: ones go as a stream (:class:`PartBody`).
+RAW_BODY = 2**20
 # (interrupted: a write or finish was cancelled, so that a part may be missing; only discard() is left)
 _State = Literal["open", "interrupted", "finished", "aborted"]
 
@@ -405,7 +404,7 @@ class GcsOutput(StreamedOutput):
         self._fs.invalidate_cache(self._path)
 
     async def _put_whole(self, data: memoryview) -> None:
-        if len(data) <= _ONE_REQUEST:
+        if len(data) <= RAW_BODY:
             await super()._put_whole(data)
             return
         # gcsfs's one-request upload sends its body as raw bytes (see _send): a session and one request instead

@@ -88,21 +88,21 @@ async def open_store(
     protocol = protocol_of(url)
     cls = fsspec.get_filesystem_class(protocol)
     if getattr(cls, "async_impl", False):
-        if protocol in ("s3", "s3a"):
-            options = s3_options(options, concurrency, retry, upload_checksums)
+        s3 = protocol in ("s3", "s3a")
+        # (the caller's options stay as given: the upload process completes them for its own client)
+        fs_options = s3_options(options, concurrency, retry, upload_checksums) if s3 else options
         if protocol in GCS_PROTOCOLS:
-            fs, root = _gcs_filesystem(url, options, asyncio.get_running_loop())
+            fs, root = _gcs_filesystem(url, fs_options, asyncio.get_running_loop())
         else:
             fs, root = url_to_fs(
-                url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **options
+                url, asynchronous=True, skip_instance_cache=True, loop=asyncio.get_running_loop(), **fs_options
             )
-        s3 = protocol in ("s3", "s3a")
         if s3:
             fs.retries = 1  # s3fs's own retry loop; ours decides
-        if s3 and upload_process and usable(dict(storage_options or {})):
+        if s3 and upload_process and usable(options):
             config = {
                 "url": url,
-                "storage_options": dict(storage_options or {}),
+                "storage_options": options,
                 "concurrency": concurrency,
                 "retry": retry,
                 "upload_checksums": upload_checksums,

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableSet, Sequence
+from collections.abc import Mapping, MutableSet, Sequence
 from typing import Any
 
-from lighter_sink._store._base import RetryPolicy
+from lighter_sink._store._base import Retrying, RetryPolicy
 from lighter_sink._store._retry import DeleteError
 
 logger = logging.getLogger(__name__)
@@ -86,9 +86,7 @@ async def delete_objects(fs: Any, paths: Sequence[str], url: str) -> None:
         )
 
 
-async def abort_s3_uploads(
-    fs: Any, root: str, retrying: Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]], keep: MutableSet[str]
-) -> int:
+async def abort_s3_uploads(fs: Any, root: str, retrying: Retrying, keep: MutableSet[str]) -> int:
     """Abort the multipart uploads under ``root`` (``bucket/prefix``) but those in ``keep``; return how many.
 
     What a killed run left: parts S3 stores and bills until the upload is aborted, and never shows. Best effort:
