@@ -42,6 +42,11 @@ class S3Server:
     def storage_options(self) -> dict[str, Any]:
         return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
 
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every key in ``bucket`` below ``prefix``, sorted, read from the server directly (every page)."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
 
 @contextlib.contextmanager
 def running_process(

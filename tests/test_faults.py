@@ -45,10 +45,7 @@ def _expected(n: int, size: int) -> torch.Tensor:
 def _objects(s3_server: S3Server, bucket: str, prefix: str) -> dict[str, bytes]:
     """Every object below ``prefix``, read from moto directly (not through the proxy)."""
     client = s3_server.client()
-    keys = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys += [item["Key"] for item in page.get("Contents", [])]
-    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
+    return {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in s3_server.keys(bucket, prefix)}
 
 
 class _Job:

@@ -37,12 +37,6 @@ def _upload_processes() -> list[int]:
     return found
 
 
-def _keys(s3_server: S3Server, bucket: str, prefix: str) -> list[str]:
-    client = s3_server.client()
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
-
-
 pytestmark = [
     pytest.mark.s3,
     pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc"),
@@ -59,7 +53,7 @@ def test_one_upload_process_stores_the_objects_and_ends_with_the_sink(
         sink.flush()
         assert len(_upload_processes()) == 1
     assert _upload_processes() == []  # ended (and reaped) with the sink
-    keys = _keys(s3_server, s3_bucket, "run/")
+    keys = s3_server.keys(s3_bucket, "run/")
     assert "run/_SUCCESS" in keys
     assert sum(key.endswith(".npy") for key in keys) == 300
     options = [f"--storage-option={key}={value}" for key, value in s3_server.storage_options.items()]
@@ -90,7 +84,7 @@ def test_a_killed_upload_process_fails_the_run_and_no_success_is_written(s3_serv
     finally:
         sink.abort()
     assert not Path(f"/proc/{process}").exists()  # reaped (the store was closed), not left a zombie
-    keys = _keys(s3_server, s3_bucket, "killed/")
+    keys = s3_server.keys(s3_bucket, "killed/")
     assert "killed/_SUCCESS" not in keys
     assert sum(key.endswith(".npy") for key in keys) >= 100  # what it stored before stays stored
 
@@ -105,7 +99,7 @@ def test_an_abort_stops_the_upload_process(s3_server: S3Server, s3_bucket: str) 
     finally:
         sink.abort()
     assert _upload_processes() == []
-    assert "aborted/_SUCCESS" not in _keys(s3_server, s3_bucket, "aborted/")
+    assert "aborted/_SUCCESS" not in s3_server.keys(s3_bucket, "aborted/")
 
 
 def test_large_objects_are_put_from_the_sinks_process_beside_small_ones(s3_server: S3Server, s3_bucket: str) -> None:
@@ -117,5 +111,5 @@ def test_large_objects_are_put_from_the_sinks_process_beside_small_ones(s3_serve
     client = s3_server.client()
     stored = np.load(io.BytesIO(client.get_object(Bucket=s3_bucket, Key="mixed/big-1.npy")["Body"].read()))
     assert np.array_equal(stored, large[1].numpy())
-    assert len([k for k in _keys(s3_server, s3_bucket, "mixed/") if k.endswith(".npy")]) == 22
-    assert "mixed/_SUCCESS" in _keys(s3_server, s3_bucket, "mixed/")
+    assert len([k for k in s3_server.keys(s3_bucket, "mixed/") if k.endswith(".npy")]) == 22
+    assert "mixed/_SUCCESS" in s3_server.keys(s3_bucket, "mixed/")
